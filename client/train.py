@@ -1,0 +1,107 @@
+"""One round of local training at an institution: DP-SGD through Opacus, or plain LoRA.
+
+Opacus wraps the model, optimizer and loader for this round only; the privacy spent is read
+back from its accountant as (noise multiplier, sample rate, steps) and composed with the
+institution's earlier rounds by the ledger, never reported per round.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from peft import PeftModel
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.config import RunConfig
+from common.privacy import Mechanism
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    train_loss: float
+    steps: int
+    mechanism: Mechanism | None  # None when DP is off
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.train.learning_rate)
+    raise ValueError(f"train.optimizer: unknown optimizer {cfg.train.optimizer!r} (adamw, sgd)")
+
+
+def train_round(
+    model: PeftModel,
+    data: TensorDataset,
+    cfg: RunConfig,
+    noise_multiplier: float,
+    device: torch.device,
+    seed: int,
+    poisson_sampling: bool = True,
+) -> RoundResult:
+    """Train ``cfg.train.local_epochs`` epochs in place. ``poisson_sampling=False`` exists so
+    that tests can compare DP-SGD and plain SGD on identical batches."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    loader = DataLoader(
+        data,
+        batch_size=cfg.train.batch_size,
+        shuffle=not poisson_sampling or not cfg.dp.enabled,
+        generator=generator,
+    )
+    optimizer = make_optimizer(model, cfg)
+    engine = None
+    module: torch.nn.Module = model
+    if cfg.dp.enabled:
+        engine = PrivacyEngine(accountant=cfg.dp.accountant)
+        with warnings.catch_warnings():  # Opacus warns about secure RNG on every call
+            warnings.simplefilter("ignore")
+            module, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=cfg.dp.max_grad_norm,
+                poisson_sampling=poisson_sampling,
+                noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
+            )
+    module.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    use_bf16 = cfg.model.bf16 and device.type == "cuda"
+    total_loss, batches, steps = 0.0, 0, 0
+    try:
+        for _ in range(cfg.train.local_epochs):
+            for ids, mask, labels in loader:
+                optimizer.zero_grad(set_to_none=True)
+                if len(labels) == 0:
+                    # Poisson sampling drew no example. The step still releases noise (and is
+                    # accounted), as the analysis of the subsampled Gaussian assumes.
+                    for p in trainable:
+                        p.grad_sample = p.new_zeros((0, *p.shape))
+                    optimizer.step()
+                    steps += 1
+                    continue
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = module(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
+                loss.backward()
+                optimizer.step()
+                total_loss += loss.item()
+                batches += 1
+                steps += 1
+    finally:
+        if engine is not None:
+            module._close()  # remove Opacus' hooks from the peft model
+    mechanism = None
+    if engine is not None:
+        (sigma, rate, n), *rest = engine.accountant.history or [(noise_multiplier, 0.0, 0)]
+        assert not rest, "one round uses one noise multiplier and sample rate"
+        mechanism = Mechanism(float(sigma), float(rate), int(n))
+    loss = total_loss / batches if batches else math.nan
+    return RoundResult(loss, steps, mechanism)

@@ -1,0 +1,84 @@
+"""The adapter as it travels: exactly the trainable tensors (LoRA A/B and the head), never
+the frozen base. Names are peft's parameter names, so a checkpoint saved from them loads with
+``PeftModel.from_pretrained``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from peft import PeftModel
+
+
+class AdapterError(ValueError):
+    """An update does not match the adapter (names, shapes or dtypes)."""
+
+
+def trainable_names(model: PeftModel) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def get_trainable(model: PeftModel) -> dict[str, np.ndarray]:
+    """The trainable tensors as float32 numpy arrays, in parameter order."""
+    return {
+        name: p.detach().to("cpu", torch.float32).numpy().copy()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def set_trainable(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load exactly the trainable tensors; any missing, extra or mis-shaped name is an error."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
+    if missing or extra:
+        raise AdapterError(f"adapter keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = np.asarray(arrays[name])
+            if tuple(value.shape) != tuple(p.shape):
+                raise AdapterError(f"{name}: shape {value.shape}, expected {tuple(p.shape)}")
+            p.copy_(torch.from_numpy(value).to(p.device, p.dtype))
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.to_torch_state_dict().items()}
+
+
+def adapter_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over names and float32 bytes, for the ledger and audits."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(arrays[name], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def save_adapter(model: PeftModel, path: Path) -> None:
+    """Write a PEFT checkpoint atomically: a temporary folder, then one rename, so a crash
+    never leaves a half-written adapter at ``path``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)

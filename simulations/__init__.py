@@ -1,0 +1,1 @@
+"""Local simulation: scenario files, data preparation and benchmark scripts."""

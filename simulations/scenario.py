@@ -1,0 +1,61 @@
+"""Scenario files: which real data set, how many simulated institutions, how it is split,
+and which ``[tool.flwr.app.config]`` keys to override. One flag selects one:
+``privatune simulate --scenario banks`` (a name under simulations/ or a path)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import PROJECT_ROOT, ConfigError, Scalar, flatten
+
+SCENARIO_DIR = PROJECT_ROOT / "simulations"
+DATASETS = ("drugreview", "bankreviews")
+PARTITIONS = ("dirichlet", "iid", "by-lender")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    dataset: str
+    institutions: int
+    prefix: str
+    partition: str
+    dirichlet_alpha: float
+    config: dict[str, Scalar]
+
+    @property
+    def data_dir(self) -> Path:
+        return Path("data") / self.name
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SCENARIO_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
+        raise ConfigError(f"scenario '{name_or_path}' not found (known: {known})")
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    s = raw.get("scenario", {})
+    try:
+        scenario = Scenario(
+            name=path.stem,
+            dataset=str(s["dataset"]),
+            institutions=int(s["institutions"]),
+            prefix=str(s.get("prefix", "institution")),
+            partition=str(s.get("partition", "dirichlet")),
+            dirichlet_alpha=float(s.get("dirichlet-alpha", 1.0)),
+            config=flatten(raw.get("config", {})),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{path}: [scenario] needs key {e.args[0]!r}") from e
+    if scenario.dataset not in DATASETS:
+        raise ConfigError(f"{path}: dataset must be one of {DATASETS}, got {scenario.dataset!r}")
+    if scenario.partition not in PARTITIONS:
+        raise ConfigError(f"{path}: partition must be one of {PARTITIONS}")
+    if scenario.partition == "by-lender" and scenario.dataset != "bankreviews":
+        raise ConfigError(f"{path}: partition 'by-lender' needs dataset 'bankreviews'")
+    return scenario

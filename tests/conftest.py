@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny randomly initialised BERT (real transformers code, fast on CPU),
+small institution files cut from the real drug-review data, and a resolved config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from common.config import resolve
+from common.model import DEFAULT_MODEL, resolve_model_path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )
+    BertForSequenceClassification(config).bert.save_pretrained(path)
+    AutoTokenizer.from_pretrained(str(resolve_model_path(DEFAULT_MODEL))).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reviews() -> pd.DataFrame:
+    """Real patient reviews (UCI Drug Review) from the installed package."""
+    from simulations.prepare import load_drugreview
+
+    train, _ = load_drugreview()
+    return train
+
+
+@pytest.fixture()
+def federation_dir(tmp_path, reviews) -> Path:
+    """Three institutions of 40 rows each, a test file and a manifest."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    names = ["hospital-a", "hospital-b", "hospital-c"]
+    for i, name in enumerate(names):
+        reviews.iloc[i * 40 : (i + 1) * 40][["text", "label"]].to_csv(data / f"{name}.csv", index=False)
+    reviews.iloc[120:180][["text", "label"]].to_csv(data / "test.csv", index=False)
+    (data / "manifest.json").write_text(json.dumps({"institutions": names}))
+    return data
+
+
+@pytest.fixture()
+def tiny_flat(tiny_model_dir, federation_dir, tmp_path) -> dict:
+    """A complete flat config for a fast 3-institution federation."""
+    from common.config import app_defaults
+
+    return {
+        **app_defaults(),
+        "run.name": "test-run",
+        "run.output-dir": str(tmp_path / "outputs"),
+        "model.name": str(tiny_model_dir),
+        "model.max-length": 48,
+        "lora.dropout": 0.0,
+        "train.batch-size": 8,
+        "train.learning-rate": 0.01,
+        "federation.rounds": 2,
+        "federation.min-train-nodes": 3,
+        "federation.min-available-nodes": 3,
+        "data.dir": str(federation_dir),
+        "data.test-path": str(federation_dir / "test.csv"),
+        "data.text-column": "text",
+        "data.label-column": "label",
+    }
+
+
+@pytest.fixture()
+def tiny_cfg(tiny_flat):
+    return resolve(tiny_flat)

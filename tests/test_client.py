@@ -1,0 +1,102 @@
+"""One institution's train and evaluate handlers, called directly with real Flower messages."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import time
+
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+from client.app import create_app
+from client.train import train_round
+from common.adapter import get_trainable, to_record
+from common.config import resolve
+from common.data import load_labeled, tokenize
+from common.model import build_model, load_tokenizer
+
+
+def _message(cfg, kind: str, server_round: int = 1, arrays=None) -> Message:
+    arrays = arrays or get_trainable(build_model(cfg, torch.device("cpu")))
+    content = RecordDict({
+        "arrays": to_record(arrays),
+        "config": ConfigRecord({"run-name": cfg.run.name, "server-round": server_round}),
+    })
+    metadata = Metadata(
+        run_id=1, message_id=f"{kind}-{server_round}", src_node_id=0, dst_node_id=1,
+        reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600, message_type=kind,
+    )
+    return Message(content=content, metadata=metadata)
+
+
+def _context(flat, partition_id=0, **node) -> Context:
+    return Context(run_id=1, node_id=1, node_config={"partition-id": partition_id, **node},
+                   state=RecordDict(), run_config=flat)
+
+
+def test_reply_holds_exactly_the_trainable_tensors_and_scalars(tiny_flat, tiny_cfg):
+    app = create_app()
+    reply = app(_message(tiny_cfg, "train"), _context(tiny_flat))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    model = build_model(tiny_cfg, torch.device("cpu"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    sent = set(reply.content["arrays"].keys())
+    assert sent == trainable
+    assert all("lora_" in k or "classifier" in k for k in sent)
+    assert not any("embeddings" in k for k in sent)
+    metrics = reply.content["metrics"]
+    assert set(metrics) == {"refused", "num-examples", "train-loss", "epsilon", "delta",
+                            "noise-multiplier", "steps"}
+    assert 0 < metrics["epsilon"] < math.inf and metrics["num-examples"] == 32
+
+
+def test_evaluate_reports_loss_accuracy_f1(tiny_flat, tiny_cfg):
+    reply = create_app()(_message(tiny_cfg, "evaluate"), _context(tiny_flat, 1))
+    m = reply.content["metrics"]
+    assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro-f1"] <= 1 and m["loss"] > 0
+    assert m["num-examples"] == 8
+
+
+def test_bad_data_is_a_one_line_error_reply(tiny_flat, tiny_cfg, federation_dir):
+    (federation_dir / "hospital-a.csv").write_text("text,label\nfine review,positive\nbad,excellent\n")
+    reply = create_app()(_message(tiny_cfg, "train"), _context(tiny_flat))
+    assert reply.has_error()
+    reason = reply.error.reason
+    assert "hospital-a.csv" in reason and "'excellent'" in reason and "\n" not in reason
+
+
+def _dataset(cfg, path, rows):
+    data = load_labeled(path, "text", "label", cfg.data.label_names)
+    return tokenize(data.subset(np.arange(rows)), load_tokenizer(cfg), cfg.model.max_length)
+
+
+def test_noise_zero_and_no_clipping_equals_plain_sgd(tiny_flat, federation_dir):
+    flat = {**tiny_flat, "train.optimizer": "sgd", "train.learning-rate": 0.5,
+            "dp.max-grad-norm": 1e9}
+    dp_cfg, plain_cfg = resolve(flat), resolve({**flat, "dp.enabled": False})
+    data = _dataset(dp_cfg, federation_dir / "hospital-a.csv", 32)  # 4 full batches of 8
+    cpu = torch.device("cpu")
+    dp_model, plain_model, noisy_model = (build_model(dp_cfg, cpu) for _ in range(3))
+    train_round(dp_model, data, dp_cfg, 0.0, cpu, seed=7, poisson_sampling=False)
+    train_round(plain_model, data, plain_cfg, 0.0, cpu, seed=7, poisson_sampling=False)
+    train_round(noisy_model, data, dp_cfg, 1.0, cpu, seed=7, poisson_sampling=False)
+    dp_w, plain_w, noisy_w = map(get_trainable, (dp_model, plain_model, noisy_model))
+    for name in plain_w:
+        np.testing.assert_allclose(dp_w[name], plain_w[name], rtol=1e-4, atol=1e-6)
+    changed = [name for name in plain_w if not np.allclose(noisy_w[name], plain_w[name], atol=1e-4)]
+    assert len(changed) == len(plain_w)  # noise reaches every trainable tensor
+
+
+def test_dp_round_reports_the_opacus_mechanism(tiny_cfg, federation_dir):
+    data = _dataset(tiny_cfg, federation_dir / "hospital-b.csv", 40)
+    model = build_model(tiny_cfg, torch.device("cpu"))
+    before = get_trainable(model)
+    result = train_round(model, data, tiny_cfg, 1.3, torch.device("cpu"), seed=1)
+    assert result.mechanism.noise_multiplier == 1.3
+    assert result.mechanism.sample_rate == pytest.approx(1 / 5)
+    assert result.mechanism.steps == result.steps == 5
+    after = get_trainable(model)
+    assert all(not np.array_equal(before[k], after[k]) for k in before if "lora_B" in k)

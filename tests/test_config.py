@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+
+from common.config import ConfigError, RunConfig, app_defaults, resolve, write_toml
+from simulations.scenario import load_scenario
+from simulations.simulate import resolve_flat
+
+
+def test_defaults_resolve_and_round_trip(tmp_path):
+    import tomllib
+
+    cfg = resolve()
+    assert cfg.lora.modules == ["query", "value"] and cfg.dp.enabled
+    write_toml(cfg, tmp_path / "c.toml")
+    with open(tmp_path / "c.toml", "rb") as f:
+        assert resolve(tomllib.load(f)["config"]) == cfg
+
+
+def test_unknown_and_mistyped_keys_fail_loudly():
+    with pytest.raises(ConfigError, match="unknown config key.*lora.rnak"):
+        resolve({"lora.rnak": 4})
+    with pytest.raises(ConfigError, match="lora.rank.*int"):
+        resolve({"lora.rank": "eight"})
+    flat = app_defaults()
+    del flat["dp.delta"]
+    with pytest.raises(ConfigError, match="dp.delta.*missing"):
+        RunConfig.from_flat(flat)
+
+
+@pytest.mark.parametrize("name", ["hospitals", "banks"])
+def test_scenarios_resolve(name):
+    scenario = load_scenario(name)
+    flat = resolve_flat(scenario)
+    cfg = resolve(flat)
+    assert cfg.data.dir.endswith(name)
+    assert scenario.institutions >= 5

@@ -1,0 +1,85 @@
+"""The core path end to end: a 3-institution, 2-round DP federation in Flower's simulation
+engine (in-process, Ray backend), with a tiny random BERT."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.simulation import run_simulation
+from opacus.accountants import RDPAccountant
+from peft import PeftModel
+from safetensors.numpy import load_file
+from transformers import AutoModelForSequenceClassification
+
+from client.app import create_app as create_client_app
+from common.adapter import get_trainable
+from common.model import build_model
+from server.app import create_app as create_server_app
+
+
+@pytest.fixture()
+def finished_run(tiny_flat, tiny_cfg):
+    run_simulation(
+        server_app=create_server_app(tiny_flat),
+        client_app=create_client_app(tiny_flat),
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": 2, "include_dashboard": False}},
+    )
+    run_dir = tiny_cfg.run.output_dir + "/test-run"
+    from pathlib import Path
+
+    return Path(run_dir)
+
+
+def test_federation_end_to_end(finished_run, tiny_cfg):
+    run_dir = finished_run
+    for name in ("adapter", "checkpoints/round-001", "checkpoints/round-002", "metrics.jsonl",
+                 "config.toml", "report.html"):
+        assert (run_dir / name).exists(), name
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+
+    # The adapter changes every round, LoRA B included (Opacus #820 froze it silently).
+    initial = get_trainable(build_model(tiny_cfg, torch.device("cpu")))
+    r1 = load_file(run_dir / "checkpoints/round-001/adapter_model.safetensors")
+    r2 = load_file(run_dir / "checkpoints/round-002/adapter_model.safetensors")
+    lora_b = [k for k in r1 if "lora_B" in k]
+    assert lora_b and all(np.any(r1[k] != 0) for k in lora_b)  # B starts at zero
+    assert all(not np.array_equal(r1[k], r2[k]) for k in lora_b)
+    assert not all(np.array_equal(v, r1[k]) for k, v in zip(r1, initial.values(), strict=False))
+
+    # Only the adapter travels: per round, bytes match the trainable tensors, not the base.
+    adapter_bytes = sum(v.nbytes for v in initial.values())
+    base_bytes = sum(p.numel() * 4 for p in build_model(tiny_cfg, torch.device("cpu")).parameters())
+    for line in lines[1:]:  # 3 train + 3 evaluate messages each way
+        assert 6 * adapter_bytes < line["bytes_sent"] < 6 * 1.5 * adapter_bytes < base_bytes
+        assert 3 * adapter_bytes < line["bytes_received"] < 3 * 1.5 * adapter_bytes + 6_000
+
+    # Epsilon grows and equals Opacus' accountant recomputed from the recorded mechanism.
+    for name in ("hospital-a", "hospital-b", "hospital-c"):
+        records = [json.loads(x) for x in (run_dir / "privacy" / f"{name}.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in records] == [1, 2]
+        acc = RDPAccountant()
+        for rec, line in zip(records, lines[1:], strict=True):
+            acc.history.append((rec["noise_multiplier"], rec["sample_rate"], rec["steps"]))
+            expected = acc.get_epsilon(delta=tiny_cfg.dp.delta)
+            assert rec["epsilon"] == pytest.approx(expected, rel=1e-9)
+            assert line["epsilon"][name] == pytest.approx(expected, rel=1e-9)
+        assert records[1]["epsilon"] > records[0]["epsilon"] > 0
+        assert records[1]["epsilon"] <= tiny_cfg.dp.target_epsilon + 1e-6
+
+    # The final adapter loads with peft and equals the last round's global adapter.
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_cfg.model.name, num_labels=len(tiny_cfg.data.label_names)
+    )
+    loaded = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    final = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert set(final) == set(r2)
+    assert all(np.array_equal(final[k], r2[k]) for k in final)
+    state = loaded.state_dict()
+    key = next(k for k in state if "lora_B" in k)
+    assert torch.count_nonzero(state[key]) > 0
