@@ -19,6 +19,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.config import RunConfig
 from common.privacy import Mechanism
 
+# Expected with frozen embeddings and Opacus' default (non-cryptographic) RNG; they would
+# otherwise repeat on every round of every client.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
 
 @dataclass(frozen=True)
 class RoundResult:
@@ -60,17 +65,15 @@ def train_round(
     module: torch.nn.Module = model
     if cfg.dp.enabled:
         engine = PrivacyEngine(accountant=cfg.dp.accountant)
-        with warnings.catch_warnings():  # Opacus warns about secure RNG on every call
-            warnings.simplefilter("ignore")
-            module, optimizer, loader = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=cfg.dp.max_grad_norm,
-                poisson_sampling=poisson_sampling,
-                noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
-            )
+        module, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=cfg.dp.max_grad_norm,
+            poisson_sampling=poisson_sampling,
+            noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
+        )
     module.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     use_bf16 = cfg.model.bf16 and device.type == "cuda"

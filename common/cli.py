@@ -60,5 +60,96 @@ def prepare(scenario: str = typer.Argument("hospitals")) -> None:
     typer.echo(f"prepared {run(load_scenario(scenario))}")
 
 
+@app.command()
+def plan(
+    target_epsilon: float = typer.Option(..., help="epsilon to spend over the whole training"),
+    delta: float = typer.Option(1e-5),
+    rounds: int = typer.Option(..., help="federated rounds the institution takes part in"),
+    local_epochs: int = typer.Option(1),
+    sample_rate: float = typer.Option(0.0, help="Poisson rate q; or give --data-size/--batch-size"),
+    data_size: int = typer.Option(0, help="local training rows"),
+    batch_size: int = typer.Option(0, help="expected batch size"),
+    accountant: str = typer.Option("rdp", help="rdp or prv"),
+) -> None:
+    """Print the noise multiplier that meets a target epsilon, and epsilon after each round."""
+    from common import privacy
+
+    if not sample_rate:
+        if not (data_size and batch_size):
+            _fail("give --sample-rate, or both --data-size and --batch-size")
+        sample_rate = privacy.sample_rate(data_size, batch_size)
+    try:
+        p = privacy.plan(target_epsilon, delta, rounds, local_epochs, sample_rate, accountant)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"noise multiplier: {p.noise_multiplier:.4f}")
+    typer.echo(f"sample rate: {p.sample_rate:.5f}, steps per round: {p.steps_per_round}")
+    for r, eps in enumerate(p.epsilon_per_round, start=1):
+        typer.echo(f"round {r:>3}: cumulative epsilon {eps:.4f}")
+
+
+@app.command()
+def audit(
+    path: str = typer.Argument(..., help="a run folder or one ledger file"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    html_out: str = typer.Option("", "--html", help="also write an HTML report to this file"),
+) -> None:
+    """Verify ledgers: hash chain, epsilon recomputed by two accountants, budgets.
+    Exit status 0 only when every ledger verifies and is within budget."""
+    import json
+    from pathlib import Path
+
+    from common.audit import HEADERS, rows, to_html, to_json
+    from common.audit import audit as run_audit
+
+    results = run_audit(Path(path))
+    if as_json:
+        typer.echo(json.dumps(to_json(results), indent=2))
+    else:
+        widths = [max(len(h), 10) for h in HEADERS]
+        typer.echo("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)))
+        for row in rows(results):
+            cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row]
+            typer.echo("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
+        for r in results:
+            for problem in r.problems:
+                typer.secho(f"FAIL: {problem}", fg="red", err=True)
+    if html_out:
+        Path(html_out).write_text(f"<!doctype html><meta charset='utf-8'>{to_html(results)}")
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+data_app = typer.Typer(help="Check an institution's data before a run.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    file: str = typer.Argument(...),
+    text_column: str = typer.Option("text"),
+    label_column: str = typer.Option("label"),
+    labels: str = typer.Option("negative,neutral,positive", help="the federation's label set"),
+) -> None:
+    """Validate a data file exactly as a client would, and summarise it."""
+    from collections import Counter
+
+    from common.data import DataError, load_labeled
+
+    names = [x.strip() for x in labels.split(",") if x.strip()]
+    try:
+        data = load_labeled(file, text_column, label_column, names)
+    except DataError as e:
+        _fail(str(e))
+    lengths = sorted(len(t.split()) for t in data.texts)
+    counts = Counter(names[i] for i in data.labels)
+    typer.echo(f"{file}: {len(data)} rows, valid")
+    typer.echo("labels: " + ", ".join(f"{n} {counts.get(n, 0)}" for n in names))
+    typer.echo(
+        f"words per text: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}"
+    )
+    typer.echo(f"fingerprint: {data.fingerprint}")
+
+
 def main() -> None:
     sys.exit(app())

@@ -78,8 +78,8 @@ def load_labeled(
     for column, key in ((text_column, "text-column"), (label_column, "label-column")):
         if column not in frame.columns:
             raise DataError(
-                f"{path}: column '{column}' not found (columns: {', '.join(map(str, frame.columns))});"
-                f" set data.{key}"
+                f"{path}: column '{column}' not found "
+                f"(columns: {', '.join(map(str, frame.columns))}); set data.{key}"
             )
     if frame.empty:
         raise DataError(f"{path}: no rows")

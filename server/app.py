@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.adapter import from_record, get_trainable, save_adapter, set_trainable, to_record
+from common.audit import audit, find_ledgers, to_html
 from common.config import RunConfig, Scalar, write_toml
 from common.data import load_labeled, tokenize
 from common.model import build_model, load_tokenizer, pick_device
@@ -79,7 +80,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     )
     set_trainable(model, from_record(result.arrays) if len(result.arrays) else initial)
     save_adapter(model, run_dir / "adapter")
-    report = write_report(run_dir)
+    ledgers = find_ledgers(run_dir)
+    report = write_report(run_dir, [to_html(audit(run_dir))] if ledgers else [])
     log.info("[privatune] done: adapter in %s, report in %s", run_dir / "adapter", report)
     return run_dir
 

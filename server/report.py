@@ -12,6 +12,8 @@ from pathlib import Path
 
 import matplotlib
 
+from common.htmltable import html_table
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
@@ -91,35 +93,29 @@ def traffic_plot(lines: list[dict]) -> str:
     return _png(fig)
 
 
-def _table(headers: list[str], rows: list[list]) -> str:
-    def cell(v) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def write_report(run_dir: Path, extra_sections: list[str] | None = None) -> Path:
     """Write ``report.html`` from the run's metrics (and any extra HTML sections)."""
     run_dir = Path(run_dir)
     lines = read_metrics(run_dir)
+    keys = [
+        "central_accuracy",
+        "central_macro_f1",
+        "accuracy",
+        "macro_f1",
+        "train_loss",
+        "epsilon_max",
+    ]
     rows = [
         [
             r["round"],
-            r.get("central_accuracy") or "-",
-            r.get("central_macro_f1") or "-",
-            r.get("accuracy") or "-",
-            r.get("macro_f1") or "-",
-            r.get("train_loss") or "-",
-            r.get("epsilon_max") or "-",
+            *(r.get(k) for k in keys),
             ", ".join(r.get("refused", [])) or "-",
             r["bytes_sent"] + r["bytes_received"],
             r["seconds"],
         ]
         for r in lines
     ]
-    table = _table(
+    table = html_table(
         [
             "round",
             "test acc",

@@ -24,8 +24,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
     )
     BertForSequenceClassification(config).bert.save_pretrained(path)
     AutoTokenizer.from_pretrained(str(resolve_model_path(DEFAULT_MODEL))).save_pretrained(path)
@@ -50,7 +54,9 @@ def federation_dir(tmp_path, reviews) -> Path:
     data.mkdir()
     names = ["hospital-a", "hospital-b", "hospital-c"]
     for i, name in enumerate(names):
-        reviews.iloc[i * 40 : (i + 1) * 40][["text", "label"]].to_csv(data / f"{name}.csv", index=False)
+        reviews.iloc[i * 40 : (i + 1) * 40][["text", "label"]].to_csv(
+            data / f"{name}.csv", index=False
+        )
     reviews.iloc[120:180][["text", "label"]].to_csv(data / "test.csv", index=False)
     (data / "manifest.json").write_text(json.dumps({"institutions": names}))
     return data

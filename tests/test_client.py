@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
 import torch
-import time
-
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from client.app import create_app
@@ -21,20 +20,34 @@ from common.model import build_model, load_tokenizer
 
 def _message(cfg, kind: str, server_round: int = 1, arrays=None) -> Message:
     arrays = arrays or get_trainable(build_model(cfg, torch.device("cpu")))
-    content = RecordDict({
-        "arrays": to_record(arrays),
-        "config": ConfigRecord({"run-name": cfg.run.name, "server-round": server_round}),
-    })
+    content = RecordDict(
+        {
+            "arrays": to_record(arrays),
+            "config": ConfigRecord({"run-name": cfg.run.name, "server-round": server_round}),
+        }
+    )
     metadata = Metadata(
-        run_id=1, message_id=f"{kind}-{server_round}", src_node_id=0, dst_node_id=1,
-        reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600, message_type=kind,
+        run_id=1,
+        message_id=f"{kind}-{server_round}",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600,
+        message_type=kind,
     )
     return Message(content=content, metadata=metadata)
 
 
 def _context(flat, partition_id=0, **node) -> Context:
-    return Context(run_id=1, node_id=1, node_config={"partition-id": partition_id, **node},
-                   state=RecordDict(), run_config=flat)
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": partition_id, **node},
+        state=RecordDict(),
+        run_config=flat,
+    )
 
 
 def test_reply_holds_exactly_the_trainable_tensors_and_scalars(tiny_flat, tiny_cfg):
@@ -48,8 +61,15 @@ def test_reply_holds_exactly_the_trainable_tensors_and_scalars(tiny_flat, tiny_c
     assert all("lora_" in k or "classifier" in k for k in sent)
     assert not any("embeddings" in k for k in sent)
     metrics = reply.content["metrics"]
-    assert set(metrics) == {"refused", "num-examples", "train-loss", "epsilon", "delta",
-                            "noise-multiplier", "steps"}
+    assert set(metrics) == {
+        "refused",
+        "num-examples",
+        "train-loss",
+        "epsilon",
+        "delta",
+        "noise-multiplier",
+        "steps",
+    }
     assert 0 < metrics["epsilon"] < math.inf and metrics["num-examples"] == 32
 
 
@@ -61,7 +81,9 @@ def test_evaluate_reports_loss_accuracy_f1(tiny_flat, tiny_cfg):
 
 
 def test_bad_data_is_a_one_line_error_reply(tiny_flat, tiny_cfg, federation_dir):
-    (federation_dir / "hospital-a.csv").write_text("text,label\nfine review,positive\nbad,excellent\n")
+    (federation_dir / "hospital-a.csv").write_text(
+        "text,label\nfine review,positive\nbad,excellent\n"
+    )
     reply = create_app()(_message(tiny_cfg, "train"), _context(tiny_flat))
     assert reply.has_error()
     reason = reply.error.reason
@@ -74,8 +96,12 @@ def _dataset(cfg, path, rows):
 
 
 def test_noise_zero_and_no_clipping_equals_plain_sgd(tiny_flat, federation_dir):
-    flat = {**tiny_flat, "train.optimizer": "sgd", "train.learning-rate": 0.5,
-            "dp.max-grad-norm": 1e9}
+    flat = {
+        **tiny_flat,
+        "train.optimizer": "sgd",
+        "train.learning-rate": 0.5,
+        "dp.max-grad-norm": 1e9,
+    }
     dp_cfg, plain_cfg = resolve(flat), resolve({**flat, "dp.enabled": False})
     data = _dataset(dp_cfg, federation_dir / "hospital-a.csv", 32)  # 4 full batches of 8
     cpu = torch.device("cpu")

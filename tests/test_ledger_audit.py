@@ -1,0 +1,168 @@
+"""The privacy ledger and its audit, checked against Opacus and dp-accounting directly."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import dp_accounting
+import pytest
+from opacus.accountants import RDPAccountant
+
+from common.audit import audit
+from common.config import PROJECT_ROOT
+from common.ledger import Ledger, LedgerError, read_records, scope_history, verify_chain
+from common.privacy import Mechanism, epsilon, plan
+
+DELTA = 1e-5
+
+
+def _append(ledger: Ledger, run: str, rnd: int, mech: Mechanism, scope="lifetime", budget=8.0):
+    history = [*scope_history(ledger.records, scope, run), mech]
+    return ledger.append(
+        institution="hospital-a",
+        run_id=run,
+        round=rnd,
+        time="2026-11-23T00:00:00+00:00",
+        status="trained",
+        noise_multiplier=mech.noise_multiplier,
+        sample_rate=mech.sample_rate,
+        steps=mech.steps,
+        max_grad_norm=1.0,
+        delta=DELTA,
+        accountant="rdp",
+        budget_scope=scope,
+        max_epsilon=budget,
+        epsilon=epsilon(history, DELTA),
+        data_fingerprint="d" * 64,
+        adapter_fingerprint="a" * 64,
+    )
+
+
+@pytest.fixture()
+def ledger_path(tmp_path):
+    path = tmp_path / "privacy" / "hospital-a.jsonl"
+    ledger = Ledger(path)
+    for rnd in (1, 2, 3):
+        _append(ledger, "run-1", rnd, Mechanism(1.1, 0.2, 5))
+    return path
+
+
+def test_ledger_epsilon_equals_opacus_and_dp_accounting(ledger_path):
+    records = read_records(ledger_path)
+    acc = RDPAccountant()
+    pld = dp_accounting.pld.PLDAccountant()
+    for rec in records:
+        acc.history.append((rec.noise_multiplier, rec.sample_rate, rec.steps))
+        assert rec.epsilon == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)
+        pld.compose(
+            dp_accounting.PoissonSampledDpEvent(
+                rec.sample_rate, dp_accounting.GaussianDpEvent(rec.noise_multiplier)
+            ),
+            rec.steps,
+        )
+        # PLD is tighter than RDP; both bound the same mechanism (stated tolerance: 25%).
+        assert 0.75 * rec.epsilon < pld.get_epsilon(DELTA) <= rec.epsilon
+    (result,) = audit(ledger_path.parent.parent)
+    assert result.ok and result.rounds == 3 and result.steps == 15
+    assert result.epsilon_dp_accounting == pytest.approx(result.epsilon_claimed, rel=1e-2)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("epsilon", 0.5), ("noise_multiplier", 5.0), ("steps", 1), ("round", 9)]
+)
+def test_editing_any_field_fails_and_names_the_record(ledger_path, field, value):
+    lines = ledger_path.read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec[field] = value
+    lines[1] = json.dumps(rec, sort_keys=True)
+    ledger_path.write_text("\n".join(lines) + "\n")
+    (result,) = audit(ledger_path)
+    assert not result.ok and "record 2" in result.problems[0]
+
+
+def test_deleting_or_reordering_records_fails(ledger_path):
+    lines = ledger_path.read_text().splitlines()
+    ledger_path.write_text("\n".join([lines[0], lines[2]]) + "\n")
+    (deleted,) = audit(ledger_path)
+    assert "record 2" in deleted.problems[0] and "prev_hash" in deleted.problems[0]
+    ledger_path.write_text("\n".join([lines[1], lines[0], lines[2]]) + "\n")
+    (reordered,) = audit(ledger_path)
+    assert "record 1" in reordered.problems[0]
+    with pytest.raises(LedgerError):
+        Ledger(ledger_path)  # a client refuses to train on a tampered ledger
+
+
+def test_recomputed_epsilon_catches_a_consistent_rewrite(ledger_path):
+    """Someone who rewrites a record and re-hashes the chain still fails: the claimed epsilon
+    no longer follows from the mechanism."""
+    from common.ledger import GENESIS, LedgerRecord, record_hash
+
+    records = [json.loads(x) for x in ledger_path.read_text().splitlines()]
+    records[2]["epsilon"] = 1.0
+    prev = GENESIS
+    for rec in records:
+        rec["prev_hash"] = prev
+        rec["hash"] = record_hash(rec)
+        prev = rec["hash"]
+    ledger_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    verify_chain(ledger_path, [LedgerRecord(**r) for r in records])  # the chain is fine...
+    (result,) = audit(ledger_path)
+    assert not result.ok and "record 3" in result.problems[0] and "epsilon" in result.problems[0]
+
+
+def test_two_runs_compose_under_a_lifetime_budget(ledger_path):
+    ledger = Ledger(ledger_path)
+    first = ledger.records[-1].epsilon
+    rec = _append(ledger, "run-2", 1, Mechanism(1.1, 0.2, 5))
+    assert rec.epsilon > first  # run 2 starts from run 1's spend
+    run_only = epsilon(scope_history(ledger.records, "run", "run-2"), DELTA)
+    assert run_only < first
+    (result,) = audit(ledger_path)
+    assert result.ok and result.runs == 2
+
+
+def test_crash_mid_write_leaves_a_verifiable_ledger(ledger_path):
+    """Kill a writer process while it appends in a loop; the ledger must still verify."""
+    script = f"""
+from common.ledger import Ledger
+ledger = Ledger({str(ledger_path)!r})
+print("ready", flush=True)
+for r in range(4, 400):
+    ledger.append(
+        institution="hospital-a", run_id="run-1", round=r, time="t", status="refused",
+        noise_multiplier=1.1, sample_rate=0.2, steps=0, max_grad_norm=1.0, delta={DELTA},
+        accountant="rdp", budget_scope="lifetime", max_epsilon=8.0,
+        epsilon=ledger.records[-1].epsilon, data_fingerprint="d", adapter_fingerprint="",
+    )
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        import time
+
+        time.sleep(0.5)
+    finally:
+        proc.kill()
+        proc.wait()
+    records = read_records(ledger_path)
+    verify_chain(ledger_path, records)
+    assert len(records) > 3  # the writer got some appends in before it was killed
+    (result,) = audit(ledger_path)
+    assert result.ok, result.problems
+
+
+def test_planner_meets_the_target():
+    p = plan(8.0, DELTA, rounds=6, local_epochs=2, sample_rate_=0.2)
+    assert p.epsilon_per_round[-1] <= 8.0 and p.epsilon_per_round[-1] > 7.9
+    acc = RDPAccountant()
+    acc.history = [(p.noise_multiplier, 0.2, p.steps_per_round * 6)]
+    assert acc.get_epsilon(DELTA) == pytest.approx(p.epsilon_per_round[-1], rel=1e-9)
+    assert all(
+        a < b for a, b in zip(p.epsilon_per_round[:-1], p.epsilon_per_round[1:], strict=True)
+    )
+    assert math.isinf(epsilon([Mechanism(0.0, 0.2, 5)], DELTA))
