@@ -33,11 +33,17 @@ class RoundResult:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Two learning rates: the randomly initialised head sits on pooled features of small
+    scale and needs a much larger step than the LoRA factors to learn in few rounds."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if "classifier" not in n], "lr": cfg.train.learning_rate},
+        {"params": [p for n, p in named if "classifier" in n], "lr": cfg.train.head_learning_rate},
+    ]
     if cfg.train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
+        return torch.optim.AdamW(groups, weight_decay=0.0)
     if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.train.learning_rate)
+        return torch.optim.SGD(groups)
     raise ValueError(f"train.optimizer: unknown optimizer {cfg.train.optimizer!r} (adamw, sgd)")
 
 

@@ -151,5 +151,50 @@ def data_check(
     typer.echo(f"fingerprint: {data.fingerprint}")
 
 
+@app.command()
+def certs(
+    out: str = typer.Option("certs", help="folder to write ca.crt, ca.key, server.pem, server.key"),
+    san: list[str] = typer.Option(
+        [],
+        help="host name or IP the SuperLink is reached at (repeat; the first is also the CN; "
+        "localhost, 127.0.0.1 and ::1 are always added)",
+    ),
+    days: int = typer.Option(365, help="validity of both certificates"),
+    force: bool = typer.Option(False, "--force", help="replace existing files"),
+) -> None:
+    """Create a private CA and a SuperLink TLS certificate signed by it."""
+    from pathlib import Path
+
+    from common.certs import CertError, write_tls
+
+    try:
+        files = write_tls(Path(out), san, days, force)
+    except (CertError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"{files.ca_cert}      CA certificate: give to every SuperNode and flwr CLI user")
+    typer.echo(f"{files.ca_key}      CA private key: keep offline, never on a server")
+    typer.echo(f"{files.server_cert}  SuperLink certificate (--ssl-certfile)")
+    typer.echo(f"{files.server_key}  SuperLink private key (--ssl-keyfile), stays on the SuperLink")
+
+
+@app.command()
+def keys(
+    institution: str = typer.Argument(..., help="institution name, used for the file names"),
+    out: str = typer.Option("keys", help="folder to write <institution> and <institution>.pub"),
+    force: bool = typer.Option(False, "--force", help="replace existing files"),
+) -> None:
+    """Create a SuperNode authentication key pair (ECDSA P-384, OpenSSH format)."""
+    from pathlib import Path
+
+    from common.certs import CertError, write_node_keys
+
+    try:
+        private, public = write_node_keys(Path(out), institution, force)
+    except (CertError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"{private}  private key: stays at the institution (--auth-supernode-private-key)")
+    typer.echo(f"{public}  public key: send to the aggregator for `flwr supernode register`")
+
+
 def main() -> None:
     sys.exit(app())

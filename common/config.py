@@ -55,6 +55,7 @@ class TrainSettings:
     local_epochs: int
     batch_size: int
     learning_rate: float
+    head_learning_rate: float
     optimizer: str
 
 
@@ -65,6 +66,17 @@ class FederationSettings:
     fraction_evaluate: float
     min_train_nodes: int
     min_available_nodes: int
+    aggregation: str  # fedavg, fedmedian, fedtrimmedavg or krum (Flower's strategies)
+    max_update_norm: float  # L2 bound on one update (reply minus global); 0 = no bound
+
+
+@dataclass(frozen=True)
+class CentralDPSettings:
+    """Institution-level DP added by the server (Flower's server-side fixed clipping)."""
+
+    enabled: bool
+    noise_multiplier: float
+    clipping_norm: float
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,7 @@ class RunConfig:
     train: TrainSettings
     federation: FederationSettings
     dp: DPSettings
+    central_dp: CentralDPSettings
     privacy: PrivacyBudget
     data: DataSettings
 
@@ -119,7 +132,7 @@ class RunConfig:
             section_type = get_type_hints(cls)[section.name]
             values = {}
             for name, typ in get_type_hints(section_type).items():
-                key = f"{section.name}.{name.replace('_', '-')}"
+                key = _key(section.name, name)
                 known.add(key)
                 if key not in flat:
                     raise ConfigError(f"config key '{key}' is missing")
@@ -135,8 +148,12 @@ class RunConfig:
         out: dict[str, Scalar] = {}
         for section in fields(self):
             for key, value in dataclasses.asdict(getattr(self, section.name)).items():
-                out[f"{section.name}.{key.replace('_', '-')}"] = value
+                out[_key(section.name, key)] = value
         return out
+
+
+def _key(section: str, name: str) -> str:
+    return f"{section}.{name}".replace("_", "-")
 
 
 def _coerce(key: str, value: Scalar, typ: type) -> Scalar:

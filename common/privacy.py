@@ -42,9 +42,21 @@ def sample_rate(num_examples: int, batch_size: int) -> float:
     return 1.0 / steps_per_epoch(num_examples, batch_size)
 
 
+def merged(history: Sequence[Mechanism]) -> list[Mechanism]:
+    """Rounds with the same noise and sample rate, as one entry with their steps summed.
+    Composition is exact under this merge (RDP adds per step; PLD/PRV self-compose), and the
+    cost of an accountant grows with the number of distinct entries, not of rounds."""
+    steps: dict[tuple[float, float], int] = {}
+    for m in history:
+        if m.steps > 0:
+            key = (m.noise_multiplier, m.sample_rate)
+            steps[key] = steps.get(key, 0) + m.steps
+    return [Mechanism(sigma, rate, n) for (sigma, rate), n in steps.items()]
+
+
 def epsilon(history: Sequence[Mechanism], delta: float, accountant: str = "rdp") -> float:
     """Cumulative epsilon of the whole history under Opacus' accountant."""
-    rounds = [m for m in history if m.steps > 0]
+    rounds = merged(history)
     if not rounds:
         return 0.0
     if any(m.noise_multiplier <= 0 for m in rounds):
@@ -56,7 +68,7 @@ def epsilon(history: Sequence[Mechanism], delta: float, accountant: str = "rdp")
 
 def independent_epsilon(history: Sequence[Mechanism], delta: float, method: str = "rdp") -> float:
     """The same cumulative epsilon from dp-accounting (its RDP or PLD accountant)."""
-    rounds = [m for m in history if m.steps > 0]
+    rounds = merged(history)
     if not rounds:
         return 0.0
     if any(m.noise_multiplier <= 0 for m in rounds):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from common.adapter import from_record, get_trainable, save_adapter, set_trainable, to_record
 from common.audit import audit, find_ledgers, to_html
@@ -30,7 +31,7 @@ from common.data import load_labeled, tokenize
 from common.model import build_model, load_tokenizer, pick_device
 from server.recorder import RoundRecorder
 from server.report import write_report
-from server.strategy import AdapterFedAvg
+from server.strategy import LedgeredServerSideDP, make_strategy
 
 log = logging.getLogger("flwr")
 
@@ -58,16 +59,31 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         )
         test_set = tokenize(test, load_tokenizer(cfg), cfg.model.max_length)
     fed = cfg.federation
-    strategy = AdapterFedAvg(
-        expected={k: v.shape for k, v in initial.items()},
+    adapter = make_strategy(
+        fed.aggregation,
+        initial,
+        fed.max_update_norm,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_train_nodes,
         min_evaluate_nodes=fed.min_train_nodes,
         min_available_nodes=fed.min_available_nodes,
     )
+    strategy: Strategy = adapter
+    if cfg.central_dp.enabled:
+        strategy = LedgeredServerSideDP(
+            adapter,
+            cfg.central_dp.noise_multiplier,
+            cfg.central_dp.clipping_norm,
+            num_sampled_clients=max(
+                fed.min_train_nodes, int(fed.min_available_nodes * fed.fraction_train)
+            ),
+            ledger_path=run_dir / "privacy" / "aggregator.jsonl",
+            run_id=run_name,
+            delta=cfg.dp.delta,
+        )
     recorder = RoundRecorder(
-        run_dir, model, strategy, len(cfg.data.label_names), device, test_set, fed.rounds
+        run_dir, model, adapter, len(cfg.data.label_names), device, test_set, fed.rounds
     )
     log.info("[privatune] run %s: %d rounds, output in %s", run_name, fed.rounds, run_dir)
     result = strategy.start(

@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 
 from common.adapter import from_record, save_adapter, set_trainable
 from common.evaluation import evaluate
-from server.strategy import AdapterFedAvg
+from server.strategy import AdapterRounds
 
 log = logging.getLogger("flwr")
 
@@ -37,7 +37,7 @@ class RoundRecorder:
         self,
         run_dir: Path,
         model: PeftModel,
-        strategy: AdapterFedAvg,
+        strategy: AdapterRounds,
         num_labels: int,
         device: torch.device,
         test_set: TensorDataset | None,

@@ -1,25 +1,47 @@
-"""AdapterFedAvg: Flower's FedAvg over LoRA adapter tensors, with the bookkeeping a private
-federation needs.
+"""Strategies over LoRA adapter tensors, with the bookkeeping a private federation needs.
 
-It only adds small steps around FedAvg's own: every training reply is validated before
-aggregation (see :mod:`server.validation`), privacy-budget refusals are counted and kept out
-of the average, and each round's per-institution epsilon, failures and message bytes are kept
-in :attr:`rounds` for the run recorder. Aggregation itself is FedAvg's weighted mean.
+:class:`AdapterRounds` adds small steps around any of Flower's FedAvg-family strategies:
+every training reply is validated before aggregation (:mod:`server.validation`),
+privacy-budget refusals are counted and kept out of the aggregate, and each round's
+per-institution epsilon, failures and message bytes are kept in :attr:`AdapterRounds.rounds`
+for the run recorder. Aggregation itself stays Flower's: weighted mean (FedAvg), coordinate
+median (FedMedian), trimmed mean (FedTrimmedAvg) or Krum, chosen by
+``federation.aggregation``. :class:`LedgeredServerSideDP` wraps the result in Flower's
+server-side fixed-clipping DP and keeps the aggregator's own privacy ledger.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+)
 
+from common.adapter import adapter_fingerprint, from_record
+from common.ledger import Ledger
+from common.privacy import Mechanism, epsilon
 from server.validation import InvalidUpdate, check_update
 
 log = logging.getLogger("flwr")
+AGGREGATORS: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
 
 
 @dataclass
@@ -30,7 +52,7 @@ class RoundStats:
     bytes_received: int = 0
     epsilon: dict[str, float] = field(default_factory=dict)  # institution -> cumulative eps
     refused: list[str] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)  # node or institution -> reason
+    rejected: dict[str, str] = field(default_factory=dict)  # institution -> reason
     failed: dict[str, str] = field(default_factory=dict)  # node -> client error
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
@@ -38,11 +60,9 @@ class RoundStats:
 
 def _institution(msg: Message) -> str:
     info = msg.content.config_records.get("info")
-    return (
-        str(info["institution"])
-        if info and "institution" in info
-        else f"node-{msg.metadata.src_node_id}"
-    )
+    if info and "institution" in info:
+        return str(info["institution"])
+    return f"node-{msg.metadata.src_node_id}"
 
 
 def _message_bytes(content: RecordDict) -> int:
@@ -59,21 +79,28 @@ def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     )
 
 
-class AdapterFedAvg(FedAvg):
-    """FedAvg on the trainable adapter tensors only.
+class AdapterRounds(FedAvg):
+    """Validation and per-round bookkeeping around a FedAvg-family strategy (use through
+    :func:`make_strategy`, which puts it in front of the chosen aggregator).
 
     Parameters
     ----------
-    expected : mapping of tensor name to shape
-        The adapter layout every reply must match exactly.
+    expected : mapping of tensor name to array
+        The initial adapter; every reply must match its names and shapes exactly.
+    max_update_norm : float
+        L2 bound on one reply's difference from the current global adapter; 0 = none.
     **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg` (fractions, minimum nodes).
+        Passed to the Flower strategy (fractions, minimum nodes, ...).
     """
 
-    def __init__(self, expected: Mapping[str, tuple[int, ...]], **kwargs) -> None:
+    def __init__(
+        self, expected: Mapping[str, np.ndarray], max_update_norm: float = 0.0, **kwargs
+    ) -> None:
         super().__init__(train_metrics_aggr_fn=_train_metrics, **kwargs)
-        self.expected = dict(expected)
+        self.global_arrays = {k: np.asarray(v) for k, v in expected.items()}
+        self.max_update_norm = max_update_norm
         self.rounds: dict[int, RoundStats] = {}
+        self._accepted: set[str] = set()  # message ids already validated and counted
 
     def _stats(self, server_round: int) -> RoundStats:
         return self.rounds.setdefault(server_round, RoundStats())
@@ -81,6 +108,7 @@ class AdapterFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.global_arrays = from_record(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._stats(server_round).bytes_sent += sum(_message_bytes(m.content) for m in messages)
         return messages
@@ -92,15 +120,20 @@ class AdapterFedAvg(FedAvg):
         self._stats(server_round).bytes_sent += sum(_message_bytes(m.content) for m in messages)
         return messages
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def accept(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies that may be aggregated; everything else is logged and counted.
+        A reply accepted before (a DP wrapper validates first, then clips and passes the
+        replies back through :meth:`aggregate_train`) is not counted twice."""
         stats = self._stats(server_round)
         accepted = []
         for msg in replies:
+            if msg.metadata.message_id in self._accepted:
+                accepted.append(msg)
+                continue
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                stats.failed[f"node-{msg.metadata.src_node_id}"] = str(msg.error.reason)
-                log.warning("node %d failed: %s", msg.metadata.src_node_id, msg.error.reason)
+                stats.failed[f"node-{node}"] = str(msg.error.reason)
+                log.warning("node %d failed: %s", node, msg.error.reason)
                 continue
             stats.bytes_received += _message_bytes(msg.content)
             who = _institution(msg)
@@ -112,15 +145,20 @@ class AdapterFedAvg(FedAvg):
                 log.warning("%s refused round %d (privacy budget)", who, server_round)
                 continue
             try:
-                check_update(msg, self.expected)
+                check_update(msg, self.global_arrays, self.max_update_norm)
             except InvalidUpdate as e:
                 stats.rejected[who] = str(e)
-                log.warning(
-                    "rejected update from %s (node %d): %s", who, msg.metadata.src_node_id, e
-                )
+                log.warning("rejected update from %s (node %d): %s", who, node, e)
                 continue
             accepted.append(msg)
-        if len(accepted) < max(1, self.min_train_nodes if self.fraction_train else 0):
+            self._accepted.add(msg.metadata.message_id)
+        return accepted
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.accept(server_round, replies)
+        if len(accepted) < max(1, self.min_train_nodes):
             log.warning(
                 "round %d: %d valid update(s), fewer than min-train-nodes %d; adapter unchanged",
                 server_round,
@@ -129,7 +167,7 @@ class AdapterFedAvg(FedAvg):
             )
             return None, None
         arrays, metrics = super().aggregate_train(server_round, accepted)
-        stats.train = dict(metrics or {})
+        self._stats(server_round).train = dict(metrics or {})
         return arrays, metrics
 
     def aggregate_evaluate(
@@ -141,3 +179,78 @@ class AdapterFedAvg(FedAvg):
         metrics = super().aggregate_evaluate(server_round, replies)
         stats.evaluate = dict(metrics or {})
         return metrics
+
+
+def make_strategy(
+    aggregation: str, expected: Mapping[str, np.ndarray], max_update_norm: float = 0.0, **kwargs
+) -> AdapterRounds:
+    """``AdapterRounds`` in front of Flower's aggregator named by ``aggregation``."""
+    if aggregation not in AGGREGATORS:
+        raise ValueError(
+            f"federation.aggregation: {aggregation!r} is not one of {', '.join(AGGREGATORS)}"
+        )
+    base = AGGREGATORS[aggregation]
+    cls = (
+        AdapterRounds
+        if base is FedAvg
+        else type(f"Adapter{base.__name__}", (AdapterRounds, base), {})
+    )
+    return cls(expected, max_update_norm, **kwargs)
+
+
+class LedgeredServerSideDP(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed-clipping DP (institution-level privacy), with the
+    aggregator's own ledger: one record per released aggregate, in the same hash-chained
+    format as the institutions' ledgers, so ``privatune audit`` verifies it too.
+
+    The mechanism is a Gaussian on the clipped sum, accounted without sampling
+    amplification (sample rate 1), one step per round.
+    """
+
+    def __init__(
+        self,
+        strategy: AdapterRounds,
+        noise_multiplier: float,
+        clipping_norm: float,
+        num_sampled_clients: int,
+        ledger_path: Path,
+        run_id: str,
+        delta: float,
+    ) -> None:
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+        self.ledger = Ledger(ledger_path)
+        self.run_id = run_id
+        self.delta = delta
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        # Validate before Flower clips: clipping assumes every reply has the adapter's layout.
+        replies = self.strategy.accept(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            history = [r.mechanism_step for r in self.ledger.records if r.run_id == self.run_id]
+            step = Mechanism(self.noise_multiplier, 1.0, 1)
+            self.ledger.append(
+                institution="aggregator",
+                run_id=self.run_id,
+                round=server_round,
+                time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                status="trained",
+                mechanism=(
+                    f"gaussian, server-side fixed clipping (client-level DP), "
+                    f"{len(replies)} replies, {self.num_sampled_clients} expected"
+                ),
+                noise_multiplier=step.noise_multiplier,
+                sample_rate=1.0,
+                steps=1,
+                max_grad_norm=self.clipping_norm,
+                delta=self.delta,
+                accountant="rdp",
+                budget_scope="run",
+                max_epsilon=math.inf,
+                epsilon=epsilon([*history, step], self.delta),
+                data_fingerprint="",
+                adapter_fingerprint=adapter_fingerprint(from_record(arrays)),
+            )
+        return arrays, metrics

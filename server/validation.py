@@ -1,8 +1,10 @@
 """Checks on every training reply before it may touch the global adapter.
 
 The server trusts no institution: a reply must carry exactly the adapter's tensor names with
-their shapes, finite float values, and a positive ``num-examples``. Anything else (a NaN, a
-base-model weight smuggled in, a wrong shape) is dropped with the node id and the reason.
+their shapes, finite float values, a positive ``num-examples`` and, when a bound is set, an
+update (reply minus the current global adapter) of bounded L2 norm. Anything else (a NaN, a
+base-model weight smuggled in, a wrong shape, a scaled-up update) is dropped with the node id
+and the reason.
 """
 
 from __future__ import annotations
@@ -13,29 +15,43 @@ import numpy as np
 from flwr.app import Message
 
 MAX_EXAMPLES = 10_000_000
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class InvalidUpdate(ValueError):
     """A reply that must not be aggregated; the message says why."""
 
 
-def check_update(msg: Message, expected: Mapping[str, tuple[int, ...]]) -> None:
+def check_update(
+    msg: Message, reference: Mapping[str, np.ndarray], max_update_norm: float = 0.0
+) -> None:
+    """Raise :class:`InvalidUpdate` unless ``msg`` is a well-formed adapter update for
+    ``reference`` (the global adapter it was trained from)."""
     content = msg.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         raise InvalidUpdate("expected one ArrayRecord and one MetricRecord")
     arrays = next(iter(content.array_records.values()))
     names = set(arrays.keys())
-    if names != set(expected):
-        extra, missing = sorted(names - set(expected)), sorted(set(expected) - names)
+    if names != set(reference):
+        extra, missing = sorted(names - set(reference)), sorted(set(reference) - names)
         raise InvalidUpdate(f"tensor names differ: unexpected {extra[:3]}, missing {missing[:3]}")
+    squared = 0.0
     for name, array in arrays.items():
-        if tuple(array.shape) != tuple(expected[name]):
-            raise InvalidUpdate(f"{name}: shape {tuple(array.shape)}, expected {expected[name]}")
-        if array.dtype not in ("float32", "float16", "bfloat16"):
+        if tuple(array.shape) != tuple(reference[name].shape):
+            raise InvalidUpdate(
+                f"{name}: shape {tuple(array.shape)}, expected {reference[name].shape}"
+            )
+        if array.dtype not in FLOAT_DTYPES:
             raise InvalidUpdate(f"{name}: dtype {array.dtype}, expected a float type")
-        if not np.all(np.isfinite(array.numpy())):
+        value = array.numpy().astype(np.float64)
+        if not np.all(np.isfinite(value)):
             raise InvalidUpdate(f"{name}: contains NaN or infinite values")
+        squared += float(np.sum((value - reference[name]) ** 2))
+    if max_update_norm > 0 and squared**0.5 > max_update_norm:
+        raise InvalidUpdate(f"update norm {squared**0.5:.4g} exceeds the bound {max_update_norm}")
     metrics = next(iter(content.metric_records.values()))
     n = metrics.get("num-examples")
-    if not isinstance(n, int | float) or not (0 < n <= MAX_EXAMPLES) or int(n) != n:
+    if isinstance(n, bool) or not isinstance(n, int | float) or not 0 < n <= MAX_EXAMPLES:
         raise InvalidUpdate(f"num-examples {n!r} is not a positive count")
+    if int(n) != n:
+        raise InvalidUpdate(f"num-examples {n!r} is not a whole number")

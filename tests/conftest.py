@@ -76,6 +76,7 @@ def tiny_flat(tiny_model_dir, federation_dir, tmp_path) -> dict:
         "lora.dropout": 0.0,
         "train.batch-size": 8,
         "train.learning-rate": 0.01,
+        "train.head-learning-rate": 0.05,
         "federation.rounds": 2,
         "federation.min-train-nodes": 3,
         "federation.min-available-nodes": 3,

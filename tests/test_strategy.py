@@ -1,0 +1,138 @@
+"""The server's side of a round, with crafted replies: hostile or broken updates are dropped,
+budget refusals are counted, the federation goes on with the rest, robust aggregators and
+central DP plug in, and the aggregator's own ledger audits."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+
+from common.adapter import from_record, to_record
+from common.audit import audit
+from server.strategy import LedgeredServerSideDP, make_strategy
+
+ADAPTER = {
+    "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight": np.zeros(
+        (2, 4), np.float32
+    ),
+    "base_model.model.classifier.modules_to_save.default.weight": np.zeros((3, 4), np.float32),
+}
+_ids = itertools.count()
+
+
+def _metadata(node: int) -> Metadata:
+    return Metadata(
+        run_id=1,
+        message_id=f"m{next(_ids)}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="i",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600,
+        message_type="train",
+    )
+
+
+def reply(
+    node: int, arrays: dict | None = None, n: float = 10, refused: int = 0, eps: float = 1.0
+) -> Message:
+    metrics = {"num-examples": n, "train-loss": 0.5, "epsilon": eps, "refused": refused}
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), "info": ConfigRecord({"institution": f"inst-{node}"})}
+    )
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(
+            {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+        )
+    return Message(content=content, metadata=_metadata(node))
+
+
+def good(value: float) -> dict:
+    return {k: np.full_like(v, value) for k, v in ADAPTER.items()}
+
+
+def hostile() -> dict[str, dict]:
+    name = next(iter(ADAPTER))
+    nan = good(0.1)
+    nan[name][0, 0] = np.nan
+    shape = good(0.1)
+    shape[name] = np.zeros((4, 2), np.float32)
+    extra = {
+        **good(0.1),
+        "base_model.model.bert.embeddings.word_embeddings.weight": np.zeros((5, 4), np.float32),
+    }
+    return {"nan": nan, "shape": shape, "extra": extra, "norm": good(1e6)}
+
+
+@pytest.mark.parametrize("kind", ["nan", "shape", "extra", "norm", "negative-count", "ints"])
+def test_hostile_update_is_rejected_and_the_adapter_stays_finite(kind):
+    strategy = make_strategy("fedavg", ADAPTER, max_update_norm=100.0, min_train_nodes=2)
+    bad = {
+        **{k: reply(9, v) for k, v in hostile().items()},
+        "negative-count": reply(9, good(0.1), n=-5),
+        "ints": reply(9, {k: v.astype(np.int64) for k, v in ADAPTER.items()}),
+    }[kind]
+    arrays, _ = strategy.aggregate_train(1, [reply(1, good(0.2)), reply(2, good(0.4)), bad])
+    result = from_record(arrays)
+    assert all(np.all(np.isfinite(v)) for v in result.values())
+    assert all(np.allclose(v, 0.3) for v in result.values())  # mean of the two good ones
+    assert list(strategy.rounds[1].rejected) == ["inst-9"]
+
+
+def test_too_few_valid_updates_leave_the_adapter_unchanged():
+    strategy = make_strategy("fedavg", ADAPTER, min_train_nodes=2)
+    arrays, metrics = strategy.aggregate_train(1, [reply(1, good(0.2)), reply(2, hostile()["nan"])])
+    assert arrays is None and metrics is None
+
+
+def test_refusals_and_failures_are_counted_and_the_round_goes_on():
+    strategy = make_strategy("fedavg", ADAPTER, min_train_nodes=2)
+    failed = Message(Error(code=2, reason="data.csv: no rows"), metadata=_metadata(7))
+    replies = [
+        reply(1, good(0.2), n=10),
+        reply(2, good(0.5), n=30),
+        reply(3, None, n=0, refused=1, eps=3.9),
+        failed,
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert all(np.allclose(v, 0.425) for v in from_record(arrays).values())  # weighted 1:3
+    stats = strategy.rounds[1]
+    assert stats.refused == ["inst-3"] and stats.epsilon["inst-3"] == 3.9
+    assert stats.failed == {"node-7": "data.csv: no rows"}
+    assert metrics["epsilon-max"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum"])
+def test_robust_aggregators_resist_one_outlier(name):
+    strategy = make_strategy(name, ADAPTER, min_train_nodes=2)
+    replies = [reply(i, good(v)) for i, v in enumerate([0.1, 0.2, 0.3, 0.25, 50.0], start=1)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert all(np.all(np.abs(v) < 1.0) for v in from_record(arrays).values())
+
+
+def test_unknown_aggregation_is_a_clear_error():
+    with pytest.raises(ValueError, match="federation.aggregation"):
+        make_strategy("fedsomething", ADAPTER)
+
+
+def test_central_dp_clips_adds_noise_and_keeps_an_auditable_ledger(tmp_path):
+    inner = make_strategy("fedavg", ADAPTER, min_train_nodes=2)
+    ledger = tmp_path / "privacy" / "aggregator.jsonl"
+    dp = LedgeredServerSideDP(inner, 1.0, 0.5, 2, ledger_path=ledger, run_id="r", delta=1e-5)
+    for rnd in (1, 2):
+        dp.current_arrays = to_record(ADAPTER)
+        arrays, _ = dp.aggregate_train(
+            rnd, [reply(1, good(0.2)), reply(2, good(0.4)), reply(3, hostile()["shape"])]
+        )
+        values = np.concatenate([v.ravel() for v in from_record(arrays).values()])
+        assert np.all(np.isfinite(values)) and not np.allclose(values, 0.3)  # noised
+    (result,) = audit(ledger)
+    assert result.ok and result.rounds == 2 and 0 < result.epsilon_claimed < math.inf
+    assert inner.rounds[1].rejected == {"inst-3": inner.rounds[1].rejected["inst-3"]}
