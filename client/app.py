@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.institution import Institution
 from client.train import train_round
@@ -209,11 +210,13 @@ def _guarded(
     return run
 
 
-def create_app(overrides: Mapping[str, Scalar] | None = None) -> ClientApp:
+def create_app(
+    overrides: Mapping[str, Scalar] | None = None, mods: list[Mod] | None = None
+) -> ClientApp:
     """A ClientApp; ``overrides`` carry the resolved config into in-process simulations,
-    where Flower passes no run config."""
+    where Flower passes no run config; ``mods`` are Flower client mods (e.g. SecAgg+)."""
     overrides = dict(overrides or {})
-    app = ClientApp()
+    app = ClientApp(mods=mods or [])
     app.train()(_guarded(_train, overrides))
     app.evaluate()(_guarded(_evaluate, overrides))
     return app

@@ -126,3 +126,61 @@ def test_dp_round_reports_the_opacus_mechanism(tiny_cfg, federation_dir):
     assert result.mechanism.steps == result.steps == 5
     after = get_trainable(model)
     assert all(not np.array_equal(before[k], after[k]) for k in before if "lora_B" in k)
+
+
+def test_small_budget_refuses_the_round_that_would_cross_it(
+    tiny_flat, tiny_cfg, federation_dir, tmp_path
+):
+    """Node config sets the institution's own budget; the ledger never exceeds it."""
+    from common.audit import audit
+    from common.ledger import read_records
+
+    ledger = tmp_path / "ledger" / "a.jsonl"
+    node = {
+        "institution": "hospital-a",
+        "data-path": str(federation_dir / "hospital-a.csv"),
+        "ledger-path": str(ledger),
+        "max-epsilon": 7.0,
+    }
+    app = create_app()
+    replies = []
+    for rnd in (1, 2, 3):
+        msg = _message(tiny_cfg, "train", server_round=rnd)
+        replies.append(
+            app(
+                msg,
+                Context(
+                    run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=tiny_flat
+                ),
+            )
+        )
+    refused = [r.content["metrics"]["refused"] for r in replies]
+    assert refused == [0, 1, 1]  # planned for 8 over 2 rounds: round 2 would cross 7
+    assert all("arrays" not in r.content for r, x in zip(replies, refused, strict=True) if x)
+    records = read_records(ledger)
+    assert [r.status for r in records] == ["trained" if not x else "refused" for x in refused]
+    assert max(r.epsilon for r in records) <= 7.0
+    (result,) = audit(ledger)
+    assert result.ok and result.refused == refused.count(1)
+
+
+def test_lifetime_budget_composes_across_runs(tiny_flat, federation_dir, tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    node = {
+        "institution": "hospital-b",
+        "data-path": str(federation_dir / "hospital-b.csv"),
+        "ledger-path": str(ledger),
+        "max-epsilon": 100.0,
+    }
+    eps = []
+    for run in ("study-1", "study-2"):
+        flat = {**tiny_flat, "run.name": run, "dp.noise-multiplier": 1.5}
+        msg = _message(resolve(flat), "train", server_round=1)
+        ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=flat)
+        eps.append(create_app()(msg, ctx).content["metrics"]["epsilon"])
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(1.5, 1 / 4, 8)]  # 32 training rows, batch 8: q = 1/4, 4 steps x 2 runs
+    assert eps[1] > eps[0]
+    assert eps[1] == pytest.approx(acc.get_epsilon(tiny_flat["dp.delta"]), rel=1e-9)

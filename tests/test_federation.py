@@ -4,6 +4,7 @@ engine (in-process, Ray backend), with a tiny random BERT."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,25 +21,45 @@ from common.model import build_model
 from server.app import create_app as create_server_app
 
 
+def outgoing_recorder(path: str):
+    """A Flower client mod that logs what every reply a client sends contains."""
+
+    def record(msg, context, call_next):
+        reply = call_next(msg, context)
+        if not reply.has_error():
+            content = reply.content
+            entry = {
+                "records": sorted(content.keys()),
+                "arrays": {
+                    k: list(a.shape) for r in content.array_records.values() for k, a in r.items()
+                },
+                "metrics": {k: v for r in content.metric_records.values() for k, v in r.items()},
+                "configs": {k: v for r in content.config_records.values() for k, v in r.items()},
+            }
+            with open(path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        return reply
+
+    return record
+
+
 @pytest.fixture()
-def finished_run(tiny_flat, tiny_cfg):
+def finished_run(tiny_flat, tiny_cfg, tmp_path):
+    sent = tmp_path / "sent.jsonl"
     run_simulation(
         server_app=create_server_app(tiny_flat),
-        client_app=create_client_app(tiny_flat),
+        client_app=create_client_app(tiny_flat, mods=[outgoing_recorder(str(sent))]),
         num_supernodes=3,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {"num_cpus": 2, "include_dashboard": False},
         },
     )
-    run_dir = tiny_cfg.run.output_dir + "/test-run"
-    from pathlib import Path
-
-    return Path(run_dir)
+    return Path(tiny_cfg.run.output_dir) / "test-run", sent
 
 
 def test_federation_end_to_end(finished_run, tiny_cfg):
-    run_dir = finished_run
+    run_dir, _ = finished_run
     for name in (
         "adapter",
         "checkpoints/round-001",
@@ -93,3 +114,22 @@ def test_federation_end_to_end(finished_run, tiny_cfg):
     state = loaded.state_dict()
     key = next(k for k in state if "lora_B" in k)
     assert torch.count_nonzero(state[key]) > 0
+
+
+def test_only_adapter_tensors_and_scalars_leave_an_institution(finished_run, tiny_cfg, reviews):
+    """Every message every client sent in the run: adapter tensors, scalar metrics and the
+    institution's name; no text, no token ids, no labels."""
+    _, sent = finished_run
+    entries = [json.loads(x) for x in sent.read_text().splitlines()]
+    assert len(entries) == 3 * 2 * 2  # 3 institutions x 2 rounds x (train + evaluate)
+    model = build_model(tiny_cfg, torch.device("cpu"))
+    trainable = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    texts = set(reviews["text"])
+    for entry in entries:
+        assert set(entry["records"]) <= {"arrays", "metrics", "info"}
+        assert all(trainable[name] == shape for name, shape in entry["arrays"].items())
+        assert all(isinstance(v, int | float) for v in entry["metrics"].values())
+        assert set(entry["configs"]) == {"institution"}
+        assert not texts & {str(v) for v in entry["configs"].values()}
+    train = [e for e in entries if e["arrays"]]
+    assert len(train) == 6 and all(set(e["arrays"]) == set(trainable) for e in train)

@@ -118,7 +118,7 @@ def test_robust_aggregators_resist_one_outlier(name):
 
 
 def test_unknown_aggregation_is_a_clear_error():
-    with pytest.raises(ValueError, match="federation.aggregation"):
+    with pytest.raises(ValueError, match=r"federation\.aggregation"):
         make_strategy("fedsomething", ADAPTER)
 
 
