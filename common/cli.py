@@ -36,17 +36,22 @@ def simulate(
     set_: list[str] = typer.Option(
         [], "--set", help="override a config key, e.g. dp.enabled=false"
     ),
+    resume: str = typer.Option("", help="continue this run folder from its last checkpoint"),
 ) -> None:
-    """Run a scenario as a local federated simulation."""
+    """Run a scenario as a local federated simulation (or resume a stopped one)."""
+    from pathlib import Path
+
     from common.config import ConfigError
     from common.data import DataError
+    from simulations import simulate as sim
     from simulations.scenario import load_scenario
-    from simulations.simulate import SimulationError
-    from simulations.simulate import simulate as run
 
     try:
-        run_dir = run(load_scenario(scenario), _parse_overrides(set_))
-    except (ConfigError, DataError, SimulationError) as e:
+        if resume:
+            run_dir = sim.resume(Path(resume), _parse_overrides(set_))
+        else:
+            run_dir = sim.simulate(load_scenario(scenario), _parse_overrides(set_))
+    except (ConfigError, DataError, sim.SimulationError) as e:
         _fail(str(e))
     typer.echo(f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
 

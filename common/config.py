@@ -29,6 +29,7 @@ class RunSettings:
     name: str
     output_dir: str
     seed: int
+    resume: bool  # continue run.name from its last complete checkpoint
 
 
 @dataclass(frozen=True)

@@ -31,15 +31,19 @@ from common.data import load_labeled, tokenize
 from common.model import build_model, load_tokenizer, pick_device
 from server.recorder import RoundRecorder
 from server.report import write_report
+from server.resume import ResumeError, last_checkpoint, load_checkpoint, truncate_metrics
 from server.strategy import LedgeredServerSideDP, make_strategy
 
 log = logging.getLogger("flwr")
 
 
-def new_run_dir(cfg: RunConfig) -> tuple[str, Path]:
+def run_dir_for(cfg: RunConfig) -> tuple[str, Path]:
+    """The run's folder: new, or (``run.resume``) the existing one of ``run.name``."""
     name = cfg.run.name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run.output_dir) / name
-    if (run_dir / "metrics.jsonl").exists():
+    if cfg.run.resume and not (run_dir / "config.toml").exists():
+        raise ResumeError(f"{run_dir}: no run to resume")
+    if not cfg.run.resume and (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(f"{run_dir} already holds a run; choose another run.name")
     run_dir.mkdir(parents=True, exist_ok=True)
     return name, run_dir
@@ -47,11 +51,17 @@ def new_run_dir(cfg: RunConfig) -> tuple[str, Path]:
 
 def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     """Run the whole federation and return the run folder."""
-    run_name, run_dir = new_run_dir(cfg)
+    run_name, run_dir = run_dir_for(cfg)
     write_toml(cfg, run_dir / "config.toml")
     device = pick_device()
     model = build_model(cfg, device)
     initial = get_trainable(model)
+    done = 0
+    if cfg.run.resume and (checkpoint := last_checkpoint(run_dir)):
+        done, path = checkpoint
+        initial = load_checkpoint(model, path)
+        truncate_metrics(run_dir, done)
+        log.info("[privatune] resuming %s after round %d from %s", run_name, done, path)
     test_set = None
     if cfg.data.test_path:
         test = load_labeled(
@@ -62,12 +72,13 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     adapter = make_strategy(
         fed.aggregation,
         initial,
-        fed.max_update_norm,
+        max_update_norm=fed.max_update_norm,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_train_nodes,
         min_evaluate_nodes=fed.min_train_nodes,
         min_available_nodes=fed.min_available_nodes,
+        round_offset=done,
     )
     strategy: Strategy = adapter
     if cfg.central_dp.enabled:
@@ -83,13 +94,13 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             delta=cfg.dp.delta,
         )
     recorder = RoundRecorder(
-        run_dir, model, adapter, len(cfg.data.label_names), device, test_set, fed.rounds
+        run_dir, model, adapter, len(cfg.data.label_names), device, test_set, fed.rounds, done
     )
     log.info("[privatune] run %s: %d rounds, output in %s", run_name, fed.rounds, run_dir)
     result = strategy.start(
         grid=grid,
         initial_arrays=to_record(initial),
-        num_rounds=fed.rounds,
+        num_rounds=fed.rounds - done,
         train_config=ConfigRecord({"run-name": run_name}),
         evaluate_config=ConfigRecord({"run-name": run_name}),
         evaluate_fn=recorder,

@@ -42,6 +42,7 @@ class RoundRecorder:
         device: torch.device,
         test_set: TensorDataset | None,
         total_rounds: int,
+        round_offset: int = 0,
     ) -> None:
         self.run_dir = run_dir
         self.model = model
@@ -50,10 +51,14 @@ class RoundRecorder:
         self.device = device
         self.test_set = test_set
         self.total_rounds = total_rounds
+        self.round_offset = round_offset
         self.metrics_path = run_dir / "metrics.jsonl"
         self.round_started = time.monotonic()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and self.round_offset:
+            return None  # a resumed run: its starting point is already on record
+        server_round += self.round_offset
         set_trainable(self.model, from_record(arrays))
         central = (
             evaluate(self.model, self.test_set, self.num_labels, self.device)

@@ -89,14 +89,22 @@ class AdapterRounds(FedAvg):
         The initial adapter; every reply must match its names and shapes exactly.
     max_update_norm : float
         L2 bound on one reply's difference from the current global adapter; 0 = none.
+    round_offset : int
+        Rounds already done before this start (a resumed run): Flower's loop counts from 1,
+        clients, ledgers and stats see the run's real round numbers.
     **kwargs
         Passed to the Flower strategy (fractions, minimum nodes, ...).
     """
 
     def __init__(
-        self, expected: Mapping[str, np.ndarray], max_update_norm: float = 0.0, **kwargs
+        self,
+        expected: Mapping[str, np.ndarray],
+        max_update_norm: float = 0.0,
+        round_offset: int = 0,
+        **kwargs,
     ) -> None:
         super().__init__(train_metrics_aggr_fn=_train_metrics, **kwargs)
+        self.round_offset = round_offset
         self.global_arrays = {k: np.asarray(v) for k, v in expected.items()}
         self.max_update_norm = max_update_norm
         self.rounds: dict[int, RoundStats] = {}
@@ -109,6 +117,7 @@ class AdapterRounds(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_arrays = from_record(arrays)
+        server_round += self.round_offset
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._stats(server_round).bytes_sent += sum(_message_bytes(m.content) for m in messages)
         return messages
@@ -116,6 +125,7 @@ class AdapterRounds(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._stats(server_round).bytes_sent += sum(_message_bytes(m.content) for m in messages)
         return messages
@@ -157,6 +167,7 @@ class AdapterRounds(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         accepted = self.accept(server_round, replies)
         if len(accepted) < max(1, self.min_train_nodes):
             log.warning(
@@ -173,6 +184,7 @@ class AdapterRounds(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         stats = self._stats(server_round)
         stats.bytes_received += sum(_message_bytes(m.content) for m in replies if not m.has_error())
@@ -181,9 +193,7 @@ class AdapterRounds(FedAvg):
         return metrics
 
 
-def make_strategy(
-    aggregation: str, expected: Mapping[str, np.ndarray], max_update_norm: float = 0.0, **kwargs
-) -> AdapterRounds:
+def make_strategy(aggregation: str, expected: Mapping[str, np.ndarray], **kwargs) -> AdapterRounds:
     """``AdapterRounds`` in front of Flower's aggregator named by ``aggregation``."""
     if aggregation not in AGGREGATORS:
         raise ValueError(
@@ -195,7 +205,7 @@ def make_strategy(
         if base is FedAvg
         else type(f"Adapter{base.__name__}", (AdapterRounds, base), {})
     )
-    return cls(expected, max_update_norm, **kwargs)
+    return cls(expected, **kwargs)
 
 
 class LedgeredServerSideDP(DifferentialPrivacyServerSideFixedClipping):

@@ -7,8 +7,10 @@ to both apps directly, since an in-process simulation passes them no run config.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -56,11 +58,38 @@ def simulate(
     data_dir = Path(str(flat["data.dir"]))
     if not (data_dir / "manifest.json").is_file():
         prepare(scenario, seed=int(flat["run.seed"]), out_dir=data_dir)
+    return run_flat(flat, num_supernodes or scenario.institutions)
+
+
+def resume(run_dir: Path, overrides: Mapping[str, Scalar] | None = None) -> Path:
+    """Continue a stopped run from its last complete checkpoint, with the configuration it
+    was started with (``overrides`` may raise ``federation.rounds``, say)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise SimulationError(f"{run_dir}: no config.toml, not a run folder")
+    with open(run_dir / "config.toml", "rb") as f:
+        flat = tomllib.load(f)["config"]
+    flat = {
+        **flat,
+        **(overrides or {}),
+        "run.resume": True,
+        "run.name": run_dir.name,
+        "run.output-dir": str(run_dir.parent),
+    }
+    RunConfig.from_flat(flat)
+    manifest = Path(str(flat["data.dir"])) / "manifest.json"
+    if not manifest.is_file():
+        raise SimulationError(f"{manifest}: the run's data folder is gone; prepare it again")
+    return run_flat(flat, len(json.loads(manifest.read_text())["institutions"]))
+
+
+def run_flat(flat: Mapping[str, Scalar], num_supernodes: int) -> Path:
+    """Run a fully resolved configuration in Flower's simulation engine."""
     cpus = os.cpu_count() or 1
     run_simulation(
         server_app=create_server_app(flat),
         client_app=create_client_app(flat),
-        num_supernodes=num_supernodes or scenario.institutions,
+        num_supernodes=num_supernodes,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},

@@ -3,7 +3,9 @@ two SuperNodes with their own keys, data and ledgers, and ``flwr run`` with DP f
 
 The SuperLink and SuperNode command lines are the ones in ``docker/compose.yaml`` with the
 container paths and ports mapped to temporary ones, so the Docker files say what is tested.
-Every process started here is stopped by pid, with its descendants, when the module ends.
+Every process started here is stopped by pid, with its descendants, when the fixture that
+started it ends, also when a test fails. The same deployment runs again with each party in
+its own network namespace where that is permitted, and the Docker files are linted.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ def free_port() -> int:
 
 
 def compose() -> dict:
-    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    """compose.yaml with ${VAR:-default} interpolated to the defaults, as Compose does."""
+    text = (DOCKER / "compose.yaml").read_text()
+    return yaml.safe_load(re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text))
 
 
 def dockerfile() -> str:
@@ -61,7 +65,7 @@ def in_container(args: list[str], mapping: dict[str, str]) -> list[str]:
         for old, new in mapping.items():
             arg = arg.replace(old, new)
         _, _, value = arg.partition("=")
-        assert not re.search(r"9092|superlink:|0\.0\.0\.0", arg), f"unmapped: {arg}"
+        assert "superlink:" not in arg, f"unmapped: {arg}"
         assert not value.startswith("/") or Path(value).parent.is_dir(), f"unmapped: {arg}"
         out.append(arg)
     return out
@@ -91,15 +95,25 @@ class Processes:
         self.started.append(proc)
         return proc
 
+    def wait(self, proc: psutil.Popen, timeout: float) -> int | None:
+        """Its exit status, or None after ``timeout``; its children are noted on the way (a
+        SuperNode that gives up leaves its SuperExec behind for a few seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._track()
+            try:
+                return proc.wait(0.2)
+            except psutil.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    return None
+
     def run(self, name: str, args: list[str], cwd: Path, timeout: float, **env: str) -> tuple:
         """A short-lived command: (exit status, output); killed if it outlives ``timeout``."""
         proc = self.start(name, args, cwd, **env)
-        try:
-            code = proc.wait(timeout)
-        except psutil.TimeoutExpired:
-            self._track()
+        code = self.wait(proc, timeout)
+        if code is None:
             proc.kill()
-            code = None
+            proc.wait()
         return code, self.log(name)
 
     def log(self, name: str) -> str:
@@ -132,30 +146,57 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Network:
+    """Where each party (``aggregator``, an institution, ``outsider``) runs: its own network
+    namespace or this one, and the address at which it reaches the SuperLink."""
+
+    bind: str = "127.0.0.1"
+    namespaces: dict[str, str] = field(default_factory=dict)
+    link_address: dict[str, str] = field(default_factory=dict)
+    own_address: dict[str, str] = field(default_factory=dict)
+    sans: tuple[str, ...] = ("localhost",)
+
+    def wrap(self, party: str, args: list[str]) -> list[str]:
+        namespace = self.namespaces.get(party)
+        return ["ip", "netns", "exec", namespace, *args] if namespace else args
+
+
 @dataclass
 class Federation:
     root: Path
     procs: Processes
-    port: int
-    mapping: dict[str, str]
-    operator_home: Path
-    supernodes: dict[str, psutil.Popen] = field(default_factory=dict)
+    network: Network
+    port: int = field(default_factory=free_port)
+
+    def mapping(self, party: str) -> dict[str, str]:
+        """Container paths, hosts and ports in compose.yaml -> this machine's."""
+        return {
+            "--host=0.0.0.0": f"--host={self.network.bind}",
+            "--port=9092": f"--port={self.port}",
+            "=superlink:9092": f"={self.network.link_address.get(party, '127.0.0.1')}:{self.port}",
+            "=/certs/": f"={self.root / 'certs'}/",
+            "=/state/": f"={self.root / 'aggregator' / 'state'}/",
+        }
+
+    def start(self, name: str, party: str, args: list[str], **env: str) -> psutil.Popen:
+        return self.procs.start(name, self.network.wrap(party, args), self.root, **env)
 
     def flwr(self, name: str, *args: str, timeout: float = 60) -> tuple:
         return self.procs.run(
             name,
-            [str(VENV_BIN / "flwr"), *args],
+            self.network.wrap("aggregator", [str(VENV_BIN / "flwr"), *args]),
             self.root,
             timeout,
-            FLWR_HOME=str(self.operator_home),
+            FLWR_HOME=str(self.root / "operator-home"),
         )
 
-    def supernode_command(self, key: Path, node_config: str | Path) -> list[str]:
+    def supernode_command(self, party: str, key: str, node_config: str | Path) -> list[str]:
         """The compose institutions' command, plus a free port for the Runtime API (in
         Docker each container has its own network and uses the default)."""
         mapping = {
-            **self.mapping,
-            "=/keys/node": f"={key}",
+            **self.mapping(party),
+            "=/keys/node": f"={self.root / 'keys' / key}",
             "--node-config=/config/node.toml": f"--node-config={node_config}",
         }
         args = in_container(compose()["x-institution"]["command"], mapping)
@@ -166,6 +207,14 @@ class Federation:
         assert code == 0, out
         nodes = json.loads(out[out.index("{") :])["nodes"]
         return sum(n["status"] == "online" for n in nodes)
+
+    def refused(self, name: str, party: str, args: list[str]) -> str:
+        """Start a SuperNode that must not get in; return its log once it has given up."""
+        proc = self.start(name, party, args, FLWR_HOME=str(self.root / f"{name}-home"))
+        code = self.procs.wait(proc, 60)
+        log = self.procs.log(name)
+        assert code not in (0, None) and "Failed to initialize the connection" in log, log
+        return log
 
 
 def wait_for(condition, timeout: float, what: str, step: float = 1.0) -> None:
@@ -196,13 +245,13 @@ def app_copy(dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory, tiny_model_dir, reviews) -> Iterator[Federation]:
+@contextlib.contextmanager
+def running_federation(root: Path, reviews, network: Network) -> Iterator[Federation]:
     """SuperLink (TLS + SuperNode auth) and two registered SuperNodes, each institution with
-    its own key, data folder, ledger folder and node config."""
-    root = tmp_path_factory.mktemp("deploy")
+    its own key, data folder, ledger folder and node config; all stopped by pid on exit."""
     runner = CliRunner()
-    result = runner.invoke(cli, ["certs", "--out", str(root / "certs"), "--san", "localhost"])
+    certs = ["certs", "--out", str(root / "certs")]
+    result = runner.invoke(cli, [*certs, *(f"--san={san}" for san in network.sans)])
     assert result.exit_code == 0, result.output
     for name in [*BUDGETS, "unregistered"]:
         result = runner.invoke(cli, ["keys", name, "--out", str(root / "keys")])
@@ -231,25 +280,9 @@ def federation(tmp_path_factory, tiny_model_dir, reviews) -> Iterator[Federation
         f'label-column="sentiment" max-epsilon={BUDGETS["hospital-b"]} device="cpu"'
     )
 
-    flwr_config = tomllib.loads((DOCKER / "flwr-config.toml").read_text())
-    aggregator = root / "aggregator"
     for folder in ("aggregator/state", "operator-home", "logs", "app"):
         (root / folder).mkdir(parents=True)
-    port = free_port()
-    mapping = {
-        "--host=0.0.0.0": "--host=127.0.0.1",
-        "--port=9092": f"--port={port}",
-        "=superlink:9092": f"=127.0.0.1:{port}",
-        "=/certs/": f"={root / 'certs'}/",
-        "=/state/": f"={aggregator / 'state'}/",
-    }
-    flwr_config["superlink"][CONNECTION].update(
-        address=f"127.0.0.1:{port}", **{"root-certificates": str(root / "certs" / "ca.crt")}
-    )
-    flwr_config["superlink"]["plain"] = {"address": f"127.0.0.1:{port}", "insecure": True}
-    (root / "operator-home" / "config.toml").write_text(tomli_w.dumps(flwr_config))
     app_copy(root / "app")
-
     env = {
         **os.environ,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
@@ -258,128 +291,88 @@ def federation(tmp_path_factory, tiny_model_dir, reviews) -> Iterator[Federation
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "OMP_NUM_THREADS": "1",
     }
-    procs = Processes(root / "logs", env)
-    fed = Federation(root, procs, port, mapping, root / "operator-home")
+    fed = Federation(root, Processes(root / "logs", env), network)
+    # The operator's flwr config: docker/flwr-config.toml pointed at this SuperLink, plus a
+    # connection without TLS that must fail.
+    flwr_config = tomllib.loads((DOCKER / "flwr-config.toml").read_text())
+    address = f"127.0.0.1:{fed.port}"
+    flwr_config["superlink"][CONNECTION].update(
+        {"address": address, "root-certificates": str(root / "certs" / "ca.crt")}
+    )
+    flwr_config["superlink"]["plain"] = {"address": address, "insecure": True}
+    (root / "operator-home" / "config.toml").write_text(tomli_w.dumps(flwr_config))
     try:
-        link_args = in_container(compose()["services"]["superlink"]["command"], mapping)
+        link_args = in_container(
+            compose()["services"]["superlink"]["command"], fed.mapping("aggregator")
+        )
         # The ServerApp runs in the SuperLink's folder, as in /srv/privatune in the image.
-        superlink = procs.start(
+        superlink = fed.procs.start(
             "superlink",
-            [str(VENV_BIN / "flower-superlink"), *link_args],
-            aggregator,
+            network.wrap("aggregator", [str(VENV_BIN / "flower-superlink"), *link_args]),
+            root / "aggregator",
             FLWR_HOME=str(root / "aggregator-home"),
         )
-        probe = [sys.executable, "-c", health_probe(port, root / "certs" / "ca.crt")]
+        probe = [sys.executable, "-c", health_probe(fed.port, root / "certs" / "ca.crt")]
 
         def healthy() -> bool:
-            assert superlink.is_running(), procs.log("superlink")
-            return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+            assert superlink.is_running(), fed.procs.log("superlink")
+            probing = network.wrap("aggregator", probe)
+            return subprocess.run(probing, capture_output=True, timeout=30).returncode == 0
 
         wait_for(healthy, 60, "the SuperLink's health endpoint over TLS")
         for name in BUDGETS:
+            public_key = str(root / "keys" / f"{name}.pub")
             code, out = fed.flwr(
-                f"register-{name}",
-                "supernode",
-                "register",
-                str(root / "keys" / f"{name}.pub"),
-                CONNECTION,
+                f"register-{name}", "supernode", "register", public_key, CONNECTION
             )
             assert code == 0 and "registered successfully" in out, out
         for name, node_config in (("hospital-a", a / "node.toml"), ("hospital-b", node_b)):
-            fed.supernodes[name] = procs.start(
+            fed.start(
                 f"supernode-{name}",
-                fed.supernode_command(root / "keys" / name, node_config),
-                root / name,
+                name,
+                fed.supernode_command(name, name, node_config),
                 FLWR_HOME=str(root / name / "flwr-home"),
             )
         wait_for(lambda: fed.online_nodes() == 2, 60, "both SuperNodes online", step=2)
         yield fed
     finally:
-        leftovers = procs.stop_all()
+        leftovers = fed.procs.stop_all()
         assert not leftovers, f"processes still running after the test: {leftovers}"
 
 
-@pytest.fixture(scope="module")
-def run_result(federation, tiny_model_dir) -> tuple[Path, str]:
-    overrides = " ".join(
-        f"{k}={json.dumps(v)}"
-        for k, v in {
-            "model.name": str(tiny_model_dir),
-            "run.name": RUN_NAME,
-            "federation.rounds": 2,
-            "federation.min-train-nodes": 2,
-            "federation.min-available-nodes": 2,
-            "model.max-length": 48,
-            "train.batch-size": 8,
-            "data.test-path": "",
-            "dp.enabled": True,
-        }.items()
-    )
-    code, out = federation.flwr(
-        "flwr-run",
-        "run",
-        str(federation.root / "app"),
-        CONNECTION,
-        "--stream",
-        "--run-config",
-        overrides,
-        timeout=420,
+def flwr_run(fed: Federation, model_dir: Path, rounds: int) -> tuple[Path, str]:
+    """`flwr run` of the app copy against the SuperLink, DP on: (run folder, final status)."""
+    overrides = {
+        "model.name": str(model_dir),
+        "run.name": RUN_NAME,
+        "federation.rounds": rounds,
+        "federation.min-train-nodes": 2,
+        "federation.min-available-nodes": 2,
+        "model.max-length": 48,
+        "train.batch-size": 8,
+        "data.test-path": "",
+        "dp.enabled": True,
+    }
+    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+    app = str(fed.root / "app")
+    code, out = fed.flwr(
+        "flwr-run", "run", app, CONNECTION, "--stream", "--run-config", run_config, timeout=420
     )
     assert code == 0, out
+    assert "migrat" not in out.lower(), out  # the app copy is as in the aggregator image
     (run_id,) = re.findall(r"Successfully started run (\d+)", out)
-    code, listing = federation.flwr(
-        "flwr-ls", "ls", CONNECTION, "--run-id", run_id, "--format", "json"
-    )
+    code, listing = fed.flwr("flwr-ls", "ls", CONNECTION, "--run-id", run_id, "--format", "json")
     assert code == 0, listing
     (run,) = json.loads(listing[listing.index("{") :])["runs"]
-    return federation.root / "aggregator" / "outputs" / RUN_NAME, run["status"]
+    return fed.root / "aggregator" / "outputs" / RUN_NAME, run["status"]
 
 
-def test_unregistered_supernode_is_refused(federation):
-    proc = federation.procs.start(
-        "supernode-unregistered",
-        federation.supernode_command(
-            federation.root / "keys" / "unregistered", 'institution="intruder"'
-        ),
-        federation.root,
-        FLWR_HOME=str(federation.root / "unregistered-home"),
-    )
-    code = proc.wait(60)
-    log = federation.procs.log("supernode-unregistered")
-    assert code != 0, log
-    assert "Failed to activate SuperNode" in log, log
-    assert federation.online_nodes() == 2
-
-
-def test_clients_without_tls_cannot_connect(federation):
-    args = federation.supernode_command(federation.root / "keys" / "unregistered", "")
-    args = [a for a in args if not a.startswith(("--root-certificates", "--auth-supernode"))]
-    proc = federation.procs.start(
-        "supernode-plain-http",
-        [*args, "--insecure", "--max-retries=1"],
-        federation.root,
-        FLWR_HOME=str(federation.root / "plain-home"),
-    )
-    code = proc.wait(60)
-    log = federation.procs.log("supernode-plain-http")
-    assert code != 0 and "Failed to initialize the connection" in log, log
-    code, out = federation.flwr("plain-cli", "supernode", "ls", "plain", timeout=60)
-    assert code != 0, out
-
-
-def test_run_leaves_adapter_and_metrics_at_the_aggregator(run_result):
-    run_dir, status = run_result
+def check_run(run_dir: Path, status: str, rounds: int) -> None:
     assert status == "finished:completed"
-    for name in (
-        "adapter/adapter_model.safetensors",
-        "adapter/adapter_config.json",
-        "checkpoints/round-002",
-        "config.toml",
-        "report.html",
-    ):
-        assert (run_dir / name).exists(), name
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "report.html"):
+        assert (run_dir / name).is_file(), name
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert [line["round"] for line in lines] == list(range(rounds + 1))
     for line in lines[1:]:
         assert set(line["epsilon"]) == set(BUDGETS)
         assert line["refused"] == [] and line["failed"] == {}
@@ -387,23 +380,125 @@ def test_run_leaves_adapter_and_metrics_at_the_aggregator(run_result):
     assert not (run_dir / "privacy").exists()  # ledgers stay at the institutions
 
 
-def test_each_institution_keeps_its_own_ledger_and_it_passes_audit(federation, run_result):
-    root = federation.root
+def check_ledgers(root: Path, rounds: int) -> None:
+    """Each institution's ledger in its own folder, with its own budget, passing the audit."""
     ledgers = {
         "hospital-a": root / "hospital-a" / "ledger" / "privacy-ledger.jsonl",
         "hospital-b": root / "hospital-b" / "data" / "privacy-ledger.jsonl",
     }
-    found = sorted(p.relative_to(root) for p in root.rglob("*.jsonl") if "ledger" in p.name)
-    assert found == sorted(p.relative_to(root) for p in ledgers.values())
+    found = sorted(p for p in root.rglob("*.jsonl") if "ledger" in p.name)
+    assert found == sorted(ledgers.values())
     for name, path in ledgers.items():
         records = [json.loads(x) for x in path.read_text().splitlines()]
-        assert [r["round"] for r in records] == [1, 2]
+        assert [r["round"] for r in records] == list(range(1, rounds + 1))
         assert {r["institution"] for r in records} == {name}
         assert {r["max_epsilon"] for r in records} == {BUDGETS[name]}  # the node's own budget
         (result,) = audit(path)
         assert result.ok, result.problems
         cli_result = CliRunner().invoke(cli, ["audit", str(path)])
         assert cli_result.exit_code == 0, cli_result.output
+
+
+class TestDeployment:
+    """On loopback, as in CI. The fixtures live as long as this class, so the SuperLink and
+    SuperNodes are stopped before the tests below start theirs."""
+
+    @pytest.fixture(scope="class")
+    def federation(self, tmp_path_factory, reviews) -> Iterator[Federation]:
+        with running_federation(tmp_path_factory.mktemp("deploy"), reviews, Network()) as fed:
+            yield fed
+
+    @pytest.fixture(scope="class")
+    def run_result(self, federation, tiny_model_dir) -> tuple[Path, str]:
+        return flwr_run(federation, tiny_model_dir, rounds=2)
+
+    def test_unregistered_supernode_is_refused(self, federation):
+        args = federation.supernode_command("outsider", "unregistered", 'institution="intruder"')
+        log = federation.refused("supernode-unregistered", "outsider", args)
+        assert "Failed to activate SuperNode" in log, log
+        assert federation.online_nodes() == 2
+
+    def test_clients_without_tls_cannot_connect(self, federation):
+        args = federation.supernode_command("outsider", "unregistered", "")
+        args = [a for a in args if not a.startswith(("--root-certificates", "--auth-supernode"))]
+        plain = [*args, "--insecure", "--max-retries=1"]
+        federation.refused("supernode-plain-http", "outsider", plain)
+        code, out = federation.flwr("plain-cli", "supernode", "ls", "plain")
+        assert code != 0, out
+
+    def test_run_leaves_adapter_and_metrics_at_the_aggregator(self, run_result):
+        check_run(*run_result, rounds=2)
+        assert (run_result[0] / "checkpoints" / "round-002").is_dir()
+
+    def test_each_institution_keeps_its_own_ledger_and_it_passes_audit(
+        self, federation, run_result
+    ):
+        check_ledgers(federation.root, rounds=2)
+
+
+# --- Optional: the same with every party in its own network namespace and address. ---
+
+
+@contextlib.contextmanager
+def namespaces(parties: list[str]) -> Iterator[Network]:
+    """A namespace for the aggregator and one per party, each linked to the aggregator's by
+    its own veth pair and /24 (10.77.<i>.0); nothing is added to this machine's network."""
+    if sys.platform != "linux" or shutil.which("ip") is None:
+        pytest.skip("network namespaces need Linux with iproute2 (`ip netns`)")
+    prefix = f"privatune-{os.getpid()}"
+    aggregator = f"{prefix}-aggregator"
+    created: list[str] = []
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    try:
+        probe = subprocess.run(["ip", "netns", "add", aggregator], capture_output=True, text=True)
+        if probe.returncode:
+            pytest.skip(f"cannot create network namespaces here: {probe.stderr.strip()}")
+        created.append(aggregator)
+        ip("-n", aggregator, "link", "set", "lo", "up")
+        spaces, link_address, own_address = {"aggregator": aggregator}, {}, {}
+        for i, party in enumerate(parties, start=1):
+            namespace = f"{prefix}-{party}"
+            ip("netns", "add", namespace)
+            created.append(namespace)
+            veth = ["type", "veth", "peer", "name", "v0", "netns", namespace]
+            ip("link", "add", "name", f"v{i}", "netns", aggregator, *veth)
+            for space, device, host in ((aggregator, f"v{i}", 1), (namespace, "v0", 2)):
+                ip("-n", space, "addr", "add", f"10.77.{i}.{host}/24", "dev", device)
+                ip("-n", space, "link", "set", device, "up")
+            ip("-n", namespace, "link", "set", "lo", "up")
+            spaces[party] = namespace
+            link_address[party], own_address[party] = f"10.77.{i}.1", f"10.77.{i}.2"
+        yield Network("0.0.0.0", spaces, link_address, own_address, tuple(link_address.values()))
+    finally:
+        for namespace in reversed(created):
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+
+@pytest.fixture()
+def netns_federation(tmp_path_factory, reviews) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("deploy-netns")
+    with (
+        namespaces(["hospital-a", "hospital-b", "outsider"]) as network,
+        running_federation(root, reviews, network) as fed,
+    ):
+        yield fed
+
+
+def test_across_network_namespaces(netns_federation, tiny_model_dir):
+    """Each party at its own address, the SuperLink bound to 0.0.0.0 as in Docker: the
+    registered institutions train (one round), an unregistered node is refused."""
+    fed = netns_federation
+    args = fed.supernode_command("outsider", "unregistered", 'institution="intruder"')
+    assert "Failed to activate SuperNode" in fed.refused("supernode-unregistered", "outsider", args)
+    run_dir, status = flwr_run(fed, tiny_model_dir, rounds=1)
+    check_run(run_dir, status, rounds=1)
+    check_ledgers(fed.root, rounds=1)
+    link_log = fed.procs.log("superlink")
+    for party in ("hospital-a", "hospital-b", "outsider"):
+        assert f"{fed.network.own_address[party]}:" in link_log, party
 
 
 # --- The Docker files, linted (no Docker engine runs on our machines). ---

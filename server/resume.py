@@ -1,0 +1,52 @@
+"""Crash and resume: continue a run from its last complete checkpoint.
+
+Checkpoints are written to a temporary folder and renamed into place, so every
+``checkpoints/round-NNN`` that exists is complete. Resuming loads the newest one, keeps
+``metrics.jsonl`` only up to that round, and continues the round counter from there; the
+institutions' ledgers simply continue their chains (a round that was trained but never
+checkpointed before the crash is trained again, and both uses are on the ledger).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from common.adapter import get_trainable
+
+CHECKPOINT = re.compile(r"round-(\d{3,})$")
+
+
+class ResumeError(ValueError):
+    """Nothing to resume from, or the checkpoint does not fit the adapter."""
+
+
+def last_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    rounds = [
+        (int(m.group(1)), p)
+        for p in (Path(run_dir) / "checkpoints").glob("round-*")
+        if (m := CHECKPOINT.search(p.name)) and p.is_dir()
+    ]
+    return max(rounds) if rounds else None
+
+
+def load_checkpoint(model: PeftModel, path: Path) -> dict[str, np.ndarray]:
+    """Load a saved adapter into ``model`` with peft's own key mapping; return its
+    trainable tensors."""
+    result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+    if result.unexpected_keys:
+        raise ResumeError(f"{path}: unexpected tensors {result.unexpected_keys[:3]}")
+    return get_trainable(model)
+
+
+def truncate_metrics(run_dir: Path, last_round: int) -> None:
+    """Drop metric lines of rounds after the checkpoint (they will be run again)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        keep = [x for x in path.read_text().splitlines() if json.loads(x)["round"] <= last_round]
+        path.write_text("".join(x + "\n" for x in keep))
