@@ -201,5 +201,36 @@ def keys(
     typer.echo(f"{public}  public key: send to the aggregator for `flwr supernode register`")
 
 
+@app.command()
+def summary(run: str = typer.Argument(..., help="a run folder")) -> None:
+    """The headline numbers of a run as a Markdown table (used for the README)."""
+    import json
+    from pathlib import Path
+
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        _fail(f"{path}: not found; is {run} a run folder?")
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    first, last = lines[0], lines[-1]
+
+    def num(value, digits=3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    typer.echo(f"| metric | before training (round 0) | after round {last['round']} |")
+    typer.echo("|---|---|---|")
+    for key, label in (
+        ("central_accuracy", "test accuracy"),
+        ("central_macro_f1", "test macro-F1"),
+        ("accuracy", "local eval accuracy"),
+        ("macro_f1", "local eval macro-F1"),
+    ):
+        typer.echo(f"| {label} | {num(first.get(key))} | {num(last.get(key))} |")
+    typer.echo(f"| max epsilon (delta from config) | 0 | {num(last.get('epsilon_max'), 2)} |")
+    seconds = sum(x["seconds"] for x in lines)
+    traffic = sum(x["bytes_sent"] + x["bytes_received"] for x in lines)
+    typer.echo(f"| federation wall time, all rounds | | {seconds / 60:.1f} min |")
+    typer.echo(f"| adapter traffic, all rounds | | {traffic / 1e6:.1f} MB |")
+
+
 def main() -> None:
     sys.exit(app())

