@@ -138,7 +138,8 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     set_trainable(model, from_record(msg.content["arrays"]))
     data = tokenize(train_set, load_tokenizer(cfg), cfg.model.max_length)
     seed = cfg.run.seed * 1_000_003 + server_round * 1009 + zlib.crc32(site.name.encode()) % 997
-    result = train_round(model, data, cfg, sigma, device, seed)
+    mu = float(config.get("proximal-mu", 0.0))  # sent by the fedprox strategy
+    result = train_round(model, data, cfg, sigma, device, seed, proximal_mu=mu)
     arrays = get_trainable(model)
     eps = spent
     if result.mechanism is not None:

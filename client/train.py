@@ -55,9 +55,15 @@ def train_round(
     device: torch.device,
     seed: int,
     poisson_sampling: bool = True,
+    proximal_mu: float = 0.0,
 ) -> RoundResult:
     """Train ``cfg.train.local_epochs`` epochs in place. ``poisson_sampling=False`` exists so
-    that tests can compare DP-SGD and plain SGD on identical batches."""
+    that tests can compare DP-SGD and plain SGD on identical batches.
+
+    ``proximal_mu`` > 0 adds FedProx's pull towards the starting (global) adapter. It is
+    applied after each optimizer step rather than through the loss: Opacus computes
+    per-sample gradients from activations and would silently drop a loss term that depends
+    on the weights alone; as a data-independent step it is also free under DP."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     loader = DataLoader(
@@ -82,6 +88,7 @@ def train_round(
         )
     module.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    anchor = {p: p.detach().clone() for p in trainable} if proximal_mu > 0 else {}
     use_bf16 = cfg.model.bf16 and device.type == "cuda"
     total_loss, batches, steps = 0.0, 0, 0
     try:
@@ -94,6 +101,7 @@ def train_round(
                     for p in trainable:
                         p.grad_sample = p.new_zeros((0, *p.shape))
                     optimizer.step()
+                    _proximal_step(optimizer, anchor, proximal_mu)
                     steps += 1
                     continue
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -101,6 +109,7 @@ def train_round(
                 loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
                 loss.backward()
                 optimizer.step()
+                _proximal_step(optimizer, anchor, proximal_mu)
                 total_loss += loss.item()
                 batches += 1
                 steps += 1
@@ -114,3 +123,15 @@ def train_round(
         mechanism = Mechanism(float(sigma), float(rate), int(n))
     loss = total_loss / batches if batches else math.nan
     return RoundResult(loss, steps, mechanism)
+
+
+@torch.no_grad()
+def _proximal_step(
+    optimizer: torch.optim.Optimizer, anchor: dict[torch.Tensor, torch.Tensor], mu: float
+) -> None:
+    """One gradient step on mu/2 * ||w - w_global||^2 at each group's learning rate."""
+    if not anchor:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.sub_(group["lr"] * mu * (p - anchor[p]))

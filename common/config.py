@@ -45,6 +45,7 @@ class LoraSettings:
     alpha: int
     dropout: float
     target_modules: str
+    freeze_a: bool  # FFA-LoRA: A stays at its shared seeded init; only B and the head travel
 
     @property
     def modules(self) -> list[str]:
@@ -67,8 +68,11 @@ class FederationSettings:
     fraction_evaluate: float
     min_train_nodes: int
     min_available_nodes: int
-    aggregation: str  # fedavg, fedmedian, fedtrimmedavg or krum (Flower's strategies)
+    aggregation: str  # one of server.strategy.AGGREGATORS (Flower's strategies)
     max_update_norm: float  # L2 bound on one update (reply minus global); 0 = no bound
+    server_learning_rate: float  # fedadam (eta) and fedavgm
+    server_momentum: float  # fedavgm
+    proximal_mu: float  # fedprox: pull towards the global adapter on the client
 
 
 @dataclass(frozen=True)

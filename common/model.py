@@ -75,5 +75,9 @@ def build_model(cfg: RunConfig, device: torch.device) -> PeftModel:
         target_modules=cfg.lora.modules,
     )
     model = get_peft_model(base, lora)
+    if cfg.lora.freeze_a:
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
     model.train()  # from_pretrained returns eval mode; Opacus needs train mode to see activations
     return model

@@ -69,17 +69,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         )
         test_set = tokenize(test, load_tokenizer(cfg), cfg.model.max_length)
     fed = cfg.federation
-    adapter = make_strategy(
-        fed.aggregation,
-        initial,
-        max_update_norm=fed.max_update_norm,
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=fed.fraction_evaluate,
-        min_train_nodes=fed.min_train_nodes,
-        min_evaluate_nodes=fed.min_train_nodes,
-        min_available_nodes=fed.min_available_nodes,
-        round_offset=done,
-    )
+    adapter = make_strategy(fed, initial, round_offset=done)
     strategy: Strategy = adapter
     if cfg.central_dp.enabled:
         strategy = LedgeredServerSideDP(

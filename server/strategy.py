@@ -24,13 +24,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
+    FedProx,
     FedTrimmedAvg,
     Krum,
 )
 
 from common.adapter import adapter_fingerprint, from_record
+from common.config import FederationSettings
 from common.ledger import Ledger
 from common.privacy import Mechanism, epsilon
 from server.validation import InvalidUpdate, check_update
@@ -41,6 +45,9 @@ AGGREGATORS: dict[str, type[FedAvg]] = {
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
+    "fedadam": FedAdam,
+    "fedavgm": FedAvgM,
+    "fedprox": FedProx,
 }
 
 
@@ -193,19 +200,40 @@ class AdapterRounds(FedAvg):
         return metrics
 
 
-def make_strategy(aggregation: str, expected: Mapping[str, np.ndarray], **kwargs) -> AdapterRounds:
-    """``AdapterRounds`` in front of Flower's aggregator named by ``aggregation``."""
-    if aggregation not in AGGREGATORS:
+def make_strategy(
+    fed: FederationSettings, expected: Mapping[str, np.ndarray], round_offset: int = 0
+) -> AdapterRounds:
+    """``AdapterRounds`` in front of Flower's aggregator named by ``fed.aggregation``, with
+    that aggregator's own options taken from the federation settings."""
+    if fed.aggregation not in AGGREGATORS:
         raise ValueError(
-            f"federation.aggregation: {aggregation!r} is not one of {', '.join(AGGREGATORS)}"
+            f"federation.aggregation: {fed.aggregation!r} is not one of {', '.join(AGGREGATORS)}"
         )
-    base = AGGREGATORS[aggregation]
+    base = AGGREGATORS[fed.aggregation]
     cls = (
         AdapterRounds
         if base is FedAvg
         else type(f"Adapter{base.__name__}", (AdapterRounds, base), {})
     )
-    return cls(expected, **kwargs)
+    options = {
+        "fedadam": {"eta": fed.server_learning_rate},
+        "fedavgm": {
+            "server_learning_rate": fed.server_learning_rate,
+            "server_momentum": fed.server_momentum,
+        },
+        "fedprox": {"proximal_mu": fed.proximal_mu},
+    }.get(fed.aggregation, {})
+    return cls(
+        expected,
+        max_update_norm=fed.max_update_norm,
+        round_offset=round_offset,
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=fed.min_train_nodes,
+        min_evaluate_nodes=fed.min_train_nodes,
+        min_available_nodes=fed.min_available_nodes,
+        **options,
+    )
 
 
 class LedgeredServerSideDP(DifferentialPrivacyServerSideFixedClipping):

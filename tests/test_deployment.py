@@ -625,3 +625,41 @@ def test_gpu_override_reserves_gpus_for_existing_institutions():
         assert set(service["build"]["args"]) <= set(re.findall(r"^ARG (\w+)=", dockerfile(), re.M))
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+
+
+# --- privatune certs / keys ---
+
+
+def test_certs_and_keys_files_and_one_line_errors(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    runner = CliRunner()
+    out = tmp_path / "certs"
+    result = runner.invoke(cli, ["certs", "--out", str(out), "--san", "link.example.org"])
+    assert result.exit_code == 0, result.output
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["link.example.org", "localhost"]
+    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1"}
+    assert (out / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert (out / "server.key").stat().st_mode & 0o777 == 0o600
+
+    result = runner.invoke(cli, ["keys", "bank-a", "--out", str(tmp_path / "keys")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "keys" / "bank-a").stat().st_mode & 0o777 == 0o600
+    public = load_ssh_public_key((tmp_path / "keys" / "bank-a.pub").read_bytes())
+    assert public.curve.name == "secp384r1"  # a NIST curve, as flwr supernode register wants
+
+    for args, message in (
+        (["certs", "--out", str(out), "--san", "x"], "already exist"),
+        (["certs", "--out", str(tmp_path / "c2"), "--san", "not a host"], "not an IP address"),
+        (["certs", "--out", str(tmp_path / "c3")], "give at least one --san"),
+        (["keys", "../escape", "--out", str(tmp_path / "keys")], "institution name"),
+    ):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith("error: ") and message in line, result.output

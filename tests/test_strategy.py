@@ -4,58 +4,16 @@ central DP plug in, and the aggregator's own ledger audits."""
 
 from __future__ import annotations
 
-import itertools
 import math
-import time
 
 import numpy as np
 import pytest
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Error, Message
+from replies import ADAPTER, good, metadata, reply, strategy_for
 
 from common.adapter import from_record, to_record
 from common.audit import audit
-from server.strategy import LedgeredServerSideDP, make_strategy
-
-ADAPTER = {
-    "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight": np.zeros(
-        (2, 4), np.float32
-    ),
-    "base_model.model.classifier.modules_to_save.default.weight": np.zeros((3, 4), np.float32),
-}
-_ids = itertools.count()
-
-
-def _metadata(node: int) -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id=f"m{next(_ids)}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="i",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600,
-        message_type="train",
-    )
-
-
-def reply(
-    node: int, arrays: dict | None = None, n: float = 10, refused: int = 0, eps: float = 1.0
-) -> Message:
-    metrics = {"num-examples": n, "train-loss": 0.5, "epsilon": eps, "refused": refused}
-    content = RecordDict(
-        {"metrics": MetricRecord(metrics), "info": ConfigRecord({"institution": f"inst-{node}"})}
-    )
-    if arrays is not None:
-        content["arrays"] = ArrayRecord(
-            {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
-        )
-    return Message(content=content, metadata=_metadata(node))
-
-
-def good(value: float) -> dict:
-    return {k: np.full_like(v, value) for k, v in ADAPTER.items()}
+from server.strategy import LedgeredServerSideDP
 
 
 def hostile() -> dict[str, dict]:
@@ -73,7 +31,7 @@ def hostile() -> dict[str, dict]:
 
 @pytest.mark.parametrize("kind", ["nan", "shape", "extra", "norm", "negative-count", "ints"])
 def test_hostile_update_is_rejected_and_the_adapter_stays_finite(kind):
-    strategy = make_strategy("fedavg", ADAPTER, max_update_norm=100.0, min_train_nodes=2)
+    strategy = strategy_for("fedavg", max_update_norm=100.0)
     bad = {
         **{k: reply(9, v) for k, v in hostile().items()},
         "negative-count": reply(9, good(0.1), n=-5),
@@ -87,14 +45,14 @@ def test_hostile_update_is_rejected_and_the_adapter_stays_finite(kind):
 
 
 def test_too_few_valid_updates_leave_the_adapter_unchanged():
-    strategy = make_strategy("fedavg", ADAPTER, min_train_nodes=2)
+    strategy = strategy_for("fedavg")
     arrays, metrics = strategy.aggregate_train(1, [reply(1, good(0.2)), reply(2, hostile()["nan"])])
     assert arrays is None and metrics is None
 
 
 def test_refusals_and_failures_are_counted_and_the_round_goes_on():
-    strategy = make_strategy("fedavg", ADAPTER, min_train_nodes=2)
-    failed = Message(Error(code=2, reason="data.csv: no rows"), metadata=_metadata(7))
+    strategy = strategy_for("fedavg")
+    failed = Message(Error(code=2, reason="data.csv: no rows"), metadata=metadata(7))
     replies = [
         reply(1, good(0.2), n=10),
         reply(2, good(0.5), n=30),
@@ -111,7 +69,7 @@ def test_refusals_and_failures_are_counted_and_the_round_goes_on():
 
 @pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum"])
 def test_robust_aggregators_resist_one_outlier(name):
-    strategy = make_strategy(name, ADAPTER, min_train_nodes=2)
+    strategy = strategy_for(name)
     replies = [reply(i, good(v)) for i, v in enumerate([0.1, 0.2, 0.3, 0.25, 50.0], start=1)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert all(np.all(np.abs(v) < 1.0) for v in from_record(arrays).values())
@@ -119,11 +77,11 @@ def test_robust_aggregators_resist_one_outlier(name):
 
 def test_unknown_aggregation_is_a_clear_error():
     with pytest.raises(ValueError, match=r"federation\.aggregation"):
-        make_strategy("fedsomething", ADAPTER)
+        strategy_for("fedsomething")
 
 
 def test_central_dp_clips_adds_noise_and_keeps_an_auditable_ledger(tmp_path):
-    inner = make_strategy("fedavg", ADAPTER, min_train_nodes=2)
+    inner = strategy_for("fedavg")
     ledger = tmp_path / "privacy" / "aggregator.jsonl"
     dp = LedgeredServerSideDP(inner, 1.0, 0.5, 2, ledger_path=ledger, run_id="r", delta=1e-5)
     for rnd in (1, 2):

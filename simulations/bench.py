@@ -1,0 +1,208 @@
+"""One entry point for the benchmarks (``make bench``), and the helpers they share.
+
+``python -m simulations.bench [--quick] [--only overhead,traffic,scale,utility] [--out DIR]``
+runs the chosen benchmarks, writes one JSON per benchmark (and a plot or two) to ``--out``
+and prints a Markdown table of the headline numbers. ``--quick`` runs every benchmark on the
+tiny random BERT and tiny data: it exists so that the test suite can prove the scripts work,
+its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from flwr.clientapp.typing import Mod
+from flwr.simulation import run_simulation
+
+from client.app import create_app as create_client_app
+from common.config import Scalar, app_defaults
+from server.app import create_app as create_server_app
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+BENCHMARKS = ("overhead", "traffic", "scale", "utility")
+DEFAULT_OUT = Path("outputs") / "bench"
+QUICK_OUT = Path("outputs") / "bench-quick"
+LABELS = "negative,neutral,positive"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on; a shared machine's load changes timings."""
+    return {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def write_json(out_dir: Path, name: str, data: Mapping[str, Any]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=2) + "\n")
+    return path
+
+
+def write_federation(
+    out_dir: Path, parts: Sequence[pd.DataFrame], test: pd.DataFrame, prefix: str = "site"
+) -> Path:
+    """Institution files, test file and manifest in the layout ``simulations.prepare``
+    writes, for benchmark federations cut from the real reviews at a chosen size."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [f"{prefix}-{i:04d}" for i in range(len(parts))]
+    for name, part in zip(names, parts, strict=True):
+        part[["text", "label"]].to_csv(out_dir / f"{name}.csv", index=False)
+    test[["text", "label"]].to_csv(out_dir / "test.csv", index=False)
+    (out_dir / "manifest.json").write_text(json.dumps({"institutions": names}))
+    return out_dir
+
+
+def review_sample(rows: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``rows`` training rows (drawn with replacement when more are asked for than the
+    package holds) and the real test split of the drug reviews."""
+    from simulations.prepare import load_drugreview
+
+    train, test = load_drugreview()
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(train), size=rows, replace=rows > len(train))
+    return train.iloc[idx].reset_index(drop=True), test
+
+
+def tiny_model(out_dir: Path) -> Path:
+    """A tiny randomly initialised BERT with the real tokenizer, for ``--quick`` runs: real
+    transformers, peft and Opacus code paths at a fraction of the cost."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from common.model import DEFAULT_MODEL, resolve_model_path
+
+    path = out_dir / "tiny-bert"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        config = BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+        BertForSequenceClassification(config).bert.save_pretrained(path)
+        AutoTokenizer.from_pretrained(str(resolve_model_path(DEFAULT_MODEL))).save_pretrained(path)
+    return path
+
+
+def model_overrides(quick: bool, out_dir: Path) -> dict[str, Scalar]:
+    """The real default MiniLM, or in quick mode the tiny BERT with short sequences."""
+    if not quick:
+        return {}
+    return {"model.name": str(tiny_model(out_dir)), "model.max-length": 32}
+
+
+def bench_flat(
+    data_dir: Path, run_dir: Path, overrides: Mapping[str, Scalar] | None = None
+) -> dict[str, Scalar]:
+    """A complete flat config for a benchmark federation; ``run_dir`` is the run folder."""
+    return {
+        **app_defaults(),
+        "run.name": run_dir.name,
+        "run.output-dir": str(run_dir.parent),
+        "data.dir": str(data_dir),
+        "data.test-path": str(data_dir / "test.csv"),
+        "data.labels": LABELS,
+        **(overrides or {}),
+    }
+
+
+def federate(
+    flat: Mapping[str, Scalar], num_supernodes: int, mods: list[Mod] | None = None
+) -> Path:
+    """An in-process Flower simulation (Ray backend, one CPU per client, as ``make run``);
+    returns the run folder. Unlike ``simulations.simulate.run_flat`` it takes client mods."""
+    run_simulation(
+        server_app=create_server_app(flat),
+        client_app=create_client_app(flat, mods=mods),
+        num_supernodes=num_supernodes,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {
+                "num_cpus": os.cpu_count() or 1,
+                "include_dashboard": False,
+                "log_to_driver": False,
+            },
+        },
+    )
+    return Path(str(flat["run.output-dir"])) / str(flat["run.name"])
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """``metrics.jsonl`` of a finished run, round 0 (before training) included."""
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def run(names: Sequence[str], quick: bool, out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Run the named benchmarks in order and return their results (also written as JSON).
+    The modules are imported here so that one benchmark's imports never slow another."""
+    import importlib
+
+    results = {}
+    for name in names:
+        module = importlib.import_module(f"simulations.bench_{name}")
+        started = time.monotonic()
+        result = module.run(quick=quick, out_dir=out_dir)
+        result["wall_seconds"] = round(time.monotonic() - started, 1)
+        write_json(out_dir, name, result)
+        results[name] = result
+    return results
+
+
+def markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """The headline numbers of whichever benchmarks ran, one table per benchmark."""
+    import importlib
+
+    return "\n\n".join(
+        importlib.import_module(f"simulations.bench_{name}").table(result)
+        for name, result in results.items()
+    )
+
+
+def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny model and data; proves the scripts work"
+    )
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset")
+    parser.add_argument("--out", type=Path, default=None, help="folder for JSON and plots")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    out_dir = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    results = run(names, args.quick, out_dir)
+    table = markdown(results)
+    (out_dir / "summary.md").write_text(table + "\n")
+    echo(table)
+    echo(f"\nJSON and plots in {out_dir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

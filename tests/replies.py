@@ -1,0 +1,59 @@
+"""Crafted Flower reply messages for strategy tests (real Message objects, no mocks)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+
+from common.config import resolve
+from server.strategy import make_strategy
+
+ADAPTER = {
+    "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight": np.zeros(
+        (2, 4), np.float32
+    ),
+    "base_model.model.classifier.modules_to_save.default.weight": np.zeros((3, 4), np.float32),
+}
+_ids = itertools.count()
+
+
+def strategy_for(aggregation: str, **federation):
+    flat = {"federation.aggregation": aggregation, "federation.min-train-nodes": 2}
+    flat.update({f"federation.{k.replace('_', '-')}": v for k, v in federation.items()})
+    return make_strategy(resolve(flat).federation, ADAPTER)
+
+
+def metadata(node: int) -> Metadata:
+    return Metadata(
+        run_id=1,
+        message_id=f"m{next(_ids)}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="i",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600,
+        message_type="train",
+    )
+
+
+def reply(
+    node: int, arrays: dict | None = None, n: float = 10, refused: int = 0, eps: float = 1.0
+) -> Message:
+    metrics = {"num-examples": n, "train-loss": 0.5, "epsilon": eps, "refused": refused}
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), "info": ConfigRecord({"institution": f"inst-{node}"})}
+    )
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(
+            {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+        )
+    return Message(content=content, metadata=metadata(node))
+
+
+def good(value: float) -> dict:
+    return {k: np.full_like(v, value) for k, v in ADAPTER.items()}
