@@ -73,6 +73,7 @@ class FederationSettings:
     server_learning_rate: float  # fedadam (eta) and fedavgm
     server_momentum: float  # fedavgm
     proximal_mu: float  # fedprox: pull towards the global adapter on the client
+    round_timeout: float  # seconds to wait for replies; late or silent clients are left out
 
 
 @dataclass(frozen=True)

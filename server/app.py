@@ -91,6 +91,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         grid=grid,
         initial_arrays=to_record(initial),
         num_rounds=fed.rounds - done,
+        timeout=fed.round_timeout,
         train_config=ConfigRecord({"run-name": run_name}),
         evaluate_config=ConfigRecord({"run-name": run_name}),
         evaluate_fn=recorder,

@@ -72,6 +72,11 @@ def write_federation(
     return out_dir
 
 
+def even_split(frame: pd.DataFrame, n: int) -> list[pd.DataFrame]:
+    """``n`` contiguous parts of (nearly) equal size: an IID split of shuffled rows."""
+    return [frame.iloc[idx] for idx in np.array_split(np.arange(len(frame)), n)]
+
+
 def review_sample(rows: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``rows`` training rows (drawn with replacement when more are asked for than the
     package holds) and the real test split of the drug reviews."""

@@ -195,7 +195,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def table(result: dict[str, Any]) -> str:
     rows = [
-        "| batch | length | mode | step time (s) | time / plain | step peak (MiB) | memory / plain |",
+        "| batch | length | mode | step time (s) | time / plain "
+        "| step peak (MiB) | memory / plain |",
         "|---|---|---|---|---|---|---|",
     ]
     for cell in result["cells"]:
