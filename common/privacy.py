@@ -57,13 +57,20 @@ def merged(history: Sequence[Mechanism]) -> list[Mechanism]:
     return [Mechanism(sigma, rate, n) for (sigma, rate), n in steps.items()]
 
 
-def epsilon(history: Sequence[Mechanism], delta: float, accountant: str = "rdp") -> float:
-    """Cumulative epsilon of the whole history under Opacus' accountant."""
-    rounds = merged(history)
+def _trivial(rounds: list[Mechanism]) -> float | None:
+    """Epsilon without an accountant: 0 for no rounds, infinite for any noise-free round."""
     if not rounds:
         return 0.0
     if any(m.noise_multiplier <= 0 for m in rounds):
         return math.inf
+    return None
+
+
+def epsilon(history: Sequence[Mechanism], delta: float, accountant: str = "rdp") -> float:
+    """Cumulative epsilon of the whole history under Opacus' accountant."""
+    rounds = merged(history)
+    if (known := _trivial(rounds)) is not None:
+        return known
     acc = create_accountant(mechanism=accountant)
     acc.history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in rounds]
     return float(acc.get_epsilon(delta=delta))
@@ -72,10 +79,8 @@ def epsilon(history: Sequence[Mechanism], delta: float, accountant: str = "rdp")
 def independent_epsilon(history: Sequence[Mechanism], delta: float, method: str = "rdp") -> float:
     """The same cumulative epsilon from dp-accounting (its RDP or PLD accountant)."""
     rounds = merged(history)
-    if not rounds:
-        return 0.0
-    if any(m.noise_multiplier <= 0 for m in rounds):
-        return math.inf
+    if (known := _trivial(rounds)) is not None:
+        return known
     if method == "rdp":
         # Opacus' default orders from 2 up (dp-accounting drops the fractional ones below 2
         # as numerically unstable), so that both RDP computations are comparable.

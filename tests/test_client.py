@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from helpers import metadata
 
 from client.app import create_app
 from client.train import train_round
@@ -26,18 +26,7 @@ def _message(cfg, kind: str, server_round: int = 1, arrays=None) -> Message:
             "config": ConfigRecord({"run-name": cfg.run.name, "server-round": server_round}),
         }
     )
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"{kind}-{server_round}",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600,
-        message_type=kind,
-    )
-    return Message(content=content, metadata=metadata)
+    return Message(content=content, metadata=metadata(1, kind, src=0))
 
 
 def _context(flat, partition_id=0, **node) -> Context:

@@ -6,26 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flwr.simulation import run_simulation
+from helpers import simulate
 
-from client.app import create_app as create_client_app
 from common.audit import audit
-from server.app import create_app as create_server_app
 
 
 def test_a_failing_institution_does_not_stop_the_run(tiny_flat, federation_dir):
     bad = federation_dir / "hospital-c.csv"
     bad.write_text("text,label\nfine,positive\nodd,maybe\n" + "ok,negative\n" * 30)
     flat = {**tiny_flat, "federation.min-train-nodes": 2}
-    run_simulation(
-        server_app=create_server_app(flat),
-        client_app=create_client_app(flat),
-        num_supernodes=3,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2, "include_dashboard": False},
-        },
-    )
+    simulate(flat)
     run_dir = Path(flat["run.output-dir"]) / "test-run"
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -9,16 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.simulation import run_simulation
+from helpers import simulate
 from opacus.accountants import RDPAccountant
 from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoModelForSequenceClassification
 
-from client.app import create_app as create_client_app
 from common.adapter import get_trainable
 from common.model import build_model
-from server.app import create_app as create_server_app
 
 
 def outgoing_recorder(path: str):
@@ -46,15 +44,7 @@ def outgoing_recorder(path: str):
 @pytest.fixture()
 def finished_run(tiny_flat, tiny_cfg, tmp_path):
     sent = tmp_path / "sent.jsonl"
-    run_simulation(
-        server_app=create_server_app(tiny_flat),
-        client_app=create_client_app(tiny_flat, mods=[outgoing_recorder(str(sent))]),
-        num_supernodes=3,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2, "include_dashboard": False},
-        },
-    )
+    simulate(tiny_flat, mods=[outgoing_recorder(str(sent))])
     return Path(tiny_cfg.run.output_dir) / "test-run", sent
 
 

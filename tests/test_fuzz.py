@@ -4,14 +4,13 @@ never with another exception."""
 
 from __future__ import annotations
 
-import itertools
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from helpers import metadata
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +19,6 @@ from server.validation import InvalidUpdate, check_update
 
 LABELS = ["negative", "positive"]
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-_ids = itertools.count()
 
 
 @FUZZ
@@ -78,20 +76,7 @@ def test_validator_never_fails_unexpectedly(tensors, n, bound):
         content["arrays"] = ArrayRecord(
             {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
         )
-    msg = Message(
-        content=content,
-        metadata=Metadata(
-            run_id=1,
-            message_id=f"f{next(_ids)}",
-            src_node_id=1,
-            dst_node_id=0,
-            reply_to_message_id="i",
-            group_id="1",
-            created_at=time.time(),
-            ttl=60,
-            message_type="train",
-        ),
-    )
+    msg = Message(content=content, metadata=metadata(1))
     try:
         check_update(msg, REFERENCE, bound)
     except InvalidUpdate:

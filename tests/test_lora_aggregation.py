@@ -9,17 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.simulation import run_simulation
-from replies import ADAPTER, good, reply, strategy_for
+from helpers import ADAPTER, good, reply, simulate, strategy_for
 from safetensors.numpy import load_file
 
-from client.app import create_app as create_client_app
 from client.train import train_round
 from common.adapter import from_record, get_trainable, to_record
 from common.config import resolve
 from common.data import load_labeled, tokenize
 from common.model import build_model, load_tokenizer
-from server.app import create_app as create_server_app
 
 
 def test_ffa_freezes_a_and_sends_only_b_and_head(tiny_flat):
@@ -32,15 +29,7 @@ def test_ffa_freezes_a_and_sends_only_b_and_head(tiny_flat):
     }
     ffa = get_trainable(build_model(resolve(flat), torch.device("cpu")))
     assert set(ffa) == {k for k in full if "lora_A" not in k}
-    run_simulation(
-        server_app=create_server_app(flat),
-        client_app=create_client_app(flat),
-        num_supernodes=3,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2, "include_dashboard": False},
-        },
-    )
+    simulate(flat)
     run_dir = resolve(flat).run.output_dir
     final = load_file(f"{run_dir}/test-run/adapter/adapter_model.safetensors")
     initial = build_model(resolve(flat), torch.device("cpu")).state_dict()

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 from flwr.app import Error, Message
-from replies import ADAPTER, good, metadata, reply, strategy_for
+from helpers import ADAPTER, good, metadata, reply, strategy_for
 
 from common.adapter import from_record, to_record
 from common.audit import audit

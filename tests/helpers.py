@@ -1,4 +1,5 @@
-"""Crafted Flower reply messages for strategy tests (real Message objects, no mocks)."""
+"""Test helpers: crafted Flower messages (real Message objects, no mocks) and an in-process
+simulation of a tiny federation."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import time
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.clientapp.typing import Mod
+from flwr.simulation import run_simulation
 
+from client.app import create_app as create_client_app
 from common.config import resolve
+from server.app import create_app as create_server_app
 from server.strategy import make_strategy
 
 ADAPTER = {
@@ -27,17 +32,31 @@ def strategy_for(aggregation: str, **federation):
     return make_strategy(resolve(flat).federation, ADAPTER)
 
 
-def metadata(node: int) -> Metadata:
+def metadata(node: int, message_type: str = "train", src: int | None = None) -> Metadata:
+    """Metadata of a message from ``node`` (a reply) or to it (``src=0``)."""
     return Metadata(
         run_id=1,
         message_id=f"m{next(_ids)}",
-        src_node_id=node,
-        dst_node_id=0,
+        src_node_id=node if src is None else src,
+        dst_node_id=0 if src is None else node,
         reply_to_message_id="i",
         group_id="1",
         created_at=time.time(),
         ttl=3600,
-        message_type="train",
+        message_type=message_type,
+    )
+
+
+def simulate(flat: dict, num_supernodes: int = 3, mods: list[Mod] | None = None) -> None:
+    """Run the real apps in Flower's in-process simulation engine (Ray backend, 2 CPUs)."""
+    run_simulation(
+        server_app=create_server_app(flat),
+        client_app=create_client_app(flat, mods=mods),
+        num_supernodes=num_supernodes,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
     )
 
 
