@@ -123,3 +123,25 @@ def test_only_adapter_tensors_and_scalars_leave_an_institution(finished_run, tin
         assert not texts & {str(v) for v in entry["configs"].values()}
     train = [e for e in entries if e["arrays"]]
     assert len(train) == 6 and all(set(e["arrays"]) == set(trainable) for e in train)
+
+
+@pytest.mark.slow
+def test_one_round_with_the_real_pretrained_minilm(tiny_flat, federation_dir):
+    """The packaged all-MiniLM-L6-v2 weights, loaded offline, through one DP round."""
+    flat = {
+        **tiny_flat,
+        "model.name": "all-MiniLM-L6-v2",
+        "model.max-length": 64,
+        "federation.rounds": 1,
+        "federation.min-train-nodes": 2,
+        "federation.min-available-nodes": 2,
+        "run.name": "minilm",
+    }
+    simulate(flat, num_supernodes=2)
+    run_dir = Path(flat["run.output-dir"]) / "minilm"
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["central_accuracy"] is not None and 0 < lines[1]["epsilon_max"] < 9
+    final = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    lora_b = [k for k in final if "lora_B" in k]
+    assert len(lora_b) == 12 and all(np.any(final[k] != 0) for k in lora_b)  # 6 layers x q, v
+    assert final["base_model.model.classifier.weight"].shape == (3, 384)
