@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import math
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -101,8 +102,8 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         )
         would_reach = epsilon([*history, planned], cfg.dp.delta, cfg.dp.accountant)
     else:
-        sigma, planned, would_reach = 0.0, Mechanism(0.0, 0.0, 0), float("inf")
-    common = {
+        sigma, planned, would_reach = 0.0, Mechanism(0.0, 0.0, 0), math.inf
+    fields = {
         "institution": site.name,
         "run_id": run_name,
         "round": server_round,
@@ -115,7 +116,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     }
     if would_reach > site.max_epsilon:
         ledger.append(
-            **common,
+            **fields,
             time=_now(),
             status="refused",
             noise_multiplier=planned.noise_multiplier,
@@ -141,25 +142,27 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     mu = float(config.get("proximal-mu", 0.0))  # sent by the fedprox strategy
     result = train_round(model, data, cfg, sigma, device, seed, proximal_mu=mu)
     arrays = get_trainable(model)
-    eps = spent
-    if result.mechanism is not None:
-        eps = epsilon([*history, result.mechanism], cfg.dp.delta, cfg.dp.accountant)
+    eps = (
+        epsilon([*history, result.mechanism], cfg.dp.delta, cfg.dp.accountant)
+        if result.mechanism is not None
+        else math.inf  # without DP nothing bounds what the round reveals
+    )
     used = result.mechanism or Mechanism(0.0, 1.0, result.steps)
     ledger.append(
-        **common,
+        **fields,
         time=_now(),
         status="trained",
         noise_multiplier=used.noise_multiplier,
         sample_rate=used.sample_rate,
         steps=used.steps,
-        epsilon=eps if cfg.dp.enabled else float("inf"),
+        epsilon=eps,
         adapter_fingerprint=adapter_fingerprint(arrays),
     )
     metrics = {
         "refused": 0,
         "num-examples": len(train_set),
         "train-loss": result.train_loss,
-        "epsilon": eps if cfg.dp.enabled else float("inf"),
+        "epsilon": eps,
         "delta": cfg.dp.delta,
         "noise-multiplier": used.noise_multiplier,
         "steps": result.steps,
