@@ -30,6 +30,12 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# Benchmarks (README "Benchmarks"): JSON, plots and a Markdown table in outputs/bench/.
+# `make bench BENCH_FLAGS=--quick` for the small run; BENCH_FLAGS="--only overhead,traffic".
+BENCH_FLAGS ?=
+bench: setup
+	$(BIN)/python -m simulations.bench $(BENCH_FLAGS)
+
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 

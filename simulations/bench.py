@@ -2,15 +2,16 @@
 
 ``python -m simulations.bench [--quick] [--only overhead,traffic,scale,utility] [--out DIR]``
 runs the chosen benchmarks, writes one JSON per benchmark (and a plot or two) to ``--out``
-and prints a Markdown table of the headline numbers. ``--quick`` runs every benchmark on the
-tiny random BERT and tiny data: it exists so that the test suite can prove the scripts work,
-its numbers mean nothing.
+and prints, and writes to ``summary.md``, a Markdown table of each benchmark found there.
+``--quick`` runs every benchmark on the tiny random BERT and tiny data: it exists so that
+the test suite can prove the scripts work, its numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -162,30 +163,36 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def run(names: Sequence[str], quick: bool, out_dir: Path) -> dict[str, dict[str, Any]]:
-    """Run the named benchmarks in order and return their results (also written as JSON).
-    The modules are imported here so that one benchmark's imports never slow another."""
-    import importlib
-
+def run(
+    names: Sequence[str],
+    quick: bool,
+    out_dir: Path,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run the named benchmarks in order and return their results (also written as JSON);
+    ``options[name]`` are extra keyword arguments of that benchmark's ``run``. The modules
+    are imported here so that one benchmark's imports never slow another."""
     results = {}
     for name in names:
         module = importlib.import_module(f"simulations.bench_{name}")
         started = time.monotonic()
-        result = module.run(quick=quick, out_dir=out_dir)
+        result = module.run(quick=quick, out_dir=out_dir, **(options or {}).get(name, {}))
         result["wall_seconds"] = round(time.monotonic() - started, 1)
         write_json(out_dir, name, result)
         results[name] = result
     return results
 
 
-def markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """The headline numbers of whichever benchmarks ran, one table per benchmark."""
-    import importlib
-
-    return "\n\n".join(
-        importlib.import_module(f"simulations.bench_{name}").table(result)
-        for name, result in results.items()
-    )
+def markdown(out_dir: Path) -> str:
+    """One table per benchmark whose JSON is in ``out_dir``: the latest result of each, so
+    that benchmarks run one at a time still add up to one summary."""
+    tables = []
+    for name in BENCHMARKS:
+        path = out_dir / f"{name}.json"
+        if path.is_file():
+            result = json.loads(path.read_text())
+            tables.append(importlib.import_module(f"simulations.bench_{name}").table(result))
+    return "\n\n".join(tables)
 
 
 def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print) -> int:
@@ -195,14 +202,21 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
     )
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset")
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON and plots")
+    parser.add_argument(
+        "--utility-rounds",
+        type=int,
+        default=None,
+        help="privacy-utility: fewer federation rounds than the scenario's (a faster grid)",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     out_dir = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
-    results = run(names, args.quick, out_dir)
-    table = markdown(results)
+    options = {"utility": {"rounds": args.utility_rounds}} if args.utility_rounds else {}
+    run(names, args.quick, out_dir, options)
+    table = markdown(out_dir)
     (out_dir / "summary.md").write_text(table + "\n")
     echo(table)
     echo(f"\nJSON and plots in {out_dir}/")

@@ -79,7 +79,8 @@ def make_step(mode: str, cfg: RunConfig, batch: tuple[torch.Tensor, ...]) -> Cal
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = criterion(module(input_ids=ids, attention_mask=mask).logits, labels)
+        # token ids positionally: Opacus' "ew" mode wraps forward(x, *args, **kwargs)
+        loss = criterion(module(ids, attention_mask=mask).logits, labels)
         loss.backward()
         optimizer.step()
 
@@ -186,7 +187,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(modes))], modes)
     ax.set_ylabel("DP step time / plain step time")
     ax.set_title("Opacus DP-SGD overhead per step (0 = mode fails)")
-    ax.legend(fontsize=7)
+    top = max([c["modes"].get(m, {}).get("time_ratio") or 0 for c in cells for m in modes])
+    ax.set_ylim(0, max(top, result["target_time_ratio"]) * 1.45)  # room for the legend
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

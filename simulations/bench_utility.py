@@ -1,0 +1,215 @@
+"""Privacy-utility: accuracy and macro-F1 on the held-out test set of the default scenario
+(hospitals, UCI drug reviews) for centralised LoRA with and without DP and for federated
+LoRA without DP and with DP-SGD at several epsilons, on an IID and a non-IID split.
+
+The centralised runs train on the union of exactly the rows the institutions train on (each
+institution's file minus its local evaluation split), for as many epochs as the federation
+has rounds times local epochs, with DP noise planned for that whole training: the federated
+runs see the same data, the same number of passes and the same (epsilon, delta).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.app import noise_for
+from client.train import train_round
+from common.config import RunConfig, Scalar
+from common.data import LabeledText, fingerprint, load_labeled, split_local, tokenize
+from common.evaluation import evaluate
+from common.model import build_model, load_tokenizer
+from common.privacy import epsilon
+from simulations.bench import (
+    bench_flat,
+    federate,
+    fmt,
+    model_overrides,
+    read_metrics,
+    review_sample,
+    write_federation,
+)
+from simulations.prepare import load_drugreview, partition
+from simulations.scenario import Scenario, load_scenario
+
+FULL = {"epsilons": (None, 1.0, 3.0, 8.0), "partitions": ("iid", "dirichlet-0.3")}
+# One federation only: the quick run proves the code path, the test suite pays for it.
+QUICK = {"epsilons": (8.0,), "partitions": ("iid",), "rounds": 1, "rows": 120}
+CENTRAL_EPSILON = 8.0
+SEED = 42  # run.seed's default: the same split as `make run` prepares
+TARGET_SHARE = 0.95
+
+
+def make_data(quick: bool, part: str, work: Path) -> tuple[Path, Scenario]:
+    """The default scenario's institutions, split ``part``-wise (``iid`` or
+    ``dirichlet-<alpha>``) by ``simulations.prepare.partition``."""
+    base = load_scenario("hospitals")
+    kind, _, alpha = part.partition("-")
+    scenario = dataclasses.replace(
+        base,
+        partition=kind,
+        dirichlet_alpha=float(alpha or base.dirichlet_alpha),
+        institutions=3 if quick else base.institutions,
+    )
+    if quick:
+        train, test = review_sample(QUICK["rows"], seed=SEED)
+        test = test.head(60)
+    else:
+        train, test = load_drugreview()
+    parts = partition(train, scenario, seed=SEED)
+    return write_federation(work / f"data-{part}", parts, test, prefix="hospital"), scenario
+
+
+def setting_flat(
+    data: Path,
+    run_dir: Path,
+    scenario: Scenario,
+    eps: float | None,
+    rounds: int | None,
+    quick: bool,
+    model: Mapping[str, Scalar],
+) -> dict[str, Scalar]:
+    """The scenario's federation keys with DP off (``eps`` None) or planned for ``eps``;
+    ``rounds`` (when given) replaces the scenario's number of rounds."""
+    keys: dict[str, Scalar] = {
+        **{k: v for k, v in scenario.config.items() if k.startswith("federation.")},
+        **model,
+        "dp.enabled": eps is not None,
+        "dp.target-epsilon": eps or CENTRAL_EPSILON,
+        # without DP a client's epsilon is infinite: only an infinite budget lets it train
+        "privacy.max-epsilon": float("inf") if eps is None else max(CENTRAL_EPSILON, eps),
+    }
+    if rounds:
+        keys["federation.rounds"] = rounds
+    if quick:
+        keys["federation.min-train-nodes"] = scenario.institutions
+        keys["federation.min-available-nodes"] = scenario.institutions
+    return bench_flat(data, run_dir, keys)
+
+
+def pooled_train(cfg: RunConfig, data_dir: Path) -> LabeledText:
+    """The union of the institutions' training splits, split exactly as each client does."""
+    labels = cfg.data.label_names
+    texts: list[str] = []
+    ys: list[np.ndarray] = []
+    for name in json.loads((data_dir / "manifest.json").read_text())["institutions"]:
+        full = load_labeled(data_dir / f"{name}.csv", "text", "label", labels)
+        train, _ = split_local(full, cfg.data.eval_fraction, cfg.run.seed)
+        texts += train.texts
+        ys.append(train.labels)
+    y = np.concatenate(ys)
+    return LabeledText(data_dir, texts, y, fingerprint(texts, y))
+
+
+def centralised(flat: Mapping[str, Scalar], data_dir: Path) -> dict:
+    """One model on the pooled rows: the ceiling (DP off) or DP-SGD planned over all epochs."""
+    fed = RunConfig.from_flat(flat)
+    epochs = fed.federation.rounds * fed.train.local_epochs
+    cfg = RunConfig.from_flat({**flat, "train.local-epochs": epochs, "federation.rounds": 1})
+    device = torch.device("cpu")
+    tokenizer = load_tokenizer(cfg)
+    pooled = pooled_train(cfg, data_dir)
+    train = tokenize(pooled, tokenizer, cfg.model.max_length)
+    sigma = noise_for(cfg, len(pooled)) if cfg.dp.enabled else 0.0
+    model = build_model(cfg, device)
+    result = train_round(model, train, cfg, sigma, device, seed=cfg.run.seed)
+    test = load_labeled(cfg.data.test_path, "text", "label", cfg.data.label_names)
+    scores = evaluate(
+        model, tokenize(test, tokenizer, cfg.model.max_length), len(cfg.data.label_names), device
+    )
+    spent = None
+    if result.mechanism is not None:
+        spent = epsilon([result.mechanism], cfg.dp.delta, cfg.dp.accountant)
+    return {"accuracy": scores["accuracy"], "macro_f1": scores["macro-f1"], "epsilon": spent}
+
+
+def federated(flat: Mapping[str, Scalar], sites: int) -> dict:
+    shutil.rmtree(Path(str(flat["run.output-dir"])) / str(flat["run.name"]), ignore_errors=True)
+    last = read_metrics(federate(flat, sites))[-1]
+    return {
+        "accuracy": last["central_accuracy"],
+        "macro_f1": last["central_macro_f1"],
+        "epsilon": last["epsilon_max"] if flat["dp.enabled"] else None,
+        "rounds": last["round"],
+    }
+
+
+def run(quick: bool, out_dir: Path, rounds: int | None = None) -> dict[str, Any]:
+    """``rounds`` caps the federation's rounds (and so the centralised epochs) below the
+    scenario's, for a machine on which the full grid takes too long."""
+    grid = QUICK if quick else FULL
+    rounds = QUICK["rounds"] if quick else rounds
+    model = model_overrides(quick, out_dir)
+    runs = out_dir / "work" / "utility" / "runs"
+    settings: list[dict[str, Any]] = []
+    for i, part in enumerate(grid["partitions"]):
+        data, scenario = make_data(quick, part, out_dir / "work" / "utility")
+        sites = scenario.institutions
+        if i == 0:  # the pooled rows are the same training set whatever the split
+            for eps in (None, CENTRAL_EPSILON):
+                name = "centralised" + (f" DP eps {eps:g}" if eps else "")
+                flat = setting_flat(data, runs / "central", scenario, eps, rounds, quick, model)
+                settings.append({"setting": name, **centralised(flat, data)})
+        for eps in grid["epsilons"]:
+            name = f"federated {part}" + (f" DP eps {eps:g}" if eps else "")
+            flat = setting_flat(
+                data, runs / name.replace(" ", "-"), scenario, eps, rounds, quick, model
+            )
+            settings.append({"setting": name, **federated(flat, sites)})
+    ceiling = settings[0]["macro_f1"]
+    for s in settings:
+        s["share_of_ceiling_f1"] = round(s["macro_f1"] / ceiling, 3) if ceiling else None
+    result = {
+        "benchmark": "utility",
+        "quick": quick,
+        "scenario": "hospitals (UCI drug reviews), the default of make run",
+        "grid": grid,
+        "rounds": settings[-1]["rounds"],
+        "delta": 1e-5,
+        "settings": settings,
+        "target_share": TARGET_SHARE,
+    }
+    plot(result, out_dir / "utility.png")
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = result["settings"]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(settings) + 1.2))
+    ax.barh([s["setting"] for s in settings], [s["macro_f1"] for s in settings])
+    ax.axvline(settings[0]["macro_f1"] * result["target_share"], color="k", linestyle="--")
+    ax.invert_yaxis()
+    ax.set_xlabel("macro-F1 on the held-out test set (dashed: 95% of the ceiling)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = [
+        "| setting | accuracy | macro-F1 | F1 / ceiling | epsilon spent |",
+        "|---|---|---|---|---|",
+    ]
+    for s in result["settings"]:
+        rows.append(
+            f"| {s['setting']} | {fmt(s['accuracy'], 3)} | {fmt(s['macro_f1'], 3)} "
+            f"| {fmt(s['share_of_ceiling_f1'])} | {fmt(s['epsilon'])} |"
+        )
+    return (
+        f"### Privacy-utility ({result['rounds']} rounds, delta {result['delta']:g}; "
+        f"target: federated DP eps 8 >= "
+        f"{result['target_share']:.0%} of centralised non-private macro-F1)\n\n" + "\n".join(rows)
+    )

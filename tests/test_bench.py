@@ -1,0 +1,114 @@
+"""The benchmark scripts work: ``python -m simulations.bench --quick`` runs all four
+benchmarks end to end (tiny BERT, tiny data, real Opacus, peft and Flower simulation) and
+writes JSON of the expected shape with sane values. The numbers themselves are not checked:
+benchmarks are scripts, not timed tests."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from common.config import resolve
+from simulations import bench, bench_overhead, bench_utility
+from simulations.scenario import load_scenario
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("bench")
+    printed: list[str] = []
+    assert bench.main(["--quick", "--out", str(out)], echo=printed.append) == 0
+    return out, "\n".join(printed)
+
+
+def load(out: Path, name: str) -> dict:
+    data = json.loads((out / f"{name}.json").read_text())
+    assert data["benchmark"] == name and data["quick"] is True
+    assert data["machine"]["cpu_count"] >= 1 and data["wall_seconds"] > 0
+    return data
+
+
+def test_writes_every_benchmark_plots_and_a_table(quick_run):
+    out, printed = quick_run
+    for name in bench.BENCHMARKS:
+        assert (out / f"{name}.json").is_file()
+    assert (out / "overhead.png").stat().st_size > 0
+    assert (out / "utility.png").stat().st_size > 0
+    summary = (out / "summary.md").read_text()
+    assert summary.strip() in printed
+    for heading in ("DP overhead", "Traffic", "Simulation scale", "Privacy-utility"):
+        assert f"### {heading}" in summary
+
+
+def test_overhead_compares_dp_modes_to_plain_steps(quick_run):
+    data = load(quick_run[0], "overhead")
+    (cell,) = data["cells"]
+    assert set(cell["modes"]) == set(bench_overhead.MODES)
+    plain = cell["modes"]["plain"]
+    assert plain["time_ratio"] == 1.0 and plain["step_peak_mib"] >= 0
+    assert len(plain["step_seconds"]) == data["grid"]["reps"] * data["grid"]["steps"]
+    hooks = cell["modes"]["hooks"]  # the mode client/train.py uses must work
+    assert hooks["step_seconds_median"] > 0 and hooks["time_ratio"] > 0
+    for mode in cell["modes"].values():
+        assert "error" in mode or mode["time_ratio"] > 0
+    assert data["best_mode"] in data["worst_time_ratio"]
+
+
+def test_traffic_ratio_comes_from_measured_message_bytes(quick_run):
+    data = load(quick_run[0], "traffic")
+    per = data["per_client_per_round"]
+    records = data["record_bytes"]
+    # per client and round: the adapter goes out twice (train, evaluate) and back once
+    assert (
+        2 * records["adapter_float32"] < per["bytes_sent"] < 2 * records["adapter_float32"] + 4096
+    )
+    assert records["adapter_float32"] < per["bytes_received"] < records["adapter_float32"] + 4096
+    assert per["lora_total"] == pytest.approx(per["bytes_sent"] + per["bytes_received"])
+    assert records["adapter_float16"] < records["adapter_float32"] < records["full_model_float32"]
+    assert data["ratio_full_to_lora"] == pytest.approx(
+        per["full_fedavg_total"] / per["lora_total"], rel=1e-2
+    )
+    assert data["ratio_full_to_lora_float16"] > data["ratio_full_to_lora"] > 1
+
+
+def test_scale_measures_rounds_memory_and_overhead_share(quick_run):
+    data = load(quick_run[0], "scale")
+    (size,) = data["sizes"]
+    assert size["status"] == "ok" and size["institutions"] == data["grid"]["sizes"][0]
+    assert size["peak_rss_mib"] > 0 and size["rounds_per_minute"] > 0
+    (round_,) = size["rounds"]
+    assert round_["clients"] == size["sampled_per_round"]
+    assert 0 < round_["busiest_worker_train_seconds"] < round_["seconds"]
+    assert 0 < round_["outside_training_share"] < 1
+
+
+def test_utility_reports_accuracy_and_f1_per_setting(quick_run):
+    data = load(quick_run[0], "utility")
+    names = [s["setting"] for s in data["settings"]]
+    assert names == ["centralised", "centralised DP eps 8", "federated iid DP eps 8"]
+    for s in data["settings"]:
+        assert 0 <= s["accuracy"] <= 1 and 0 <= s["macro_f1"] <= 1
+    assert data["settings"][0]["epsilon"] is None
+    for s in data["settings"][1:]:
+        assert 0 < s["epsilon"] <= 8.0 + 1e-6
+
+
+def test_federated_settings_without_dp_let_clients_train(tmp_path):
+    """Without DP a client's epsilon is infinite; a finite budget would make it refuse."""
+    scenario = load_scenario("hospitals")
+    flats = {
+        eps: bench_utility.setting_flat(tmp_path, tmp_path / "run", scenario, eps, 2, False, {})
+        for eps in (None, 3.0)
+    }
+    plain, private = (resolve(flats[eps]) for eps in (None, 3.0))
+    assert not plain.dp.enabled and math.isinf(plain.privacy.max_epsilon)
+    assert private.dp.enabled and private.dp.target_epsilon == 3.0
+    assert private.privacy.max_epsilon >= 3.0 and plain.federation.rounds == 2
+
+
+def test_rejects_an_unknown_benchmark():
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "speed"])
