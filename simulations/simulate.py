@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
+from flwr.clientapp.typing import Mod
 from flwr.simulation import run_simulation
 
 from client.app import create_app as create_client_app
@@ -83,12 +84,15 @@ def resume(run_dir: Path, overrides: Mapping[str, Scalar] | None = None) -> Path
     return run_flat(flat, len(json.loads(manifest.read_text())["institutions"]))
 
 
-def run_flat(flat: Mapping[str, Scalar], num_supernodes: int) -> Path:
-    """Run a fully resolved configuration in Flower's simulation engine."""
+def run_flat(
+    flat: Mapping[str, Scalar], num_supernodes: int, mods: list[Mod] | None = None
+) -> Path:
+    """Run a fully resolved configuration in Flower's simulation engine (one CPU per client);
+    ``mods`` are Flower client mods, e.g. to record what clients send."""
     cpus = os.cpu_count() or 1
     run_simulation(
         server_app=create_server_app(flat),
-        client_app=create_client_app(flat),
+        client_app=create_client_app(flat, mods=mods),
         num_supernodes=num_supernodes,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

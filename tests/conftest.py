@@ -9,10 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from common.config import resolve
-from common.model import DEFAULT_MODEL, resolve_model_path
+from simulations.bench import tiny_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -21,19 +20,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertForSequenceClassification(config).bert.save_pretrained(path)
-    AutoTokenizer.from_pretrained(str(resolve_model_path(DEFAULT_MODEL))).save_pretrained(path)
-    return path
+    return tiny_model(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")

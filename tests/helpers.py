@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.clientapp.typing import Mod
-from flwr.simulation import run_simulation
 
-from client.app import create_app as create_client_app
 from common.config import resolve
-from server.app import create_app as create_server_app
 from server.strategy import make_strategy
+from simulations.simulate import run_flat
 
 ADAPTER = {
     "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight": np.zeros(
@@ -47,17 +46,9 @@ def metadata(node: int, message_type: str = "train", src: int | None = None) -> 
     )
 
 
-def simulate(flat: dict, num_supernodes: int = 3, mods: list[Mod] | None = None) -> None:
-    """Run the real apps in Flower's in-process simulation engine (Ray backend, 2 CPUs)."""
-    run_simulation(
-        server_app=create_server_app(flat),
-        client_app=create_client_app(flat, mods=mods),
-        num_supernodes=num_supernodes,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2, "include_dashboard": False},
-        },
-    )
+def simulate(flat: dict, num_supernodes: int = 3, mods: list[Mod] | None = None) -> Path:
+    """Run the real apps in Flower's in-process simulation engine (Ray backend)."""
+    return run_flat(flat, num_supernodes, mods)
 
 
 def reply(
