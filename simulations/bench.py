@@ -23,12 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from flwr.clientapp.typing import Mod
-from flwr.simulation import run_simulation
 
-from client.app import create_app as create_client_app
 from common.config import Scalar, app_defaults
-from server.app import create_app as create_server_app
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -131,27 +127,6 @@ def bench_flat(
         "data.labels": LABELS,
         **(overrides or {}),
     }
-
-
-def federate(
-    flat: Mapping[str, Scalar], num_supernodes: int, mods: list[Mod] | None = None
-) -> Path:
-    """An in-process Flower simulation (Ray backend, one CPU per client, as ``make run``);
-    returns the run folder. Unlike ``simulations.simulate.run_flat`` it takes client mods."""
-    run_simulation(
-        server_app=create_server_app(flat),
-        client_app=create_client_app(flat, mods=mods),
-        num_supernodes=num_supernodes,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {
-                "num_cpus": os.cpu_count() or 1,
-                "include_dashboard": False,
-                "log_to_driver": False,
-            },
-        },
-    )
-    return Path(str(flat["run.output-dir"])) / str(flat["run.name"])
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

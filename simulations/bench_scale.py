@@ -26,13 +26,13 @@ import psutil
 from simulations.bench import (
     bench_flat,
     even_split,
-    federate,
     fmt,
     read_metrics,
     review_sample,
     tiny_model,
     write_federation,
 )
+from simulations.simulate import run_flat
 
 FULL = {"sizes": (10, 100, 1000), "fraction": 0.1, "rounds": 2, "timeout_s": 480}
 QUICK = {"sizes": (4,), "fraction": 0.5, "rounds": 1, "timeout_s": 240}
@@ -74,7 +74,7 @@ def child(size: int, fraction: float, rounds: int, work: Path) -> None:
         "federation.min-train-nodes": 2,
         "federation.min-available-nodes": size,
     }
-    federate(
+    run_flat(
         bench_flat(data, work / "run", overrides), size, [timing_mod(str(work / "calls.jsonl"))]
     )
 

@@ -27,13 +27,13 @@ from common.model import build_model, resolve_model_path
 from simulations.bench import (
     bench_flat,
     even_split,
-    federate,
     fmt,
     model_overrides,
     read_metrics,
     review_sample,
     write_federation,
 )
+from simulations.simulate import run_flat
 
 SITES, ROWS_PER_SITE, ROUNDS = 2, 40, 1
 TARGET_RATIO = 250.0
@@ -53,7 +53,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         "federation.min-available-nodes": SITES,
     }
     flat = bench_flat(data, work / "runs" / "traffic", overrides)
-    rounds = [m for m in read_metrics(federate(flat, SITES)) if m["round"] > 0]
+    rounds = [m for m in read_metrics(run_flat(flat, SITES)) if m["round"] > 0]
     sent = float(np.mean([m["bytes_sent"] for m in rounds])) / SITES
     received = float(np.mean([m["bytes_received"] for m in rounds])) / SITES
 

@@ -92,6 +92,7 @@ def test_utility_reports_accuracy_and_f1_per_setting(quick_run):
     for s in data["settings"]:
         assert 0 <= s["accuracy"] <= 1 and 0 <= s["macro_f1"] <= 1
     assert data["settings"][0]["epsilon"] is None
+    assert 0 < data["majority_class"]["accuracy"] <= 1  # the learned-nothing line
     for s in data["settings"][1:]:
         assert 0 < s["epsilon"] <= 8.0 + 1e-6
 
