@@ -85,6 +85,16 @@ def review_sample(rows: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     return train.iloc[idx].reset_index(drop=True), test
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write a benchmark plot as PNG and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def tiny_model(out_dir: Path) -> Path:
     """A tiny randomly initialised BERT with the real tokenizer, for ``--quick`` runs: real
     transformers, peft and Opacus code paths at a fraction of the cost."""

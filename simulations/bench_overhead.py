@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.train import make_optimizer
 from common.config import RunConfig, resolve
 from common.model import build_model
-from simulations.bench import fmt, model_overrides
+from simulations.bench import fmt, model_overrides, save_figure
 
 MODES = ("plain", "hooks", "functorch", "ew", "ghost")
 FULL = {"batch_sizes": (8, 16), "seq_lens": (64, 128), "reps": 3, "steps": 2}
@@ -190,10 +190,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     top = max([c["modes"].get(m, {}).get("time_ratio") or 0 for c in cells for m in modes])
     ax.set_ylim(0, max(top, result["target_time_ratio"]) * 1.45)  # room for the legend
     ax.legend(fontsize=7, ncol=3, loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table(result: dict[str, Any]) -> str:

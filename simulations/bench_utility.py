@@ -34,6 +34,7 @@ from simulations.bench import (
     model_overrides,
     read_metrics,
     review_sample,
+    save_figure,
     write_federation,
 )
 from simulations.prepare import load_drugreview, partition
@@ -205,10 +206,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.axvline(settings[0]["macro_f1"] * result["target_share"], color="k", linestyle="--")
     ax.invert_yaxis()
     ax.set_xlabel("macro-F1 on the held-out test set (dashed: 95% of the ceiling)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table(result: dict[str, Any]) -> str:
