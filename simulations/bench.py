@@ -148,6 +148,11 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def table_head(*columns: str) -> list[str]:
+    """The header and separator lines of a Markdown table."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def run(
     names: Sequence[str],
     quick: bool,

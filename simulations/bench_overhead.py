@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.train import make_optimizer
 from common.config import RunConfig, resolve
 from common.model import build_model
-from simulations.bench import fmt, model_overrides, save_figure
+from simulations.bench import fmt, model_overrides, save_figure, table_head
 
 MODES = ("plain", "hooks", "functorch", "ew", "ghost")
 FULL = {"batch_sizes": (8, 16), "seq_lens": (64, 128), "reps": 3, "steps": 2}
@@ -194,11 +194,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = [
-        "| batch | length | mode | step time (s) | time / plain "
-        "| step peak (MiB) | memory / plain |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = table_head(
+        "batch",
+        "length",
+        "mode",
+        "step time (s)",
+        "time / plain",
+        "step peak (MiB)",
+        "memory / plain",
+    )
     for cell in result["cells"]:
         for mode in MODES:
             m = cell["modes"].get(mode, {})

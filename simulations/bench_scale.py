@@ -29,6 +29,7 @@ from simulations.bench import (
     fmt,
     read_metrics,
     review_sample,
+    table_head,
     tiny_model,
     write_federation,
 )
@@ -198,11 +199,16 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = [
-        "| institutions | sampled / round | s / round (first, later) | rounds / min (later) "
-        "| peak memory (MiB) | startup (s) | outside client training (first, later) | status |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    rows = table_head(
+        "institutions",
+        "sampled / round",
+        "s / round (first, later)",
+        "rounds / min (later)",
+        "peak memory (MiB)",
+        "startup (s)",
+        "outside client training (first, later)",
+        "status",
+    )
     for s in result["sizes"]:
         first, later = s.get("outside_training_share_first_round"), s.get("outside_training_share")
         share = "-" if first is None else f"{first:.0%}, {later:.0%}"

@@ -31,6 +31,7 @@ from simulations.bench import (
     model_overrides,
     read_metrics,
     review_sample,
+    table_head,
     write_federation,
 )
 from simulations.simulate import run_flat
@@ -104,8 +105,7 @@ def table(result: dict[str, Any]) -> str:
     per = result["per_client_per_round"]
     mib = 2**20
     rows = [
-        "| per client per round | MiB | vs full-model FedAvg |",
-        "|---|---|---|",
+        *table_head("per client per round", "MiB", "vs full-model FedAvg"),
         f"| LoRA, sent by server (measured) | {fmt(per['bytes_sent'] / mib, 3)} | |",
         f"| LoRA, received by server (measured) | {fmt(per['bytes_received'] / mib, 3)} | |",
         f"| LoRA total | {fmt(per['lora_total'] / mib, 3)} "

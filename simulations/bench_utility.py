@@ -35,6 +35,7 @@ from simulations.bench import (
     read_metrics,
     review_sample,
     save_figure,
+    table_head,
     write_federation,
 )
 from simulations.prepare import load_drugreview, partition
@@ -210,10 +211,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = [
-        "| setting | accuracy | macro-F1 | F1 / ceiling | epsilon spent |",
-        "|---|---|---|---|---|",
-    ]
+    rows = table_head("setting", "accuracy", "macro-F1", "F1 / ceiling", "epsilon spent")
     for s in result["settings"]:
         rows.append(
             f"| {s['setting']} | {fmt(s['accuracy'], 3)} | {fmt(s['macro_f1'], 3)} "
