@@ -71,9 +71,9 @@ def audit_ledger(path: Path) -> LedgerAudit:
     result.refused = sum(r.status == "refused" for r in records)
     result.steps = sum(r.steps for r in records if r.status == "trained")
     result.epsilon_claimed = last.epsilon
-    result.epsilon_recomputed = epsilon(history, last.delta, last.accountant)
-    result.epsilon_dp_accounting = independent_epsilon(history, last.delta, "rdp")
-    result.epsilon_pld = independent_epsilon(history, last.delta, "pld")
+    result.epsilon_recomputed = _epsilon(tuple(history), last.delta, last.accountant)
+    result.epsilon_dp_accounting = _independent(tuple(history), last.delta, "rdp")
+    result.epsilon_pld = _independent(tuple(history), last.delta, "pld")
     result.budget = last.max_epsilon
     return result
 
@@ -168,7 +168,7 @@ def to_html(results: list[LedgerAudit]) -> str:
     verdict = (
         "All ledgers verify and are within budget."
         if all(r.ok for r in results)
-        else ("Audit FAILED:")
+        else "Audit FAILED:"
     )
     return (
         f"<h2>Privacy audit</h2><p>{verdict}</p>"

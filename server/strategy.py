@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import (
 
 from common.adapter import adapter_fingerprint, from_record
 from common.config import FederationSettings
-from common.ledger import Ledger
+from common.ledger import Ledger, scope_history
 from common.privacy import Mechanism, epsilon
 from server.validation import InvalidUpdate, check_update
 
@@ -267,7 +267,7 @@ class LedgeredServerSideDP(DifferentialPrivacyServerSideFixedClipping):
         replies = self.strategy.accept(server_round, replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
-            history = [r.mechanism_step for r in self.ledger.records if r.run_id == self.run_id]
+            history = scope_history(self.ledger.records, "run", self.run_id)
             step = Mechanism(self.noise_multiplier, 1.0, 1)
             self.ledger.append(
                 institution="aggregator",
