@@ -22,10 +22,12 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.institution import Institution
+from client.secure_aggregation import secure_aggregation_mod
 from client.train import train_round
 from common.adapter import (
     AdapterError,
     adapter_fingerprint,
+    fit_rank,
     from_record,
     get_trainable,
     set_trainable,
@@ -135,8 +137,8 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         metrics = {"refused": 1, "epsilon": spent, "would-reach": would_reach, "num-examples": 0}
         return _reply(msg, site, metrics)
 
-    model = build_model(cfg, device)
-    set_trainable(model, from_record(msg.content["arrays"]))
+    model = build_model(cfg, device, site.rank)
+    set_trainable(model, fit_rank(from_record(msg.content["arrays"]), site.rank))
     data = tokenize(train_set, load_tokenizer(cfg), cfg.model.max_length)
     seed = cfg.run.seed * 1_000_003 + server_round * 1009 + zlib.crc32(site.name.encode()) % 997
     mu = float(config.get("proximal-mu", 0.0))  # sent by the fedprox strategy
@@ -218,9 +220,14 @@ def create_app(
     overrides: Mapping[str, Scalar] | None = None, mods: list[Mod] | None = None
 ) -> ClientApp:
     """A ClientApp; ``overrides`` carry the resolved config into in-process simulations,
-    where Flower passes no run config; ``mods`` are Flower client mods (e.g. SecAgg+)."""
+    where Flower passes no run config; ``mods`` are Flower client mods, outermost first.
+    The SecAgg+ mod is always installed (it passes plain rounds through): innermost, unless
+    ``mods`` place :func:`secure_aggregation_mod` themselves (e.g. to observe both sides)."""
     overrides = dict(overrides or {})
-    app = ClientApp(mods=mods or [])
+    mods = list(mods or [])
+    if secure_aggregation_mod not in mods:
+        mods.append(secure_aggregation_mod)
+    app = ClientApp(mods=mods)
     app.train()(_guarded(_train, overrides))
     app.evaluate()(_guarded(_evaluate, overrides))
     return app

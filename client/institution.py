@@ -2,8 +2,9 @@
 
 In deployment every value comes from the SuperNode's ``--node-config`` (set by the
 institution, never by the server): ``institution``, ``data-path``, ``ledger-path``,
-``max-epsilon``, ``budget-scope``, ``device``, ``text-column``, ``label-column``. In simulation
-the node only knows its ``partition-id``; the prepared data folder names its institutions.
+``max-epsilon``, ``budget-scope``, ``device``, ``text-column``, ``label-column``, ``lora-rank``
+(a smaller adapter for a small GPU). In simulation the node only knows its ``partition-id``;
+the prepared data folder names its institutions and ``lora.client-ranks`` their ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ NODE_KEYS = {
     "device",
     "text-column",
     "label-column",
+    "lora-rank",
     "partition-id",
     "num-partitions",
 }
@@ -40,6 +42,7 @@ class Institution:
     device: str
     text_column: str
     label_column: str
+    rank: int  # this institution's LoRA rank, at most lora.rank
 
     @classmethod
     def from_context(cls, context: Context, cfg: RunConfig, run_name: str) -> Institution:
@@ -47,6 +50,7 @@ class Institution:
         unknown = sorted(set(node) - NODE_KEYS)
         if unknown:
             raise ConfigError(f"unknown node-config key(s): {', '.join(unknown)}")
+        rank = cfg.lora.rank
         if "data-path" in node:
             name = str(node.get("institution", f"node-{context.node_id}"))
             data_path = Path(str(node["data-path"]))
@@ -56,6 +60,11 @@ class Institution:
             name = simulated_name(Path(cfg.data.dir), pid)
             data_path = Path(cfg.data.dir) / f"{name}.csv"
             ledger_default = Path(cfg.run.output_dir) / run_name / "privacy" / f"{name}.jsonl"
+            if cfg.lora.ranks:
+                rank = cfg.lora.ranks[pid % len(cfg.lora.ranks)]
+        rank = int(node.get("lora-rank", rank))
+        if not 0 < rank <= cfg.lora.rank:
+            raise ConfigError(f"{name}: lora-rank {rank} must be between 1 and {cfg.lora.rank}")
         scope = str(node.get("budget-scope", cfg.privacy.budget_scope))
         if scope not in ("lifetime", "run"):
             raise ConfigError(f"budget-scope must be 'lifetime' or 'run', got {scope!r}")
@@ -68,6 +77,7 @@ class Institution:
             device=str(node.get("device", "auto")),
             text_column=str(node.get("text-column", cfg.data.text_column)),
             label_column=str(node.get("label-column", cfg.data.label_column)),
+            rank=rank,
         )
 
 

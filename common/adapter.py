@@ -47,6 +47,34 @@ def set_trainable(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:
             p.copy_(torch.from_numpy(value).to(p.device, p.dtype))
 
 
+def lora_rank_axis(name: str) -> int | None:
+    """The axis that runs over LoRA's rank: rows of A (r x in), columns of B (out x r)."""
+    if "lora_A" in name:
+        return 0
+    if "lora_B" in name:
+        return 1
+    return None
+
+
+def adapter_rank(arrays: Mapping[str, np.ndarray]) -> int:
+    """The LoRA rank of an adapter (0 for one without LoRA tensors)."""
+    for name, value in arrays.items():
+        if (axis := lora_rank_axis(name)) is not None:
+            return int(value.shape[axis])
+    return 0
+
+
+def fit_rank(arrays: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+    """The global adapter cut to a smaller ``rank``: the first ``rank`` rows of each A and
+    columns of each B (after ``exact`` aggregation these are the strongest SVD components);
+    the head and tensors already that small pass unchanged."""
+    out = {}
+    for name, value in arrays.items():
+        axis = lora_rank_axis(name)
+        out[name] = value if axis is None else np.take(value, range(rank), axis=axis)
+    return out
+
+
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
 

@@ -45,7 +45,11 @@ class LoraSettings:
     alpha: int
     dropout: float
     target_modules: str
-    freeze_a: bool  # FFA-LoRA: A stays at its shared seeded init; only B and the head travel
+    client_ranks: str  # simulation: ranks by partition id, cycled ("8,4,2"); "" = all lora.rank
+
+    @property
+    def ranks(self) -> list[int]:
+        return [int(r) for r in self.client_ranks.split(",") if r.strip()]
 
     @property
     def modules(self) -> list[str]:
@@ -68,12 +72,30 @@ class FederationSettings:
     fraction_evaluate: float
     min_train_nodes: int
     min_available_nodes: int
-    aggregation: str  # one of server.strategy.AGGREGATORS (Flower's strategies)
     max_update_norm: float  # L2 bound on one update (reply minus global); 0 = no bound
+    round_timeout: float  # seconds to wait for replies; late or silent clients are left out
+
+
+@dataclass(frozen=True)
+class AggregationSettings:
+    """How replies become the next global adapter (see server.strategy and
+    server.lora_aggregation) and whether the server may see them one by one (SecAgg+)."""
+
+    mode: str  # "fedavg" (A, B, head averaged), "ffa" (A frozen), "exact" (mean of B·A + SVD)
+    strategy: str  # one of server.strategy.AGGREGATORS (Flower's strategies)
     server_learning_rate: float  # fedadam (eta) and fedavgm
     server_momentum: float  # fedavgm
     proximal_mu: float  # fedprox: pull towards the global adapter on the client
-    round_timeout: float  # seconds to wait for replies; late or silent clients are left out
+    secure: bool  # Flower's SecAgg+: the server only ever sees the sum of the updates
+    secure_shares: int  # SecAgg+ num_shares (each client's key is split this many ways)
+    secure_threshold: int  # SecAgg+ reconstruction_threshold (shares to rebuild a key)
+    secure_clipping_range: float  # values are clipped to +-this before quantisation
+    secure_quantization_range: int  # quantisation levels over the clipping range
+    secure_max_weight: float  # largest num-examples a reply may weigh
+
+    @property
+    def freeze_a(self) -> bool:
+        return self.mode == "ffa"
 
 
 @dataclass(frozen=True)
@@ -124,6 +146,7 @@ class RunConfig:
     lora: LoraSettings
     train: TrainSettings
     federation: FederationSettings
+    aggregation: AggregationSettings
     dp: DPSettings
     central_dp: CentralDPSettings
     privacy: PrivacyBudget

@@ -9,7 +9,9 @@ every node, so the server's initial adapter and a client's model agree key for k
 from __future__ import annotations
 
 import importlib.util
+import math
 import warnings
+import zlib
 from pathlib import Path
 
 import torch
@@ -60,8 +62,16 @@ def load_tokenizer(cfg: RunConfig):
     return AutoTokenizer.from_pretrained(str(resolve_model_path(cfg.model.name)))
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> PeftModel:
-    """Base model + LoRA on the query/value projections (configurable) + trainable head."""
+def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -> PeftModel:
+    """Base model + LoRA on the query/value projections (configurable) + trainable head.
+
+    ``rank`` below ``lora.rank`` builds a smaller adapter for an institution with less
+    memory: its A is the first ``rank`` rows of the shared A, and its alpha shrinks with the
+    rank so that alpha / rank, the scale of B·A, is the same on every node.
+    """
+    rank = rank or cfg.lora.rank
+    if not 0 < rank <= cfg.lora.rank:
+        raise ModelError(f"LoRA rank {rank}: must be between 1 and lora.rank = {cfg.lora.rank}")
     torch.manual_seed(cfg.run.seed)
     base = AutoModelForSequenceClassification.from_pretrained(
         str(resolve_model_path(cfg.model.name)), num_labels=len(cfg.data.label_names)
@@ -69,15 +79,29 @@ def build_model(cfg: RunConfig, device: torch.device) -> PeftModel:
     base.to(device)  # move first, wrap second (Opacus #820)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
-        r=cfg.lora.rank,
-        lora_alpha=cfg.lora.alpha,
+        r=rank,
+        lora_alpha=cfg.lora.alpha * rank / cfg.lora.rank,
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.modules,
     )
     model = get_peft_model(base, lora)
-    if cfg.lora.freeze_a:
+    _seed_lora_a(model, cfg.run.seed, cfg.lora.rank)
+    if cfg.aggregation.freeze_a:
         for name, param in model.named_parameters():
             if "lora_A" in name:
                 param.requires_grad_(False)
     model.train()  # from_pretrained returns eval mode; Opacus needs train mode to see activations
     return model
+
+
+def _seed_lora_a(model: PeftModel, seed: int, full_rank: int) -> None:
+    """Initialise every LoRA A from (seed, parameter name) alone, as peft does (Kaiming
+    uniform), cut to this model's rank: nodes of any rank then share the same A rows, which
+    FFA-LoRA (A frozen, never sent) relies on."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                gen = torch.Generator().manual_seed(seed * 65_537 + zlib.crc32(name.encode()))
+                full = torch.empty(full_rank, param.shape[1])
+                torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
+                param.copy_(full[: param.shape[0]].to(param.device, param.dtype))

@@ -32,6 +32,7 @@ from common.model import build_model, load_tokenizer, pick_device
 from server.recorder import RoundRecorder
 from server.report import write_report
 from server.resume import ResumeError, last_checkpoint, load_checkpoint, truncate_metrics
+from server.secure_aggregation import run_secure
 from server.strategy import LedgeredServerSideDP, make_strategy
 
 log = logging.getLogger("flwr")
@@ -69,7 +70,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         )
         test_set = tokenize(test, load_tokenizer(cfg), cfg.model.max_length)
     fed = cfg.federation
-    adapter = make_strategy(fed, initial, round_offset=done)
+    adapter = make_strategy(fed, cfg.aggregation, initial, round_offset=done)
     strategy: Strategy = adapter
     if cfg.central_dp.enabled:
         strategy = LedgeredServerSideDP(
@@ -87,16 +88,20 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         run_dir, model, adapter, len(cfg.data.label_names), device, test_set, fed.rounds, done
     )
     log.info("[privatune] run %s: %d rounds, output in %s", run_name, fed.rounds, run_dir)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=to_record(initial),
-        num_rounds=fed.rounds - done,
-        timeout=fed.round_timeout,
-        train_config=ConfigRecord({"run-name": run_name}),
-        evaluate_config=ConfigRecord({"run-name": run_name}),
-        evaluate_fn=recorder,
-    )
-    set_trainable(model, from_record(result.arrays) if len(result.arrays) else initial)
+    if cfg.aggregation.secure:
+        final = run_secure(grid, cfg, run_name, adapter, recorder, initial)
+    else:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=to_record(initial),
+            num_rounds=fed.rounds - done,
+            timeout=fed.round_timeout,
+            train_config=ConfigRecord({"run-name": run_name}),
+            evaluate_config=ConfigRecord({"run-name": run_name}),
+            evaluate_fn=recorder,
+        )
+        final = from_record(result.arrays) if len(result.arrays) else initial
+    set_trainable(model, final)
     save_adapter(model, run_dir / "adapter")
     ledgers = find_ledgers(run_dir)
     report = write_report(run_dir, [to_html(audit(run_dir))] if ledgers else [])

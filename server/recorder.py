@@ -86,6 +86,8 @@ class RoundRecorder:
             "failed": stats.failed if stats else {},
             "bytes_sent": stats.bytes_sent if stats else 0,
             "bytes_received": stats.bytes_received if stats else 0,
+            "ranks": stats.ranks if stats else {},
+            "truncation_energy_lost": stats.train.get("truncation-energy-lost") if stats else None,
             "seconds": round(time.monotonic() - self.round_started, 2),
         }
         with open(self.metrics_path, "a") as f:

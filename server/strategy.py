@@ -5,9 +5,10 @@ every training reply is validated before aggregation (:mod:`server.validation`),
 privacy-budget refusals are counted and kept out of the aggregate, and each round's
 per-institution epsilon, failures and message bytes are kept in :attr:`AdapterRounds.rounds`
 for the run recorder. Aggregation itself stays Flower's: weighted mean (FedAvg), coordinate
-median (FedMedian), trimmed mean (FedTrimmedAvg) or Krum, chosen by
-``federation.aggregation``. :class:`LedgeredServerSideDP` wraps the result in Flower's
-server-side fixed-clipping DP and keeps the aggregator's own privacy ledger.
+median (FedMedian), trimmed mean (FedTrimmedAvg), Krum or a server optimiser, chosen by
+``aggregation.strategy``; the LoRA-aware steps of ``aggregation.mode`` (exact B·A averaging,
+mixed ranks) come from :mod:`server.lora_aggregation`. :class:`LedgeredServerSideDP` wraps
+the result in Flower's server-side fixed-clipping DP and keeps the aggregator's own ledger.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from flwr.serverapp.strategy import (
     Krum,
 )
 
-from common.adapter import adapter_fingerprint, from_record
-from common.config import FederationSettings
+from common.adapter import adapter_fingerprint, adapter_rank, from_record, to_record
+from common.config import AggregationSettings, ConfigError, FederationSettings
 from common.ledger import Ledger, scope_history
 from common.privacy import Mechanism, epsilon
-from server.validation import InvalidUpdate, check_update
+from server.lora_aggregation import exact_mean, rank_aware_padding
+from server.validation import InvalidUpdate, check_update, reply_rank
 
 log = logging.getLogger("flwr")
 AGGREGATORS: dict[str, type[FedAvg]] = {
@@ -49,6 +51,9 @@ AGGREGATORS: dict[str, type[FedAvg]] = {
     "fedavgm": FedAvgM,
     "fedprox": FedProx,
 }
+# Strategies that reduce replies by a weighted mean: mixed ranks pad into them, and the
+# exact mode (a weighted mean of B·A) replaces it.
+MEAN_BASED = ("fedavg", "fedadam", "fedavgm", "fedprox")
 
 
 @dataclass
@@ -61,6 +66,7 @@ class RoundStats:
     refused: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # institution -> reason
     failed: dict[str, str] = field(default_factory=dict)  # node -> client error
+    ranks: dict[str, int] = field(default_factory=dict)  # institution -> LoRA rank sent
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
 
@@ -70,6 +76,14 @@ def _institution(msg: Message) -> str:
     if info and "institution" in info:
         return str(info["institution"])
     return f"node-{msg.metadata.src_node_id}"
+
+
+def _arrays(msg: Message) -> ArrayRecord:
+    return next(iter(msg.content.array_records.values()))
+
+
+def _metrics(msg: Message) -> MetricRecord:
+    return next(iter(msg.content.metric_records.values()))
 
 
 def _message_bytes(content: RecordDict) -> int:
@@ -96,6 +110,12 @@ class AdapterRounds(FedAvg):
         The initial adapter; every reply must match its names and shapes exactly.
     max_update_norm : float
         L2 bound on one reply's difference from the current global adapter; 0 = none.
+    mode : str
+        ``aggregation.mode``: ``exact`` replaces the weighted mean of the LoRA tensors by
+        :func:`~server.lora_aggregation.exact_mean`; ``fedavg`` and ``ffa`` keep Flower's.
+    pads_ranks : bool
+        Whether replies of a smaller LoRA rank are padded into the aggregate (mean-based
+        strategies); a median or Krum cannot weigh them, so they are rejected instead.
     round_offset : int
         Rounds already done before this start (a resumed run): Flower's loop counts from 1,
         clients, ledgers and stats see the run's real round numbers.
@@ -108,10 +128,14 @@ class AdapterRounds(FedAvg):
         expected: Mapping[str, np.ndarray],
         max_update_norm: float = 0.0,
         round_offset: int = 0,
+        mode: str = "fedavg",
+        pads_ranks: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(train_metrics_aggr_fn=_train_metrics, **kwargs)
         self.round_offset = round_offset
+        self.mode = mode
+        self.pads_ranks = pads_ranks
         self.global_arrays = {k: np.asarray(v) for k, v in expected.items()}
         self.max_update_norm = max_update_norm
         self.rounds: dict[int, RoundStats] = {}
@@ -163,13 +187,24 @@ class AdapterRounds(FedAvg):
                 continue
             try:
                 check_update(msg, self.global_arrays, self.max_update_norm)
+                rank = reply_rank(_arrays(msg), self.global_arrays)
+                if rank < self.full_rank and not self.pads_ranks:
+                    raise InvalidUpdate(
+                        f"LoRA rank {rank} < {self.full_rank}: a median or Krum needs "
+                        "full-rank replies"
+                    )
             except InvalidUpdate as e:
                 stats.rejected[who] = str(e)
                 log.warning("rejected update from %s (node %d): %s", who, node, e)
                 continue
+            stats.ranks[who] = rank
             accepted.append(msg)
             self._accepted.add(msg.metadata.message_id)
         return accepted
+
+    @property
+    def full_rank(self) -> int:
+        return adapter_rank(self.global_arrays)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -184,9 +219,35 @@ class AdapterRounds(FedAvg):
                 self.min_train_nodes,
             )
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, accepted)
+        if self.mode == "exact":
+            arrays, metrics = self.aggregate_exact(accepted)
+        else:
+            self.pad_ranks(accepted)
+            arrays, metrics = super().aggregate_train(server_round, accepted)
         self._stats(server_round).train = dict(metrics or {})
         return arrays, metrics
+
+    def _weights(self, replies: list[Message]) -> list[float]:
+        return [float(_metrics(m)[self.weighted_by_key]) for m in replies]
+
+    def pad_ranks(self, replies: list[Message]) -> None:
+        """Replace smaller-rank replies' arrays by their rank-aware padding, in place."""
+        arrays = [from_record(_arrays(m)) for m in replies]
+        if all(adapter_rank(a) in (0, self.full_rank) for a in arrays):
+            return
+        padded = rank_aware_padding(arrays, self._weights(replies), self.global_arrays)
+        for msg, values in zip(replies, padded, strict=True):
+            key = next(iter(msg.content.array_records))
+            msg.content[key] = to_record(values)
+
+    def aggregate_exact(self, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
+        """Exact LoRA aggregation; the truncation's energy loss joins the train metrics."""
+        arrays, lost = exact_mean(
+            [from_record(_arrays(m)) for m in replies], self._weights(replies), self.global_arrays
+        )
+        metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
+        metrics["truncation-energy-lost"] = lost
+        return to_record(arrays), metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -201,32 +262,44 @@ class AdapterRounds(FedAvg):
 
 
 def make_strategy(
-    fed: FederationSettings, expected: Mapping[str, np.ndarray], round_offset: int = 0
+    fed: FederationSettings,
+    agg: AggregationSettings,
+    expected: Mapping[str, np.ndarray],
+    round_offset: int = 0,
 ) -> AdapterRounds:
-    """``AdapterRounds`` in front of Flower's aggregator named by ``fed.aggregation``, with
-    that aggregator's own options taken from the federation settings."""
-    if fed.aggregation not in AGGREGATORS:
-        raise ValueError(
-            f"federation.aggregation: {fed.aggregation!r} is not one of {', '.join(AGGREGATORS)}"
+    """``AdapterRounds`` in front of Flower's aggregator named by ``agg.strategy``, with
+    that aggregator's own options and the LoRA-aware mode of ``agg.mode``."""
+    if agg.strategy not in AGGREGATORS:
+        raise ConfigError(
+            f"aggregation.strategy: {agg.strategy!r} is not one of {', '.join(AGGREGATORS)}"
         )
-    base = AGGREGATORS[fed.aggregation]
+    if agg.mode not in ("fedavg", "ffa", "exact"):
+        raise ConfigError(f"aggregation.mode: {agg.mode!r} is not one of fedavg, ffa, exact")
+    if agg.mode == "exact" and agg.strategy not in ("fedavg", "fedprox"):
+        raise ConfigError(
+            "aggregation.mode 'exact' replaces the weighted mean; use it with strategy "
+            f"fedavg or fedprox, not {agg.strategy!r}"
+        )
+    base = AGGREGATORS[agg.strategy]
     cls = (
         AdapterRounds
         if base is FedAvg
         else type(f"Adapter{base.__name__}", (AdapterRounds, base), {})
     )
     options = {
-        "fedadam": {"eta": fed.server_learning_rate},
+        "fedadam": {"eta": agg.server_learning_rate},
         "fedavgm": {
-            "server_learning_rate": fed.server_learning_rate,
-            "server_momentum": fed.server_momentum,
+            "server_learning_rate": agg.server_learning_rate,
+            "server_momentum": agg.server_momentum,
         },
-        "fedprox": {"proximal_mu": fed.proximal_mu},
-    }.get(fed.aggregation, {})
+        "fedprox": {"proximal_mu": agg.proximal_mu},
+    }.get(agg.strategy, {})
     return cls(
         expected,
         max_update_norm=fed.max_update_norm,
         round_offset=round_offset,
+        mode=agg.mode,
+        pads_ranks=agg.strategy in MEAN_BASED,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_train_nodes,

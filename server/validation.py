@@ -1,10 +1,10 @@
 """Checks on every training reply before it may touch the global adapter.
 
 The server trusts no institution: a reply must carry exactly the adapter's tensor names with
-their shapes, finite float values, a positive ``num-examples`` and, when a bound is set, an
-update (reply minus the current global adapter) of bounded L2 norm. Anything else (a NaN, a
-base-model weight smuggled in, a wrong shape, a scaled-up update) is dropped with the node id
-and the reason.
+their shapes (LoRA tensors may have a smaller rank, the same for all of them), finite float
+values, a positive ``num-examples`` and, when a bound is set, an update (reply minus the
+current global adapter) of bounded L2 norm. Anything else (a NaN, a base-model weight
+smuggled in, a wrong shape, a scaled-up update) is dropped with the node id and the reason.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Message
+
+from common.adapter import adapter_rank, fit_rank, lora_rank_axis
 
 MAX_EXAMPLES = 10_000_000
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
@@ -35,6 +37,8 @@ def check_update(
     if names != set(reference):
         extra, missing = sorted(names - set(reference)), sorted(set(reference) - names)
         raise InvalidUpdate(f"tensor names differ: unexpected {extra[:3]}, missing {missing[:3]}")
+    rank = reply_rank(arrays, reference)
+    reference = fit_rank(reference, rank)
     squared = 0.0
     for name, array in arrays.items():
         if tuple(array.shape) != tuple(reference[name].shape):
@@ -55,3 +59,18 @@ def check_update(
         raise InvalidUpdate(f"num-examples {n!r} is not a positive count")
     if int(n) != n:
         raise InvalidUpdate(f"num-examples {n!r} is not a whole number")
+
+
+def reply_rank(arrays: Mapping[str, object], reference: Mapping[str, np.ndarray]) -> int:
+    """The LoRA rank of a reply: one value shared by all its LoRA tensors, at most the
+    global rank (a reply without LoRA tensors counts as full rank)."""
+    full, ranks = adapter_rank(reference), set()
+    for name, ref in reference.items():
+        if (axis := lora_rank_axis(name)) is not None:
+            shape = tuple(arrays[name].shape)
+            if len(shape) != ref.ndim:
+                raise InvalidUpdate(f"{name}: shape {shape}, expected {ref.shape}")
+            ranks.add(shape[axis])
+    if len(ranks) > 1 or not all(0 < r <= full for r in ranks):
+        raise InvalidUpdate(f"LoRA ranks {sorted(ranks)}: expected one rank between 1 and {full}")
+    return ranks.pop() if ranks else full

@@ -25,10 +25,13 @@ ADAPTER = {
 _ids = itertools.count()
 
 
-def strategy_for(aggregation: str, **federation):
-    flat = {"federation.aggregation": aggregation, "federation.min-train-nodes": 2}
-    flat.update({f"federation.{k.replace('_', '-')}": v for k, v in federation.items()})
-    return make_strategy(resolve(flat).federation, ADAPTER)
+def strategy_for(strategy: str, adapter: dict | None = None, **aggregation):
+    flat = {"aggregation.strategy": strategy, "federation.min-train-nodes": 2}
+    for key, value in aggregation.items():  # max_update_norm is a federation key
+        section = "federation" if key == "max_update_norm" else "aggregation"
+        flat[f"{section}.{key.replace('_', '-')}"] = value
+    cfg = resolve(flat)
+    return make_strategy(cfg.federation, cfg.aggregation, ADAPTER if adapter is None else adapter)
 
 
 def metadata(node: int, message_type: str = "train", src: int | None = None) -> Metadata:

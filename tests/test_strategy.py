@@ -76,7 +76,7 @@ def test_robust_aggregators_resist_one_outlier(name):
 
 
 def test_unknown_aggregation_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"federation\.aggregation"):
+    with pytest.raises(ValueError, match=r"aggregation\.strategy"):
         strategy_for("fedsomething")
 
 
