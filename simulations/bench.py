@@ -1,7 +1,7 @@
 """One entry point for the benchmarks (``make bench``), and the helpers they share.
 
-``python -m simulations.bench [--quick] [--only overhead,traffic,scale,utility] [--out DIR]``
-runs the chosen benchmarks, writes one JSON per benchmark (and a plot or two) to ``--out``
+``python -m simulations.bench [--quick] [--only overhead,...,aggregation] [--out DIR]`` runs
+the chosen benchmarks, writes one JSON per benchmark (and a plot or two) to ``--out``
 and prints, and writes to ``summary.md``, a Markdown table of each benchmark found there.
 ``--quick`` runs every benchmark on the tiny random BERT and tiny data: it exists so that
 the test suite can prove the scripts work, its numbers mean nothing.
@@ -28,7 +28,7 @@ from common.config import Scalar, app_defaults
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-BENCHMARKS = ("overhead", "traffic", "scale", "utility")
+BENCHMARKS = ("overhead", "traffic", "scale", "utility", "aggregation")
 DEFAULT_OUT = Path("outputs") / "bench"
 QUICK_OUT = Path("outputs") / "bench-quick"
 LABELS = "negative,neutral,positive"

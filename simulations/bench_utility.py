@@ -145,13 +145,19 @@ def majority_baseline(data_dir: Path) -> dict[str, float]:
 
 
 def federated(flat: Mapping[str, Scalar], sites: int) -> dict:
+    """One federation from scratch: the last round's central scores, epsilon and the mean
+    bytes per training round (all clients, as measured on the messages)."""
     shutil.rmtree(Path(str(flat["run.output-dir"])) / str(flat["run.name"]), ignore_errors=True)
-    last = read_metrics(run_flat(flat, sites))[-1]
+    metrics = read_metrics(run_flat(flat, sites))
+    last, trained = metrics[-1], metrics[1:]
     return {
         "accuracy": last["central_accuracy"],
         "macro_f1": last["central_macro_f1"],
         "epsilon": last["epsilon_max"] if flat["dp.enabled"] else None,
         "rounds": last["round"],
+        "bytes_sent_per_round": float(np.mean([m["bytes_sent"] for m in trained])),
+        "bytes_received_per_round": float(np.mean([m["bytes_received"] for m in trained])),
+        "truncation_energy_lost": [m.get("truncation_energy_lost") for m in trained],
     }
 
 

@@ -1,4 +1,4 @@
-"""The benchmark scripts work: ``python -m simulations.bench --quick`` runs all four
+"""The benchmark scripts work: ``python -m simulations.bench --quick`` runs all five
 benchmarks end to end (tiny BERT, tiny data, real Opacus, peft and Flower simulation) and
 writes JSON of the expected shape with sane values. The numbers themselves are not checked:
 benchmarks are scripts, not timed tests."""
@@ -37,9 +37,11 @@ def test_writes_every_benchmark_plots_and_a_table(quick_run):
         assert (out / f"{name}.json").is_file()
     assert (out / "overhead.png").stat().st_size > 0
     assert (out / "utility.png").stat().st_size > 0
+    assert (out / "aggregation.png").stat().st_size > 0
     summary = (out / "summary.md").read_text()
     assert summary.strip() in printed
-    for heading in ("DP overhead", "Traffic", "Simulation scale", "Privacy-utility"):
+    headings = ("DP overhead", "Traffic", "Simulation scale", "Privacy-utility", "LoRA-aware")
+    for heading in headings:
         assert f"### {heading}" in summary
 
 
@@ -113,3 +115,16 @@ def test_federated_settings_without_dp_let_clients_train(tmp_path):
 def test_rejects_an_unknown_benchmark():
     with pytest.raises(SystemExit):
         bench.main(["--only", "speed"])
+
+
+def test_aggregation_compares_the_three_modes_on_measured_bytes(quick_run):
+    data = load(quick_run[0], "aggregation")
+    by_mode = {s["mode"]: s for s in data["settings"]}
+    assert set(by_mode) == {"fedavg", "ffa", "exact"}
+    for s in data["settings"]:
+        assert 0 <= s["macro_f1"] <= 1 and 0 < s["epsilon"] <= 8.0 + 1e-6
+    # FFA sends B and the head only: fewer bytes than fedavg's A, B and head
+    received = {mode: s["bytes_received_per_round"] for mode, s in by_mode.items()}
+    assert received["ffa"] < received["fedavg"]
+    assert 0 <= by_mode["exact"]["mean_truncation_energy_lost"] < 1
+    assert by_mode["fedavg"]["mean_truncation_energy_lost"] is None
