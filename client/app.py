@@ -169,7 +169,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         "noise-multiplier": used.noise_multiplier,
         "steps": result.steps,
     }
-    return _reply(msg, site, metrics, to_record(arrays))
+    return _reply(msg, site, metrics, to_record(arrays, cfg.federation.transport_dtype))
 
 
 def _evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:

@@ -75,12 +75,22 @@ def fit_rank(arrays: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarra
     return out
 
 
-def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+def to_record(arrays: Mapping[str, np.ndarray], dtype: str | None = None) -> ArrayRecord:
+    """``dtype`` (``federation.transport-dtype``) casts the tensors for the wire: float16
+    halves the bytes; every node computes in float32 again on receipt."""
+    return ArrayRecord(
+        {
+            k: torch.from_numpy(np.ascontiguousarray(v if dtype is None else v.astype(dtype)))
+            for k, v in arrays.items()
+        }
+    )
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.to_torch_state_dict().items()}
+    """The tensors as float32 numpy arrays, whatever precision they travelled in."""
+    return {
+        k: v.numpy().astype(np.float32, copy=False) for k, v in record.to_torch_state_dict().items()
+    }
 
 
 def adapter_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:

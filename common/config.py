@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 Scalar = bool | int | float | str
+TRANSPORT_DTYPES = ("float32", "float16")
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,14 @@ class FederationSettings:
     min_available_nodes: int
     max_update_norm: float  # L2 bound on one update (reply minus global); 0 = no bound
     round_timeout: float  # seconds to wait for replies; late or silent clients are left out
+    transport_dtype: str  # "float32" or "float16": the adapter's tensors on the wire
+
+    def __post_init__(self) -> None:
+        if self.transport_dtype not in TRANSPORT_DTYPES:
+            raise ConfigError(
+                f"federation.transport-dtype must be one of {', '.join(TRANSPORT_DTYPES)}, "
+                f"got {self.transport_dtype!r}"
+            )
 
 
 @dataclass(frozen=True)

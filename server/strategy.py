@@ -116,6 +116,9 @@ class AdapterRounds(FedAvg):
     pads_ranks : bool
         Whether replies of a smaller LoRA rank are padded into the aggregate (mean-based
         strategies); a median or Krum cannot weigh them, so they are rejected instead.
+    transport_dtype : str
+        Precision of the adapter in the messages this strategy sends; the global adapter
+        and every aggregation stay float32 (replies are widened on receipt).
     round_offset : int
         Rounds already done before this start (a resumed run): Flower's loop counts from 1,
         clients, ledgers and stats see the run's real round numbers.
@@ -130,12 +133,14 @@ class AdapterRounds(FedAvg):
         round_offset: int = 0,
         mode: str = "fedavg",
         pads_ranks: bool = True,
+        transport_dtype: str = "float32",
         **kwargs,
     ) -> None:
         super().__init__(train_metrics_aggr_fn=_train_metrics, **kwargs)
         self.round_offset = round_offset
         self.mode = mode
         self.pads_ranks = pads_ranks
+        self.transport_dtype = transport_dtype
         self.global_arrays = {k: np.asarray(v) for k, v in expected.items()}
         self.max_update_norm = max_update_norm
         self.rounds: dict[int, RoundStats] = {}
@@ -149,7 +154,7 @@ class AdapterRounds(FedAvg):
     ) -> Iterable[Message]:
         self.global_arrays = from_record(arrays)
         server_round += self.round_offset
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self._on_the_wire(super().configure_train(server_round, arrays, config, grid))
         self._stats(server_round).bytes_sent += sum(_message_bytes(m.content) for m in messages)
         return messages
 
@@ -157,8 +162,18 @@ class AdapterRounds(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = self._on_the_wire(super().configure_evaluate(server_round, arrays, config, grid))
         self._stats(server_round).bytes_sent += sum(_message_bytes(m.content) for m in messages)
+        return messages
+
+    def _on_the_wire(self, messages: Iterable[Message]) -> list[Message]:
+        """The instructions with the adapter in the transport precision; the strategy's own
+        state (a server optimiser's current arrays) keeps float32."""
+        messages = list(messages)
+        if self.transport_dtype != "float32":
+            for msg in messages:
+                key = next(iter(msg.content.array_records))
+                msg.content[key] = to_record(from_record(msg.content[key]), self.transport_dtype)
         return messages
 
     def accept(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -198,6 +213,8 @@ class AdapterRounds(FedAvg):
                 log.warning("rejected update from %s (node %d): %s", who, node, e)
                 continue
             stats.ranks[who] = rank
+            key = next(iter(msg.content.array_records))
+            msg.content[key] = to_record(from_record(msg.content[key]))  # float32 from here on
             accepted.append(msg)
             self._accepted.add(msg.metadata.message_id)
         return accepted
@@ -300,6 +317,7 @@ def make_strategy(
         round_offset=round_offset,
         mode=agg.mode,
         pads_ranks=agg.strategy in MEAN_BASED,
+        transport_dtype=fed.transport_dtype,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_train_nodes,

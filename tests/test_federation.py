@@ -15,7 +15,7 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoModelForSequenceClassification
 
-from common.adapter import get_trainable
+from common.adapter import get_trainable, to_record
 from common.model import build_model
 
 
@@ -145,3 +145,31 @@ def test_one_round_with_the_real_pretrained_minilm(tiny_flat, federation_dir):
     lora_b = [k for k in final if "lora_B" in k]
     assert len(lora_b) == 12 and all(np.any(final[k] != 0) for k in lora_b)  # 6 layers x q, v
     assert final["base_model.model.classifier.weight"].shape == (3, 384)
+
+
+def test_float16_transport_halves_the_adapter_bytes_both_ways(tiny_flat, tiny_cfg, tmp_path):
+    seen = tmp_path / "dtypes.jsonl"
+
+    def dtypes(msg, context, call_next):
+        reply = call_next(msg, context)
+        with open(seen, "a") as f:
+            for direction, m in (("to client", msg), ("from client", reply)):
+                for record in m.content.array_records.values():
+                    types = sorted({a.dtype for a in record.values()})
+                    f.write(json.dumps([direction, types, record.count_bytes()]) + "\n")
+        return reply
+
+    flat = {**tiny_flat, "federation.transport-dtype": "float16", "federation.rounds": 1}
+    run_dir = simulate(flat, mods=[dtypes])
+    lines = [json.loads(x) for x in seen.read_text().splitlines()]
+    assert {(way, tuple(types)) for way, types, _ in lines} == {
+        ("to client", ("float16",)),
+        ("from client", ("float16",)),
+    }
+    adapter = get_trainable(build_model(tiny_cfg, "cpu"))
+    float32_record = to_record(adapter).count_bytes()  # the same record as float32 would be
+    tensor_bytes = sum(v.nbytes for v in adapter.values())
+    # every adapter record on the wire is smaller by half the tensor bytes (names stay)
+    assert all(size == float32_record - tensor_bytes // 2 for _, _, size in lines)
+    final = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert all(v.dtype == np.float32 and np.all(np.isfinite(v)) for v in final.values())

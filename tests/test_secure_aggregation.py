@@ -1,0 +1,227 @@
+"""Secure aggregation (Flower's SecAgg+) end to end in the simulation engine, tiny BERT, DP on.
+
+Two recording mods bracket the SecAgg+ mod on every client: the inner one sees what the
+institution's handler produced (the plain adapter), the outer one what crossed the wire.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Error, Message, MessageType
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from helpers import simulate
+
+from client.secure_aggregation import secure_aggregation_mod
+from common.adapter import from_record, get_trainable
+from common.config import ConfigError, resolve
+from common.model import build_model
+from server.resume import load_checkpoint
+from server.secure_aggregation import check_secure, make_workflow
+
+
+def handler_recorder(directory: str):
+    """Inside the SecAgg+ mod: each institution's plain reply (arrays and weight) per round."""
+
+    def record(msg, context, call_next):
+        reply = call_next(msg, context)
+        trained = not reply.has_error() and "arrays" in reply.content
+        if msg.metadata.message_type == MessageType.TRAIN and trained:
+            stem = Path(directory) / f"{context.node_config['partition-id']}-round-"
+            stem = Path(f"{stem}{msg.content['config']['server-round']}")
+            np.savez(stem.with_suffix(".npz"), **from_record(reply.content["arrays"]))
+            weight = reply.content["metrics"]["num-examples"]
+            stem.with_suffix(".json").write_text(json.dumps({"weight": weight}))
+        return reply
+
+    return record
+
+
+def wire_recorder(directory: str):
+    """Outside the SecAgg+ mod: every train reply as sent (array count, all bytes values)."""
+
+    def record(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == MessageType.TRAIN and not reply.has_error():
+            content = reply.content
+            node = context.node_config["partition-id"]
+            entry = {
+                "arrays": sum(len(r) for r in content.array_records.values()),
+                "configs": sorted(k for r in content.config_records.values() for k in r),
+            }
+            with open(Path(directory) / "wire.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            with open(Path(directory) / f"wire-{node}.bin", "ab") as f:
+                for r in content.config_records.values():
+                    for v in r.values():
+                        for item in v if isinstance(v, list) else [v]:
+                            f.write(item if isinstance(item, bytes) else b"")
+        return reply
+
+    return record
+
+
+def drop_at_masked_vectors(partition: int):
+    """One institution goes silent after sharing its keys, before sending its masked vector."""
+
+    def drop(msg, context, call_next):
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+        if (
+            context.node_config["partition-id"] == partition
+            and configs is not None
+            and configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS
+        ):
+            return Message(Error(code=2, reason="simulated dropout"), reply_to=msg)
+        return call_next(msg, context)
+
+    return drop
+
+
+def secure_flat(tiny_flat: dict, rounds: int, min_train_nodes: int = 3) -> dict:
+    return {
+        **tiny_flat,
+        "aggregation.secure": True,
+        "aggregation.secure-max-weight": 100.0,  # > any institution's rows; finer weights
+        "federation.rounds": rounds,
+        "federation.min-train-nodes": min_train_nodes,
+    }
+
+
+def quantisation_bound(cfg, weights: list[float]) -> float:
+    """Stochastic rounding moves each weighted value by < one quantum (2c / levels); the mean
+    divides the sum of ``n`` such errors by the total weight as a fraction of max-weight."""
+    agg = cfg.aggregation
+    quantum = 2 * agg.secure_clipping_range / agg.secure_quantization_range
+    return len(weights) * quantum * agg.secure_max_weight / sum(weights) + 1e-6
+
+
+def plain_replies(directory: Path, server_round: int) -> tuple[list[dict], list[float]]:
+    arrays, weights = [], []
+    for path in sorted(directory.glob(f"*-round-{server_round}.npz")):
+        arrays.append(dict(np.load(path)))
+        weights.append(json.loads(path.with_suffix(".json").read_text())["weight"])
+    return arrays, weights
+
+
+def weighted_mean(arrays: list[dict], weights: list[float]) -> dict[str, np.ndarray]:
+    total = sum(weights)
+    return {
+        k: sum(w * a[k] for a, w in zip(arrays, weights, strict=True)) / total for k in arrays[0]
+    }
+
+
+def checkpoint(cfg, run_dir: Path, server_round: int) -> dict[str, np.ndarray]:
+    model = build_model(cfg, torch.device("cpu"))
+    return load_checkpoint(model, run_dir / "checkpoints" / f"round-{server_round:03d}")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def test_secure_rounds_aggregate_the_weighted_mean_and_hide_each_adapter(
+    tiny_flat, federation_dir, reviews, tmp_path
+):
+    # Unequal weights: hospital-c has twice the rows of the others.
+    reviews.iloc[200:280][["text", "label"]].to_csv(federation_dir / "hospital-c.csv", index=False)
+    flat = secure_flat(tiny_flat, rounds=2)
+    cfg = resolve(flat)
+    inner, outer = tmp_path / "inner", tmp_path / "outer"
+    inner.mkdir(), outer.mkdir()
+    mods = [wire_recorder(str(outer)), secure_aggregation_mod, handler_recorder(str(inner))]
+    run_dir = simulate(flat, mods=mods)
+
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    initial = get_trainable(build_model(cfg, torch.device("cpu")))
+    for server_round in (1, 2):
+        arrays, weights = plain_replies(inner, server_round)
+        assert sorted(weights) == [32, 32, 64]
+        aggregate = checkpoint(cfg, run_dir, server_round)
+        bound = quantisation_bound(cfg, weights)
+        assert max_diff(aggregate, weighted_mean(arrays, weights)) <= bound
+        assert max_diff(aggregate, weighted_mean(arrays, [1, 1, 1])) > 10 * bound
+        line = lines[server_round]
+        assert sorted(line["epsilon"]) == ["hospital-a", "hospital-b", "hospital-c"]
+        assert line["train_loss"] is not None and line["accuracy"] is not None
+        assert not line["failed"] and line["bytes_received"] > 0
+    assert max_diff(checkpoint(cfg, run_dir, 2), initial) > 0.01  # training moved the adapter
+
+    # What left the institutions: no arrays, only protocol configs; no plain tensor bytes.
+    entries = [json.loads(x) for x in (outer / "wire.jsonl").read_text().splitlines()]
+    assert len(entries) == 3 * 2 * 4  # institutions x rounds x SecAgg+ stages
+    assert all(e["arrays"] == 0 for e in entries)
+    assert sum(Key.MASKED_PARAMETERS in e["configs"] for e in entries) == 3 * 2
+    for node in range(3):
+        wire = (outer / f"wire-{node}.bin").read_bytes()
+        for path in inner.glob(f"{node}-round-*.npz"):
+            for value in np.load(path).values():
+                assert value.astype(np.float32).tobytes()[:64] not in wire
+
+
+def test_a_dropout_below_the_threshold_still_yields_the_mean_of_the_others(tiny_flat, tmp_path):
+    flat = secure_flat(tiny_flat, rounds=1, min_train_nodes=2)
+    cfg = resolve(flat)
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    mods = [drop_at_masked_vectors(0), secure_aggregation_mod, handler_recorder(str(inner))]
+    run_dir = simulate(flat, mods=mods)
+
+    arrays, weights = plain_replies(inner, 1)
+    assert len(arrays) == 2  # partition 0 never trained
+    aggregate = checkpoint(cfg, run_dir, 1)
+    assert max_diff(aggregate, weighted_mean(arrays, weights)) <= quantisation_bound(cfg, weights)
+    line = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
+    assert list(line["failed"].values()) == ["dropped out of secure aggregation"]
+    assert len(line["epsilon"]) == 2
+
+
+def test_refusing_institutions_take_part_with_zero_weight(
+    tiny_flat, federation_dir, reviews, tmp_path
+):
+    """Fixed noise: the 32-row institutions would reach epsilon 4.87 > 4.5 and refuse; the
+    64-row one reaches 3.79 and trains. The refusals still finish the protocol (zeros of
+    weight 0), so the aggregate is the one trained adapter."""
+    reviews.iloc[200:280][["text", "label"]].to_csv(federation_dir / "hospital-c.csv", index=False)
+    flat = {
+        **secure_flat(tiny_flat, rounds=1, min_train_nodes=1),
+        "dp.noise-multiplier": 1.0,
+        "privacy.max-epsilon": 4.5,
+    }
+    cfg = resolve(flat)
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    run_dir = simulate(flat, mods=[secure_aggregation_mod, handler_recorder(str(inner))])
+
+    (arrays,), weights = plain_replies(inner, 1)
+    assert weights == [64]
+    assert max_diff(checkpoint(cfg, run_dir, 1), arrays) <= quantisation_bound(cfg, weights)
+    line = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
+    assert sorted(line["refused"]) == ["hospital-a", "hospital-b"] and not line["failed"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"aggregation.mode": "exact"}, "aggregation.mode"),
+        ({"aggregation.strategy": "krum"}, "'krum'"),
+        ({"central-dp.enabled": True}, "central-dp"),
+        ({"lora.client-ranks": "8,4"}, "lora.client-ranks"),
+        ({"federation.max-update-norm": 1.0}, "federation.max-update-norm"),
+    ],
+)
+def test_combinations_that_need_individual_updates_are_refused(override, message):
+    cfg = resolve({"aggregation.secure": True, **override})
+    with pytest.raises(ConfigError, match=message):
+        check_secure(cfg)
+
+
+def test_shares_and_threshold_are_checked_by_flower():
+    agg = resolve({"aggregation.secure-shares": 3, "aggregation.secure-threshold": 3}).aggregation
+    with pytest.raises(ConfigError, match="less than `num_shares`"):
+        make_workflow(agg, 60.0)
