@@ -13,16 +13,18 @@ not one privatune uses yet).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
+from safetensors.numpy import load_file
 from transformers import AutoModelForSequenceClassification
 
 from common.adapter import get_trainable, to_record
-from common.config import resolve
+from common.config import Scalar, resolve
 from common.model import build_model, resolve_model_path
 from simulations.bench import (
     bench_flat,
@@ -36,8 +38,24 @@ from simulations.bench import (
 )
 from simulations.simulate import run_flat
 
-SITES, ROWS_PER_SITE, ROUNDS = 2, 40, 1
+SITES, ROWS_PER_SITE, ROUNDS, QUICK_ROUNDS = 2, 40, 3, 1
 TARGET_RATIO = 250.0
+DTYPES = ("float32", "float16")
+
+
+def federation(flat: Mapping[str, Scalar]) -> dict[str, Any]:
+    """Bytes per client per round as the server counted them, final scores and adapter."""
+    run_dir = run_flat(flat, SITES)
+    metrics = read_metrics(run_dir)
+    rounds = [m for m in metrics if m["round"] > 0]
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    return {
+        "bytes_sent": float(np.mean([m["bytes_sent"] for m in rounds])) / SITES,
+        "bytes_received": float(np.mean([m["bytes_received"] for m in rounds])) / SITES,
+        "accuracy": metrics[-1]["central_accuracy"],
+        "macro_f1": metrics[-1]["central_macro_f1"],
+        "adapter": adapter,
+    }
 
 
 def run(quick: bool, out_dir: Path) -> dict[str, Any]:
@@ -49,44 +67,54 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     )
     overrides = {
         **model_overrides(quick, out_dir),
-        "federation.rounds": ROUNDS,
+        "federation.rounds": QUICK_ROUNDS if quick else ROUNDS,
         "federation.min-train-nodes": SITES,
         "federation.min-available-nodes": SITES,
     }
-    flat = bench_flat(data, work / "runs" / "traffic", overrides)
-    rounds = [m for m in read_metrics(run_flat(flat, SITES)) if m["round"] > 0]
-    sent = float(np.mean([m["bytes_sent"] for m in rounds])) / SITES
-    received = float(np.mean([m["bytes_received"] for m in rounds])) / SITES
-
+    runs = {
+        dtype: federation(
+            bench_flat(
+                data, work / "runs" / dtype, {**overrides, "federation.transport-dtype": dtype}
+            )
+        )
+        for dtype in DTYPES
+    }
+    flat = bench_flat(data, work / "runs" / "float32", overrides)
     cfg = resolve(flat)
     model = build_model(cfg, torch.device("cpu"))
     adapter = get_trainable(model)
     adapter_record = to_record(adapter).count_bytes()
-    fp16_record = to_record({k: v.astype(np.float16) for k, v in adapter.items()}).count_bytes()
+    fp16_record = to_record(adapter, "float16").count_bytes()
     full = AutoModelForSequenceClassification.from_pretrained(
         str(resolve_model_path(cfg.model.name)), num_labels=len(cfg.data.label_names)
     )
     full_record = ArrayRecord(
         {k: p.detach().float().contiguous() for k, p in full.named_parameters()}
     ).count_bytes()
-    non_array = sent + received - 3 * adapter_record  # config and metric records, measured
-    lora_round = sent + received
+    lora, fp16 = runs["float32"], runs["float16"]
+    lora_round = lora["bytes_sent"] + lora["bytes_received"]
+    fp16_round = fp16["bytes_sent"] + fp16["bytes_received"]
+    non_array = lora_round - 3 * adapter_record  # config and metric records, measured
     full_round = 3 * full_record + non_array
-    fp16_round = 3 * fp16_record + non_array
+    a, b = lora.pop("adapter"), fp16.pop("adapter")
+    drift = float(np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in a)))
+    size = float(np.sqrt(sum(np.sum(a[k] ** 2) for k in a)))
     return {
         "benchmark": "traffic",
         "quick": quick,
         "model": cfg.model.name,
         "lora": {"rank": cfg.lora.rank, "target_modules": cfg.lora.target_modules},
         "clients": SITES,
-        "rounds": len(rounds),
+        "rounds": cfg.federation.rounds,
         "adapter_parameters": int(sum(v.size for v in adapter.values())),
         "model_parameters": int(sum(p.numel() for p in full.parameters())),
         "per_client_per_round": {
-            "bytes_sent": sent,
-            "bytes_received": received,
+            "bytes_sent": lora["bytes_sent"],
+            "bytes_received": lora["bytes_received"],
             "lora_total": lora_round,
             "full_fedavg_total": full_round,
+            "float16_bytes_sent": fp16["bytes_sent"],
+            "float16_bytes_received": fp16["bytes_received"],
             "lora_float16_total": fp16_round,
         },
         "record_bytes": {
@@ -96,6 +124,11 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         },
         "ratio_full_to_lora": round(full_round / lora_round, 1),
         "ratio_full_to_lora_float16": round(full_round / fp16_round, 1),
+        "float16_effect": {
+            "accuracy": {"float32": lora["accuracy"], "float16": fp16["accuracy"]},
+            "macro_f1": {"float32": lora["macro_f1"], "float16": fp16["macro_f1"]},
+            "final_adapter_relative_difference": drift / size if size else 0.0,
+        },
         "target_ratio": TARGET_RATIO,
         "meets_target": full_round / lora_round >= TARGET_RATIO,
     }
@@ -110,10 +143,19 @@ def table(result: dict[str, Any]) -> str:
         f"| LoRA, received by server (measured) | {fmt(per['bytes_received'] / mib, 3)} | |",
         f"| LoRA total | {fmt(per['lora_total'] / mib, 3)} "
         f"| {fmt(result['ratio_full_to_lora'], 1)}x less |",
-        f"| LoRA total, float16 tensors | {fmt(per['lora_float16_total'] / mib, 3)} "
+        f"| LoRA total, transport-dtype float16 (measured) "
+        f"| {fmt(per['lora_float16_total'] / mib, 3)} "
         f"| {fmt(result['ratio_full_to_lora_float16'], 1)}x less |",
         f"| full-model FedAvg | {fmt(per['full_fedavg_total'] / mib, 1)} | 1x |",
     ]
+    effect = result["float16_effect"]
+    rows.append(
+        f"\nfloat16 vs float32 transport after {result['rounds']} rounds: test accuracy "
+        f"{fmt(effect['accuracy']['float16'], 3)} vs {fmt(effect['accuracy']['float32'], 3)}, "
+        f"macro-F1 {fmt(effect['macro_f1']['float16'], 3)} vs "
+        f"{fmt(effect['macro_f1']['float32'], 3)}, final adapters differ by "
+        f"{effect['final_adapter_relative_difference']:.2e} (relative L2)"
+    )
     return (
         f"### Traffic ({result['adapter_parameters']:,} adapter parameters of "
         f"{result['model_parameters']:,}; target >= {result['target_ratio']:.0f}x less)\n\n"

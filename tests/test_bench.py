@@ -74,6 +74,12 @@ def test_traffic_ratio_comes_from_measured_message_bytes(quick_run):
         per["full_fedavg_total"] / per["lora_total"], rel=1e-2
     )
     assert data["ratio_full_to_lora_float16"] > data["ratio_full_to_lora"] > 1
+    # float16 transport, measured on its own federation: the adapter records shrink by half
+    # their tensor bytes in both directions, the rest of the messages stays
+    tensors = records["adapter_float32"] - records["adapter_float16"]
+    assert per["float16_bytes_sent"] == pytest.approx(per["bytes_sent"] - 2 * tensors, abs=64)
+    assert per["float16_bytes_received"] == pytest.approx(per["bytes_received"] - tensors, abs=64)
+    assert 0 < data["float16_effect"]["final_adapter_relative_difference"] < 0.05
 
 
 def test_scale_measures_rounds_memory_and_overhead_share(quick_run):
