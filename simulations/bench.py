@@ -198,13 +198,19 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
         default=None,
         help="privacy-utility: fewer federation rounds than the scenario's (a faster grid)",
     )
+    parser.add_argument(
+        "--utility-scenario",
+        default="hospitals",
+        choices=("hospitals", "banks"),
+        help="privacy-utility: medical (hospitals, the default) or financial (banks) data",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     out_dir = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
-    options = {"utility": {"rounds": args.utility_rounds}} if args.utility_rounds else {}
+    options = {"utility": {"rounds": args.utility_rounds, "scenario": args.utility_scenario}}
     run(names, args.quick, out_dir, options)
     table = markdown(out_dir)
     (out_dir / "summary.md").write_text(table + "\n")

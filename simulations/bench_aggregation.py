@@ -48,7 +48,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         "scenario": "hospitals (UCI drug reviews, Dirichlet 1.0), the default of make run",
         "rounds": settings[-1]["rounds"],
         "settings": settings,
-        "majority_class": majority_baseline(data),
+        "majority_class": majority_baseline(data, str(flat["data.labels"])),
     }
     plot(result, out_dir / "aggregation.png")
     return result

@@ -1,6 +1,7 @@
-"""Privacy-utility: accuracy and macro-F1 on the held-out test set of the default scenario
-(hospitals, UCI drug reviews) for centralised LoRA with and without DP and for federated
-LoRA without DP and with DP-SGD at several epsilons, on an IID and a non-IID split.
+"""Privacy-utility: accuracy and macro-F1 on the held-out test set of a scenario (the default
+``hospitals``, UCI drug reviews, or ``banks``, bank reviews) for centralised LoRA with and
+without DP and for federated LoRA without DP and with DP-SGD at several epsilons, on an IID
+and a non-IID split.
 
 The centralised runs train on the union of exactly the rows the institutions train on (each
 institution's file minus its local evaluation split), for as many epochs as the federation
@@ -38,7 +39,7 @@ from simulations.bench import (
     table_head,
     write_federation,
 )
-from simulations.prepare import load_drugreview, partition
+from simulations.prepare import SOURCES, load_bankreviews, load_drugreview, partition
 from simulations.scenario import Scenario, load_scenario
 from simulations.simulate import run_flat
 
@@ -50,10 +51,10 @@ SEED = 42  # run.seed's default: the same split as `make run` prepares
 TARGET_SHARE = 0.95
 
 
-def make_data(quick: bool, part: str, work: Path) -> tuple[Path, Scenario]:
-    """The default scenario's institutions, split ``part``-wise (``iid`` or
+def make_data(quick: bool, part: str, work: Path, name: str = "hospitals") -> tuple[Path, Scenario]:
+    """Scenario ``name``'s institutions, split ``part``-wise (``iid`` or
     ``dirichlet-<alpha>``) by ``simulations.prepare.partition``."""
-    base = load_scenario("hospitals")
+    base = load_scenario(name)
     kind, _, alpha = part.partition("-")
     scenario = dataclasses.replace(
         base,
@@ -64,10 +65,12 @@ def make_data(quick: bool, part: str, work: Path) -> tuple[Path, Scenario]:
     if quick:
         train, test = review_sample(QUICK["rows"], seed=SEED)
         test = test.head(60)
+    elif base.dataset == "bankreviews":
+        train, test = load_bankreviews(SEED)
     else:
         train, test = load_drugreview()
     parts = partition(train, scenario, seed=SEED)
-    return write_federation(work / f"data-{part}", parts, test, prefix="hospital"), scenario
+    return write_federation(work / f"data-{part}", parts, test, prefix=base.prefix), scenario
 
 
 def setting_flat(
@@ -79,10 +82,10 @@ def setting_flat(
     quick: bool,
     model: Mapping[str, Scalar],
 ) -> dict[str, Scalar]:
-    """The scenario's federation keys with DP off (``eps`` None) or planned for ``eps``;
+    """The scenario's config keys with DP off (``eps`` None) or planned for ``eps``;
     ``rounds`` (when given) replaces the scenario's number of rounds."""
     keys: dict[str, Scalar] = {
-        **{k: v for k, v in scenario.config.items() if k.startswith("federation.")},
+        **scenario.config,
         **model,
         "dp.enabled": eps is not None,
         "dp.target-epsilon": eps or CENTRAL_EPSILON,
@@ -133,14 +136,14 @@ def centralised(flat: Mapping[str, Scalar], data_dir: Path) -> dict:
     return {"accuracy": scores["accuracy"], "macro_f1": scores["macro-f1"], "epsilon": spent}
 
 
-def majority_baseline(data_dir: Path) -> dict[str, float]:
+def majority_baseline(data_dir: Path, labels: str = LABELS) -> dict[str, float]:
     """Always predicting the test set's most frequent class: a run at this line has learned
     the class prior only."""
-    test = load_labeled(data_dir / "test.csv", "text", "label", LABELS.split(","))
+    test = load_labeled(data_dir / "test.csv", "text", "label", labels.split(","))
     guess = np.full_like(test.labels, np.bincount(test.labels).argmax())
     return {
         "accuracy": float(np.mean(guess == test.labels)),
-        "macro_f1": macro_f1(test.labels, guess, len(LABELS.split(","))),
+        "macro_f1": macro_f1(test.labels, guess, len(labels.split(","))),
     }
 
 
@@ -161,26 +164,29 @@ def federated(flat: Mapping[str, Scalar], sites: int) -> dict:
     }
 
 
-def run(quick: bool, out_dir: Path, rounds: int | None = None) -> dict[str, Any]:
+def run(
+    quick: bool, out_dir: Path, rounds: int | None = None, scenario: str = "hospitals"
+) -> dict[str, Any]:
     """``rounds`` caps the federation's rounds (and so the centralised epochs) below the
-    scenario's, for a machine on which the full grid takes too long."""
+    scenario's, for a machine on which the full grid takes too long; ``scenario`` picks the
+    data set (``hospitals``: medical, ``banks``: financial)."""
     grid = QUICK if quick else FULL
     rounds = QUICK["rounds"] if quick else rounds
     model = model_overrides(quick, out_dir)
     runs = out_dir / "work" / "utility" / "runs"
     settings: list[dict[str, Any]] = []
     for i, part in enumerate(grid["partitions"]):
-        data, scenario = make_data(quick, part, out_dir / "work" / "utility")
-        sites = scenario.institutions
+        data, setup = make_data(quick, part, out_dir / "work" / "utility", scenario)
+        sites = setup.institutions
         if i == 0:  # the pooled rows are the same training set whatever the split
             for eps in (None, CENTRAL_EPSILON):
                 name = "centralised" + (f" DP eps {eps:g}" if eps else "")
-                flat = setting_flat(data, runs / "central", scenario, eps, rounds, quick, model)
+                flat = setting_flat(data, runs / "central", setup, eps, rounds, quick, model)
                 settings.append({"setting": name, **centralised(flat, data)})
         for eps in grid["epsilons"]:
             name = f"federated {part}" + (f" DP eps {eps:g}" if eps else "")
             flat = setting_flat(
-                data, runs / name.replace(" ", "-"), scenario, eps, rounds, quick, model
+                data, runs / name.replace(" ", "-"), setup, eps, rounds, quick, model
             )
             settings.append({"setting": name, **federated(flat, sites)})
     ceiling = settings[0]["macro_f1"]
@@ -189,12 +195,12 @@ def run(quick: bool, out_dir: Path, rounds: int | None = None) -> dict[str, Any]
     result = {
         "benchmark": "utility",
         "quick": quick,
-        "scenario": "hospitals (UCI drug reviews), the default of make run",
+        "scenario": f"{scenario} ({SOURCES[setup.dataset].split(' via ')[0]})",
         "grid": grid,
         "rounds": settings[-1]["rounds"],
         "delta": 1e-5,
         "settings": settings,
-        "majority_class": majority_baseline(data),
+        "majority_class": majority_baseline(data, str(flat["data.labels"])),
         "target_share": TARGET_SHARE,
     }
     plot(result, out_dir / "utility.png")
@@ -229,7 +235,8 @@ def table(result: dict[str, Any]) -> str:
         f"| {fmt(base['macro_f1'], 3)} | | |"
     )
     return (
-        f"### Privacy-utility ({result['rounds']} rounds, delta {result['delta']:g}; "
+        f"### Privacy-utility ({result['scenario']}, {result['rounds']} rounds, "
+        f"delta {result['delta']:g}; "
         f"target: federated DP eps 8 >= "
         f"{result['target_share']:.0%} of centralised non-private macro-F1)\n\n" + "\n".join(rows)
     )
