@@ -1,5 +1,6 @@
 """report.html: what a person looks at after a run. Plots (accuracy and macro-F1, epsilon
-per institution, traffic per round) are rendered with matplotlib and embedded as PNG, so the
+per institution, traffic per round, and for ``aggregation.mode = "exact"`` the energy its
+truncated SVD drops) are rendered with matplotlib and embedded as PNG, so the
 report is one self-contained file."""
 
 from __future__ import annotations
@@ -93,6 +94,17 @@ def traffic_plot(lines: list[dict]) -> str:
     return _png(fig)
 
 
+def truncation_plot(lines: list[dict]) -> str:
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    x, y = _series(lines, "truncation_energy_lost")
+    ax.plot(x, [100 * v for v in y], marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel("% of the mean's energy")
+    ax.grid(alpha=0.3)
+    ax.set_title("Exact aggregation: energy lost by the rank-r truncation")
+    return _png(fig)
+
+
 def write_report(run_dir: Path, extra_sections: list[str] | None = None) -> Path:
     """Write ``report.html`` from the run's metrics (and any extra HTML sections)."""
     run_dir = Path(run_dir)
@@ -137,6 +149,9 @@ def write_report(run_dir: Path, extra_sections: list[str] | None = None) -> Path
         f"<h2>Rounds</h2>{table}",
         *(extra_sections or []),
     ]
+    if _series(lines, "truncation_energy_lost")[0]:
+        plot = truncation_plot(lines)
+        sections.insert(3, f"<h2>Aggregation</h2><img src='data:image/png;base64,{plot}'>")
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>privatune run "
         f"{html.escape(run_dir.name)}</title><style>body{{font-family:sans-serif;margin:2em}}"

@@ -194,3 +194,4 @@ def test_exact_mode_with_mixed_ranks_runs_a_federation(tiny_flat):
     assert all(0 < x["truncation_energy_lost"] < 1 for x in trained)
     final = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert all(np.any(final[k] != 0) for k in final if "lora_B" in k)
+    assert "<h2>Aggregation</h2>" in (run_dir / "report.html").read_text()
