@@ -195,7 +195,7 @@ def run(
     result = {
         "benchmark": "utility",
         "quick": quick,
-        "scenario": f"{scenario} ({SOURCES[setup.dataset].split(' via ')[0]})",
+        "scenario": f"{scenario} ({SOURCES[setup.dataset].split(', via ')[0]})",
         "grid": grid,
         "rounds": settings[-1]["rounds"],
         "delta": 1e-5,
