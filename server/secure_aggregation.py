@@ -34,7 +34,7 @@ from client.secure_aggregation import NAMES_KEY
 from common.adapter import to_record
 from common.config import AggregationSettings, ConfigError, FederationSettings, RunConfig
 from server.recorder import RoundRecorder
-from server.strategy import AdapterRounds, RoundStats
+from server.strategy import AdapterRounds, RoundStats, train_summary
 
 log = logging.getLogger("flwr")
 
@@ -148,15 +148,8 @@ class SecureRounds(LegacyFedAvg):
         if not all(np.isfinite(a).all() for a in parameters_to_ndarrays(mean)):
             log.warning("round %d: secure aggregate not finite; adapter unchanged", real_round)
             return None, {}
-        stats.train = _train_metrics(trained)
+        stats.train = train_summary([r.metrics for r in trained])
         return mean, dict(stats.train)
-
-
-def _train_metrics(trained: list[FitRes]) -> dict[str, float]:
-    """Weighted mean train loss and largest epsilon, as the plain loop reports them."""
-    total = sum(r.num_examples for r in trained)
-    loss = sum(float(r.metrics["train-loss"]) * r.num_examples for r in trained) / total
-    return {"train-loss": loss, "epsilon-max": max(float(r.metrics["epsilon"]) for r in trained)}
 
 
 class CountingGrid:

@@ -39,7 +39,7 @@ from common.config import AggregationSettings, ConfigError, FederationSettings
 from common.ledger import Ledger, scope_history
 from common.privacy import Mechanism, epsilon
 from server.lora_aggregation import exact_mean, rank_aware_padding
-from server.validation import InvalidUpdate, check_update, reply_rank
+from server.validation import InvalidUpdate, check_update
 
 log = logging.getLogger("flwr")
 AGGREGATORS: dict[str, type[FedAvg]] = {
@@ -82,6 +82,10 @@ def _arrays(msg: Message) -> ArrayRecord:
     return next(iter(msg.content.array_records.values()))
 
 
+def _replace_arrays(msg: Message, record: ArrayRecord) -> None:
+    msg.content[next(iter(msg.content.array_records))] = record
+
+
 def _metrics(msg: Message) -> MetricRecord:
     return next(iter(msg.content.metric_records.values()))
 
@@ -90,13 +94,17 @@ def _message_bytes(content: RecordDict) -> int:
     return sum(r.count_bytes() for r in content.values())
 
 
-def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted mean train loss and the largest epsilon among the aggregated clients."""
-    metrics = [next(iter(r.metric_records.values())) for r in records]
+def train_summary(metrics: list[Mapping], weight_key: str = "num-examples") -> dict[str, float]:
+    """Weighted mean train loss and the largest epsilon among the aggregated clients (the
+    plain and the secure loop report the same two numbers)."""
     total = sum(float(m[weight_key]) for m in metrics)
     loss = sum(float(m["train-loss"]) * float(m[weight_key]) for m in metrics) / total
+    return {"train-loss": loss, "epsilon-max": max(float(m["epsilon"]) for m in metrics)}
+
+
+def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     return MetricRecord(
-        {"train-loss": loss, "epsilon-max": max(float(m["epsilon"]) for m in metrics)}
+        train_summary([next(iter(r.metric_records.values())) for r in records], weight_key)
     )
 
 
@@ -154,7 +162,9 @@ class AdapterRounds(FedAvg):
     ) -> Iterable[Message]:
         self.global_arrays = from_record(arrays)
         server_round += self.round_offset
-        messages = self._on_the_wire(super().configure_train(server_round, arrays, config, grid))
+        messages = self._on_the_wire(
+            super().configure_train(server_round, arrays, config, grid), arrays
+        )
         self._stats(server_round).bytes_sent += sum(_message_bytes(m.content) for m in messages)
         return messages
 
@@ -162,18 +172,20 @@ class AdapterRounds(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        messages = self._on_the_wire(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = self._on_the_wire(
+            super().configure_evaluate(server_round, arrays, config, grid), arrays
+        )
         self._stats(server_round).bytes_sent += sum(_message_bytes(m.content) for m in messages)
         return messages
 
-    def _on_the_wire(self, messages: Iterable[Message]) -> list[Message]:
-        """The instructions with the adapter in the transport precision; the strategy's own
-        state (a server optimiser's current arrays) keeps float32."""
+    def _on_the_wire(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
+        """The instructions with the adapter in the transport precision, cast once for all;
+        the strategy's own state (a server optimiser's current arrays) keeps float32."""
         messages = list(messages)
-        if self.transport_dtype != "float32":
+        if self.transport_dtype != "float32" and messages:
+            wire = to_record(from_record(arrays), self.transport_dtype)
             for msg in messages:
-                key = next(iter(msg.content.array_records))
-                msg.content[key] = to_record(from_record(msg.content[key]), self.transport_dtype)
+                _replace_arrays(msg, wire)
         return messages
 
     def accept(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -201,8 +213,7 @@ class AdapterRounds(FedAvg):
                 log.warning("%s refused round %d (privacy budget)", who, server_round)
                 continue
             try:
-                check_update(msg, self.global_arrays, self.max_update_norm)
-                rank = reply_rank(_arrays(msg), self.global_arrays)
+                rank = check_update(msg, self.global_arrays, self.max_update_norm)
                 if rank < self.full_rank and not self.pads_ranks:
                     raise InvalidUpdate(
                         f"LoRA rank {rank} < {self.full_rank}: a median or Krum needs "
@@ -213,8 +224,8 @@ class AdapterRounds(FedAvg):
                 log.warning("rejected update from %s (node %d): %s", who, node, e)
                 continue
             stats.ranks[who] = rank
-            key = next(iter(msg.content.array_records))
-            msg.content[key] = to_record(from_record(msg.content[key]))  # float32 from here on
+            if any(a.dtype != "float32" for a in _arrays(msg).values()):
+                _replace_arrays(msg, to_record(from_record(_arrays(msg))))  # float32 from here on
             accepted.append(msg)
             self._accepted.add(msg.metadata.message_id)
         return accepted
@@ -249,13 +260,12 @@ class AdapterRounds(FedAvg):
 
     def pad_ranks(self, replies: list[Message]) -> None:
         """Replace smaller-rank replies' arrays by their rank-aware padding, in place."""
-        arrays = [from_record(_arrays(m)) for m in replies]
-        if all(adapter_rank(a) in (0, self.full_rank) for a in arrays):
+        if all(adapter_rank(_arrays(m)) in (0, self.full_rank) for m in replies):
             return
+        arrays = [from_record(_arrays(m)) for m in replies]
         padded = rank_aware_padding(arrays, self._weights(replies), self.global_arrays)
         for msg, values in zip(replies, padded, strict=True):
-            key = next(iter(msg.content.array_records))
-            msg.content[key] = to_record(values)
+            _replace_arrays(msg, to_record(values))
 
     def aggregate_exact(self, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """Exact LoRA aggregation; the truncation's energy loss joins the train metrics."""

@@ -26,9 +26,9 @@ class InvalidUpdate(ValueError):
 
 def check_update(
     msg: Message, reference: Mapping[str, np.ndarray], max_update_norm: float = 0.0
-) -> None:
+) -> int:
     """Raise :class:`InvalidUpdate` unless ``msg`` is a well-formed adapter update for
-    ``reference`` (the global adapter it was trained from)."""
+    ``reference`` (the global adapter it was trained from); return its LoRA rank."""
     content = msg.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         raise InvalidUpdate("expected one ArrayRecord and one MetricRecord")
@@ -59,6 +59,7 @@ def check_update(
         raise InvalidUpdate(f"num-examples {n!r} is not a positive count")
     if int(n) != n:
         raise InvalidUpdate(f"num-examples {n!r} is not a whole number")
+    return rank
 
 
 def reply_rank(arrays: Mapping[str, object], reference: Mapping[str, np.ndarray]) -> int:
