@@ -1,8 +1,10 @@
 """One round of local training at an institution: DP-SGD through Opacus, or plain LoRA.
 
-Opacus wraps the model, optimizer and loader for this round only; the privacy spent is read
-back from its accountant as (noise multiplier, sample rate, steps) and composed with the
-institution's earlier rounds by the ledger, never reported per round.
+Opacus wraps the model, optimizer and loader for this round only (``dp.grad-sample-mode =
+"hooks"``), or its loader and accountant serve our closed-form clipping of the linear layers
+(``"fused"``, client.fused_clipping). Either way the privacy spent is read back from Opacus'
+accountant as (noise multiplier, sample rate, steps) and composed with the institution's
+earlier rounds by the ledger, never reported per round.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from opacus import PrivacyEngine
 from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.fused_clipping import FusedClipping
 from common.config import RunConfig
 from common.privacy import Mechanism
 
@@ -23,6 +26,9 @@ from common.privacy import Mechanism
 # otherwise repeat on every round of every client.
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+GRAD_SAMPLE_MODES = ("hooks", "fused")
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,11 @@ def train_round(
     applied after each optimizer step rather than through the loss: Opacus computes
     per-sample gradients from activations and would silently drop a loss term that depends
     on the weights alone; as a data-independent step it is also free under DP."""
+    if cfg.dp.enabled and cfg.dp.grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"dp.grad-sample-mode: unknown mode {cfg.dp.grad_sample_mode!r} "
+            f"({', '.join(GRAD_SAMPLE_MODES)})"
+        )
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     loader = DataLoader(
@@ -74,18 +85,33 @@ def train_round(
     )
     optimizer = make_optimizer(model, cfg)
     engine = None
+    clipping = None
     module: torch.nn.Module = model
     if cfg.dp.enabled:
         engine = PrivacyEngine(accountant=cfg.dp.accountant)
-        module, optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=cfg.dp.max_grad_norm,
-            poisson_sampling=poisson_sampling,
-            noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
-        )
+        noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        if cfg.dp.grad_sample_mode == "fused":
+            clipping, loader = FusedClipping.attach(
+                model,
+                optimizer,
+                loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=cfg.dp.max_grad_norm,
+                poisson_sampling=poisson_sampling,
+                generator=noise_generator,
+                accountant=engine.accountant,
+            )
+        else:
+            module, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=cfg.dp.max_grad_norm,
+                poisson_sampling=poisson_sampling,
+                noise_generator=noise_generator,
+                grad_sample_mode=cfg.dp.grad_sample_mode,
+            )
     module.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     anchor = {p: p.detach().clone() for p in trainable} if proximal_mu > 0 else {}
@@ -98,8 +124,11 @@ def train_round(
                 if len(labels) == 0:
                     # Poisson sampling drew no example. The step still releases noise (and is
                     # accounted), as the analysis of the subsampled Gaussian assumes.
-                    for p in trainable:
-                        p.grad_sample = p.new_zeros((0, *p.shape))
+                    if clipping is not None:
+                        clipping.privatise(0)
+                    else:
+                        for p in trainable:
+                            p.grad_sample = p.new_zeros((0, *p.shape))
                     optimizer.step()
                     _proximal_step(optimizer, anchor, proximal_mu)
                     steps += 1
@@ -108,13 +137,17 @@ def train_round(
                     logits = module(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
                 loss.backward()
+                if clipping is not None:
+                    clipping.privatise(len(labels))
                 optimizer.step()
                 _proximal_step(optimizer, anchor, proximal_mu)
                 total_loss += loss.item()
                 batches += 1
                 steps += 1
     finally:
-        if engine is not None:
+        if clipping is not None:
+            clipping.close()
+        elif engine is not None:
             module._close()  # remove Opacus' hooks from the peft model
     mechanism = None
     if engine is not None:

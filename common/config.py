@@ -124,6 +124,7 @@ class DPSettings:
     noise_multiplier: float  # 0 means: derive it from target_epsilon over the planned run
     max_grad_norm: float
     accountant: str
+    grad_sample_mode: str  # "hooks" (Opacus' GradSampleModule) or "fused" (client.fused_clipping)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from common.config import Scalar, app_defaults
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-BENCHMARKS = ("overhead", "traffic", "scale", "utility", "aggregation")
+BENCHMARKS = ("overhead", "traffic", "scale", "utility", "aggregation", "gpu")
 DEFAULT_OUT = Path("outputs") / "bench"
 QUICK_OUT = Path("outputs") / "bench-quick"
 LABELS = "negative,neutral,positive"
@@ -95,26 +95,30 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def tiny_model(out_dir: Path) -> Path:
-    """A tiny randomly initialised BERT with the real tokenizer, for ``--quick`` runs: real
-    transformers, peft and Opacus code paths at a fraction of the cost."""
+def random_bert(path: Path, **config: int) -> Path:
+    """A randomly initialised BERT of the given shape with the real tokenizer, saved once:
+    real transformers, peft and Opacus code paths on a model that costs no download."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from common.model import DEFAULT_MODEL, resolve_model_path
 
-    path = out_dir / "tiny-bert"
     if not (path / "config.json").is_file():
         torch.manual_seed(0)
-        config = BertConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        )
-        BertForSequenceClassification(config).bert.save_pretrained(path)
+        BertForSequenceClassification(BertConfig(**config)).bert.save_pretrained(path)
         AutoTokenizer.from_pretrained(str(resolve_model_path(DEFAULT_MODEL))).save_pretrained(path)
     return path
+
+
+def tiny_model(out_dir: Path) -> Path:
+    """A tiny random BERT for ``--quick`` runs, at a fraction of MiniLM's cost."""
+    return random_bert(
+        out_dir / "tiny-bert",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
 
 
 def model_overrides(quick: bool, out_dir: Path) -> dict[str, Scalar]:

@@ -1,5 +1,6 @@
 """DP overhead: per-step time and peak memory of one client's local training step, plain LoRA
-against Opacus DP-SGD in each grad-sample mode, at two batch sizes and two sequence lengths.
+against Opacus DP-SGD in each grad-sample mode and our closed-form clipping (``fused``,
+client.fused_clipping), at two batch sizes and two sequence lengths.
 
 All modes of one (batch, length) cell live side by side and are timed in interleaved blocks
 (plain, hooks, functorch, ..., plain, hooks, ...), so that the load of a shared machine
@@ -23,14 +24,16 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.fused_clipping import FusedClipping
 from client.train import make_optimizer
 from common.config import RunConfig, resolve
 from common.model import build_model
 from simulations.bench import fmt, model_overrides, save_figure, table_head
 
-MODES = ("plain", "hooks", "functorch", "ew", "ghost")
+MODES = ("plain", "hooks", "functorch", "ew", "ghost", "fused")
 FULL = {"batch_sizes": (8, 16), "seq_lens": (64, 128), "reps": 3, "steps": 2}
 QUICK = {"batch_sizes": (4,), "seq_lens": (16,), "reps": 2, "steps": 1}
 CPU = torch.device("cpu")
@@ -52,15 +55,35 @@ def _reset_peak() -> int:
     return _rss_kib("VmRSS")
 
 
-def make_step(mode: str, cfg: RunConfig, batch: tuple[torch.Tensor, ...]) -> Callable[[], None]:
+def make_step(
+    mode: str,
+    cfg: RunConfig,
+    batch: tuple[torch.Tensor, ...],
+    device: torch.device = CPU,
+    bf16: bool = False,
+) -> Callable[[], None]:
     """One optimizer step of local training in ``mode`` on a fixed batch (no Poisson
-    sampling, so that every mode sees exactly the same batch size)."""
-    model = build_model(cfg, CPU)
+    sampling, so that every mode sees exactly the same batch size); ``bf16`` runs the
+    forward pass under bfloat16 autocast, as ``model.bf16`` does on a GPU."""
+    model = build_model(cfg, device)
     optimizer = make_optimizer(model, cfg)
     criterion: Callable[..., torch.Tensor] = torch.nn.CrossEntropyLoss()
     module: torch.nn.Module = model
-    if mode != "plain":
-        loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]))
+    batch = tuple(t.to(device) for t in batch)
+    loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]))
+    clipping = None
+    if mode == "fused":
+        clipping, _ = FusedClipping.attach(
+            model,
+            optimizer,
+            loader,
+            noise_multiplier=1.0,
+            max_grad_norm=cfg.dp.max_grad_norm,
+            poisson_sampling=False,
+            generator=None,
+            accountant=RDPAccountant(),
+        )
+    elif mode != "plain":
         wrapped = PrivacyEngine(accountant="rdp").make_private(
             module=model,
             optimizer=optimizer,
@@ -79,9 +102,13 @@ def make_step(mode: str, cfg: RunConfig, batch: tuple[torch.Tensor, ...]) -> Cal
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        # token ids positionally: Opacus' "ew" mode wraps forward(x, *args, **kwargs)
-        loss = criterion(module(ids, attention_mask=mask).logits, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            # token ids positionally: Opacus' "ew" mode wraps forward(x, *args, **kwargs)
+            logits = module(ids, attention_mask=mask).logits
+        loss = criterion(logits.float(), labels)
         loss.backward()
+        if clipping is not None:
+            clipping.privatise(len(labels))
         optimizer.step()
 
     step()  # warm-up: optimizer state and one-time allocations stay out of the measurement

@@ -1,4 +1,4 @@
-"""The benchmark scripts work: ``python -m simulations.bench --quick`` runs all five
+"""The benchmark scripts work: ``python -m simulations.bench --quick`` runs all six
 benchmarks end to end (tiny BERT, tiny data, real Opacus, peft and Flower simulation) and
 writes JSON of the expected shape with sane values. The numbers themselves are not checked:
 benchmarks are scripts, not timed tests."""
@@ -10,9 +10,10 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.config import resolve
-from simulations import bench, bench_overhead, bench_utility
+from simulations import bench, bench_gpu, bench_overhead, bench_utility
 from simulations.scenario import load_scenario
 
 
@@ -40,7 +41,14 @@ def test_writes_every_benchmark_plots_and_a_table(quick_run):
     assert (out / "aggregation.png").stat().st_size > 0
     summary = (out / "summary.md").read_text()
     assert summary.strip() in printed
-    headings = ("DP overhead", "Traffic", "Simulation scale", "Privacy-utility", "LoRA-aware")
+    headings = (
+        "DP overhead",
+        "Traffic",
+        "Simulation scale",
+        "Privacy-utility",
+        "LoRA-aware",
+        "DP-SGD on a GPU",
+    )
     for heading in headings:
         assert f"### {heading}" in summary
 
@@ -57,6 +65,20 @@ def test_overhead_compares_dp_modes_to_plain_steps(quick_run):
     for mode in cell["modes"].values():
         assert "error" in mode or mode["time_ratio"] > 0
     assert data["best_mode"] in data["worst_time_ratio"]
+
+
+def test_gpu_benchmark_times_every_mode(quick_run, tmp_path):
+    data = load(quick_run[0], "gpu")
+    (cell,) = data["cells"]  # quick: the tiny BERT on the CPU, fp32 only
+    assert set(cell["modes"]) == set(bench_gpu.MODES)
+    assert cell["modes"]["plain"]["time_ratio"] == 1.0
+    for mode in ("plain", "hooks", "fused"):  # the modes client/train.py offers must work
+        assert cell["modes"][mode]["samples_per_second"] > 0
+    assert cell["best_dp_mode"] in cell["modes"]
+    assert (quick_run[0] / "gpu.png").stat().st_size > 0
+    if not torch.cuda.is_available():  # the full run says why it measured nothing
+        full = bench_gpu.run(quick=False, out_dir=tmp_path)
+        assert full["skipped"] and "Not measured" in bench_gpu.table(full)
 
 
 def test_traffic_ratio_comes_from_measured_message_bytes(quick_run):
