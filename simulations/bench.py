@@ -157,6 +157,23 @@ def table_head(*columns: str) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
+def mode_rows(
+    cells: Sequence[Mapping[str, Any]],
+    modes: Sequence[str],
+    lead: Callable[[Mapping[str, Any]], list[str]],
+    values: Callable[[Mapping[str, Any]], list[str]],
+) -> list[str]:
+    """Markdown rows of a per-mode timing table: the cell's ``lead`` columns, the mode, then
+    its ``values``, or the error of a mode that failed on that cell."""
+    rows = []
+    for cell in cells:
+        for mode in modes:
+            m = cell["modes"].get(mode, {})
+            cols = [f"fails: {m['error'][:60]}"] if "error" in m else values(m)
+            rows.append("| " + " | ".join([*lead(cell), mode, *cols]) + " |")
+    return rows
+
+
 def run(
     names: Sequence[str],
     quick: bool,

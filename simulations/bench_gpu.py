@@ -21,7 +21,14 @@ import torch
 
 from common.config import resolve
 from common.model import DEFAULT_MODEL
-from simulations.bench import fmt, model_overrides, random_bert, save_figure, table_head
+from simulations.bench import (
+    fmt,
+    mode_rows,
+    model_overrides,
+    random_bert,
+    save_figure,
+    table_head,
+)
 from simulations.bench_overhead import make_step
 
 MODES = ("plain", "hooks", "functorch", "ghost", "fused")
@@ -157,20 +164,17 @@ def table(result: dict[str, Any]) -> str:
     rows = table_head(
         "model", "precision", "mode", "samples/s", "step (ms)", "time / plain", "step peak (MiB)"
     )
-    for cell in result["cells"]:
-        for mode in MODES:
-            m = cell["modes"].get(mode, {})
-            if "error" in m:
-                rows.append(
-                    f"| {cell['model']} | {cell['precision']} | {mode} | fails: "
-                    f"{m['error'][:60]} | | | |"
-                )
-                continue
-            rows.append(
-                f"| {cell['model']} | {cell['precision']} | {mode} "
-                f"| {fmt(m.get('samples_per_second'), 0)} | {fmt(m.get('step_ms'))} "
-                f"| {fmt(m.get('time_ratio'))} | {fmt(m.get('step_peak_mib'), 1)} |"
-            )
+    rows += mode_rows(
+        result["cells"],
+        MODES,
+        lambda cell: [cell["model"], cell["precision"]],
+        lambda m: [
+            fmt(m.get("samples_per_second"), 0),
+            fmt(m.get("step_ms")),
+            fmt(m.get("time_ratio")),
+            fmt(m.get("step_peak_mib"), 1),
+        ],
+    )
     date = result.get("machine", {}).get("date", "?")
     return (
         f"### DP-SGD on a GPU ({result['device']}, {date}, batch {result['grid']['batch_size']}, "

@@ -31,7 +31,7 @@ from client.fused_clipping import FusedClipping
 from client.train import make_optimizer
 from common.config import RunConfig, resolve
 from common.model import build_model
-from simulations.bench import fmt, model_overrides, save_figure, table_head
+from simulations.bench import fmt, mode_rows, model_overrides, save_figure, table_head
 
 MODES = ("plain", "hooks", "functorch", "ew", "ghost", "fused")
 FULL = {"batch_sizes": (8, 16), "seq_lens": (64, 128), "reps": 3, "steps": 2}
@@ -230,20 +230,17 @@ def table(result: dict[str, Any]) -> str:
         "step peak (MiB)",
         "memory / plain",
     )
-    for cell in result["cells"]:
-        for mode in MODES:
-            m = cell["modes"].get(mode, {})
-            if "error" in m:
-                rows.append(
-                    f"| {cell['batch_size']} | {cell['seq_len']} | {mode} | fails: "
-                    f"{m['error'][:60]} | | | |"
-                )
-                continue
-            rows.append(
-                f"| {cell['batch_size']} | {cell['seq_len']} | {mode} "
-                f"| {fmt(m.get('step_seconds_median'), 3)} | {fmt(m.get('time_ratio'))} "
-                f"| {fmt(m.get('step_peak_mib'), 1)} | {fmt(m.get('memory_ratio'))} |"
-            )
+    rows += mode_rows(
+        result["cells"],
+        MODES,
+        lambda cell: [str(cell["batch_size"]), str(cell["seq_len"])],
+        lambda m: [
+            fmt(m.get("step_seconds_median"), 3),
+            fmt(m.get("time_ratio")),
+            fmt(m.get("step_peak_mib"), 1),
+            fmt(m.get("memory_ratio")),
+        ],
+    )
     rows.append(
         f"\nBest DP mode (lowest worst-case time ratio): **{result['best_mode']}** "
         f"({fmt(result['worst_time_ratio'].get(result['best_mode']))}x; "
