@@ -64,13 +64,15 @@ def simulate(
 
 def resume(run_dir: Path, overrides: Mapping[str, Scalar] | None = None) -> Path:
     """Continue a stopped run from its last complete checkpoint, with the configuration it
-    was started with (``overrides`` may raise ``federation.rounds``, say)."""
+    was started with (``overrides`` may raise ``federation.rounds``, say); keys added to
+    privatune since the run started take their defaults."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise SimulationError(f"{run_dir}: no config.toml, not a run folder")
     with open(run_dir / "config.toml", "rb") as f:
         flat = tomllib.load(f)["config"]
     flat = {
+        **app_defaults(),
         **flat,
         **(overrides or {}),
         "run.resume": True,

@@ -18,10 +18,13 @@ from helpers import simulate
 
 from client.secure_aggregation import secure_aggregation_mod
 from common.adapter import from_record, get_trainable
+from common.audit import audit
 from common.config import ConfigError, resolve
+from common.ledger import read_records
 from common.model import build_model
 from server.resume import load_checkpoint
 from server.secure_aggregation import check_secure, make_workflow
+from simulations.simulate import resume
 
 
 def handler_recorder(directory: str):
@@ -203,6 +206,51 @@ def test_refusing_institutions_take_part_with_zero_weight(
     assert max_diff(checkpoint(cfg, run_dir, 1), arrays) <= quantisation_bound(cfg, weights)
     line = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
     assert sorted(line["refused"]) == ["hospital-a", "hospital-b"] and not line["failed"]
+
+
+def test_a_round_every_institution_refuses_keeps_the_adapter(tiny_flat, tmp_path):
+    """Every reply has weight 0, so there is no mean to unmask: the round must end with the
+    adapter unchanged and the refusals on record, not with a division by zero."""
+    flat = {
+        **secure_flat(tiny_flat, rounds=1, min_train_nodes=1),
+        "dp.noise-multiplier": 1.0,
+        "privacy.max-epsilon": 1.0,
+    }
+    cfg = resolve(flat)
+    run_dir = simulate(flat, mods=[secure_aggregation_mod])
+
+    initial = get_trainable(build_model(cfg, torch.device("cpu")))
+    assert max_diff(checkpoint(cfg, run_dir, 1), initial) == 0
+    line = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
+    assert sorted(line["refused"]) == ["hospital-a", "hospital-b", "hospital-c"]
+    assert not line["failed"] and line["train_loss"] is None
+
+
+def test_a_resumed_secure_run_continues_the_round_numbers(tiny_flat):
+    """One secure round, then the run resumed to two: only round 2 runs, the clients are
+    told it is round 2 (their ledgers say so) and the audit holds. Fixed noise and a large
+    budget: the noise planned for one round would spend the whole budget in it."""
+    flat = {
+        **secure_flat(tiny_flat, rounds=1),
+        "dp.noise-multiplier": 1.0,
+        "privacy.max-epsilon": 1000.0,
+    }
+    cfg = resolve(flat)
+    run_dir = simulate(flat)
+    # a run started before dp.grad-sample-mode existed resumes with its default
+    stored = (run_dir / "config.toml").read_text()
+    (run_dir / "config.toml").write_text(
+        "\n".join(x for x in stored.splitlines() if "grad-sample-mode" not in x)
+    )
+    resume(run_dir, {"federation.rounds": 2})
+
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert sorted(lines[2]["epsilon"]) == ["hospital-a", "hospital-b", "hospital-c"]
+    assert max_diff(checkpoint(cfg, run_dir, 2), checkpoint(cfg, run_dir, 1)) > 0
+    for ledger in sorted((run_dir / "privacy").glob("*.jsonl")):
+        assert [r.round for r in read_records(ledger)] == [1, 2]
+    assert all(r.ok for r in audit(run_dir)), [r.problems for r in audit(run_dir)]
 
 
 @pytest.mark.parametrize(
