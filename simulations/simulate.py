@@ -10,7 +10,6 @@ import datetime as dt
 import json
 import logging
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from flwr.clientapp.typing import Mod
 from flwr.simulation import run_simulation
 
 from client.app import create_app as create_client_app
-from common.config import RunConfig, Scalar, app_defaults
+from common.config import RunConfig, Scalar, app_defaults, stored_flat
 from server.app import create_app as create_server_app
 from simulations.prepare import prepare
 from simulations.scenario import Scenario
@@ -67,13 +66,8 @@ def resume(run_dir: Path, overrides: Mapping[str, Scalar] | None = None) -> Path
     was started with (``overrides`` may raise ``federation.rounds``, say); keys added to
     privatune since the run started take their defaults."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise SimulationError(f"{run_dir}: no config.toml, not a run folder")
-    with open(run_dir / "config.toml", "rb") as f:
-        flat = tomllib.load(f)["config"]
     flat = {
-        **app_defaults(),
-        **flat,
+        **stored_flat(run_dir),
         **(overrides or {}),
         "run.resume": True,
         "run.name": run_dir.name,

@@ -28,10 +28,21 @@ def test_unknown_and_mistyped_keys_fail_loudly():
         RunConfig.from_flat(flat)
 
 
-@pytest.mark.parametrize("name", ["hospitals", "banks"])
-def test_scenarios_resolve(name):
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [("hospitals", "hospitals"), ("banks", "banks"), ("hospitals-probe", "hospitals")],
+)
+def test_scenarios_resolve(name, data):
     scenario = load_scenario(name)
     flat = resolve_flat(scenario)
     cfg = resolve(flat)
-    assert cfg.data.dir.endswith(name)
+    assert cfg.data.dir.endswith(data) and cfg.data.test_path.startswith(cfg.data.dir)
     assert scenario.institutions >= 5
+
+
+def test_the_probe_scenario_is_the_hospitals_federation_with_a_linear_probe():
+    hospitals, probe = (load_scenario(n) for n in ("hospitals", "hospitals-probe"))
+    split = ("dataset", "institutions", "prefix", "partition", "dirichlet_alpha")
+    assert all(getattr(probe, k) == getattr(hospitals, k) for k in split)  # same data, same split
+    cfg = resolve(resolve_flat(probe))
+    assert (cfg.model.pooling, cfg.train.trainable, cfg.dp.enabled) == ("mean", "head", True)
