@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from common.config import Scalar, app_defaults
+from simulations.scenario import SCENARIO_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -222,8 +223,9 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
     parser.add_argument(
         "--utility-scenario",
         default="hospitals",
-        choices=("hospitals", "banks"),
-        help="privacy-utility: medical (hospitals, the default) or financial (banks) data",
+        choices=sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")),
+        help="privacy-utility: the scenario whose data and settings the grid uses: medical "
+        "(hospitals, the default) or financial (banks) data; *-probe: the linear probe",
     )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]

@@ -83,9 +83,10 @@ def setting_flat(
     model: Mapping[str, Scalar],
 ) -> dict[str, Scalar]:
     """The scenario's config keys with DP off (``eps`` None) or planned for ``eps``;
-    ``rounds`` (when given) replaces the scenario's number of rounds."""
+    ``rounds`` (when given) replaces the scenario's number of rounds. The grid's own split
+    in ``data`` replaces the scenario's prepared files (``data.dir``, ``data.test-path``)."""
     keys: dict[str, Scalar] = {
-        **scenario.config,
+        **{k: v for k, v in scenario.config.items() if k not in ("data.dir", "data.test-path")},
         **model,
         "dp.enabled": eps is not None,
         "dp.target-epsilon": eps or CENTRAL_EPSILON,

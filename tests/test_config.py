@@ -30,7 +30,12 @@ def test_unknown_and_mistyped_keys_fail_loudly():
 
 @pytest.mark.parametrize(
     ("name", "data"),
-    [("hospitals", "hospitals"), ("banks", "banks"), ("hospitals-probe", "hospitals")],
+    [
+        ("hospitals", "hospitals"),
+        ("banks", "banks"),
+        ("hospitals-probe", "hospitals"),
+        ("banks-probe", "banks"),
+    ],
 )
 def test_scenarios_resolve(name, data):
     scenario = load_scenario(name)
@@ -40,9 +45,11 @@ def test_scenarios_resolve(name, data):
     assert scenario.institutions >= 5
 
 
-def test_the_probe_scenario_is_the_hospitals_federation_with_a_linear_probe():
-    hospitals, probe = (load_scenario(n) for n in ("hospitals", "hospitals-probe"))
+@pytest.mark.parametrize("name", ["hospitals", "banks"])
+def test_a_probe_scenario_is_its_federation_with_a_linear_probe(name):
+    base, probe = (load_scenario(n) for n in (name, f"{name}-probe"))
     split = ("dataset", "institutions", "prefix", "partition", "dirichlet_alpha")
-    assert all(getattr(probe, k) == getattr(hospitals, k) for k in split)  # same data, same split
+    assert all(getattr(probe, k) == getattr(base, k) for k in split)  # same data, same split
+    assert resolve_flat(probe)["data.dir"] == str(base.data_dir)  # the same prepared files
     cfg = resolve(resolve_flat(probe))
     assert (cfg.model.pooling, cfg.train.trainable, cfg.dp.enabled) == ("mean", "head", True)
