@@ -60,11 +60,13 @@ class RoundRecorder:
             return None  # a resumed run: its starting point is already on record
         server_round += self.round_offset
         set_trainable(self.model, from_record(arrays))
+        evaluated = time.monotonic()
         central = (
             evaluate(self.model, self.test_set, self.num_labels, self.device)
             if self.test_set is not None
             else {}
         )
+        central_seconds = time.monotonic() - evaluated
         if server_round > 0:
             save_adapter(self.model, self.run_dir / "checkpoints" / f"round-{server_round:03d}")
         stats = self.strategy.rounds.get(server_round)
@@ -88,6 +90,7 @@ class RoundRecorder:
             "bytes_received": stats.bytes_received if stats else 0,
             "ranks": stats.ranks if stats else {},
             "truncation_energy_lost": stats.train.get("truncation-energy-lost") if stats else None,
+            "central_eval_seconds": round(central_seconds, 3),
             "seconds": round(time.monotonic() - self.round_started, 2),
         }
         with open(self.metrics_path, "a") as f:

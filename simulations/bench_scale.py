@@ -7,6 +7,12 @@ samples the resident memory of that process and all its descendants (Ray's GCS, 
 workers) every 0.2 s with psutil and keeps the peak. A client mod times every ClientApp call
 in its worker; the busiest worker's time inside ``train`` calls, over the round's wall time,
 is the round's share in client training (the rest is Flower, Ray, aggregation, evaluation).
+
+The same measurement runs once more on the default scenario as ``make run`` runs it (the
+real MiniLM, six hospitals, every one of them every round), where the round's time is split
+into client training, client evaluation, the server's central evaluation (timed by the
+server, ``central_eval_seconds`` in ``metrics.jsonl``) and the rest: Flower, Ray,
+serialisation, validation, aggregation and checkpointing.
 """
 
 from __future__ import annotations
@@ -27,16 +33,32 @@ from simulations.bench import (
     bench_flat,
     even_split,
     fmt,
+    model_overrides,
     read_metrics,
     review_sample,
     table_head,
     tiny_model,
     write_federation,
 )
-from simulations.simulate import run_flat
+from simulations.scenario import load_scenario
+from simulations.simulate import run_flat, simulate
 
-FULL = {"sizes": (10, 100, 1000), "fraction": 0.1, "rounds": 2, "timeout_s": 480}
-QUICK = {"sizes": (4,), "fraction": 0.5, "rounds": 1, "timeout_s": 240}
+FULL = {
+    "sizes": (10, 100, 1000),
+    "fraction": 0.1,
+    "rounds": 2,
+    "timeout_s": 480,
+    "scenario": "hospitals",
+    "scenario_rounds": 3,
+}
+QUICK = {
+    "sizes": (4,),
+    "fraction": 0.5,
+    "rounds": 1,
+    "timeout_s": 240,
+    "scenario": "hospitals",
+    "scenario_rounds": 1,
+}
 ROWS_PER_SITE = 24
 TARGET_OUTSIDE_SHARE = 0.10
 
@@ -80,6 +102,24 @@ def child(size: int, fraction: float, rounds: int, work: Path) -> None:
     )
 
 
+def scenario_child(name: str, rounds: int, quick: bool, work: Path) -> None:
+    """The scenario as ``make run`` runs it, for ``rounds`` rounds (in the child process);
+    quick: the tiny BERT. Its data is prepared into ``work``, the same split as
+    ``privatune prepare`` writes."""
+    overrides = {
+        **model_overrides(quick, work.parent),
+        "federation.rounds": rounds,
+        "run.name": "run",
+        "run.output-dir": str(work),
+        "data.dir": str(work / "data"),
+        "data.test-path": str(work / "data" / "test.csv"),
+    }
+    simulate(load_scenario(name), overrides, mods=[timing_mod(str(work / "calls.jsonl"))])
+
+
+CHILDREN = {"sizes": child, "scenario": scenario_child}
+
+
 def summarise(work: Path) -> list[dict[str, Any]]:
     """Per-round wall time and the busiest worker's time in ClientApp calls, from the run."""
     busy: dict[tuple[int, str], dict[int, float]] = defaultdict(lambda: defaultdict(float))
@@ -94,6 +134,7 @@ def summarise(work: Path) -> list[dict[str, Any]]:
             continue
         train = max(busy[(m["round"], "train")].values(), default=0.0)
         evaluate = max(busy[(m["round"], "evaluate")].values(), default=0.0)
+        central = m.get("central_eval_seconds", 0.0)
         rounds.append(
             {
                 "round": m["round"],
@@ -101,6 +142,7 @@ def summarise(work: Path) -> list[dict[str, Any]]:
                 "seconds": m["seconds"],
                 "busiest_worker_train_seconds": round(train, 2),
                 "busiest_worker_evaluate_seconds": round(evaluate, 2),
+                "central_eval_seconds": central,
                 "outside_training_share": round(1 - train / m["seconds"], 3),
                 "outside_client_share": round(1 - (train + evaluate) / m["seconds"], 3),
             }
@@ -108,10 +150,11 @@ def summarise(work: Path) -> list[dict[str, Any]]:
     return rounds
 
 
-def measure(size: int, fraction: float, rounds: int, timeout_s: float, work: Path) -> dict:
-    """Run one size in a child process, sampling its process tree's memory until it ends."""
+def measure(call: list[Any], timeout_s: float, work: Path) -> dict[str, Any]:
+    """Run ``CHILDREN[call[0]](*call[1:], work)`` in a child process, sampling its process
+    tree's memory until it ends."""
     work.mkdir(parents=True, exist_ok=True)
-    args = json.dumps([size, fraction, rounds, str(work)])
+    args = json.dumps([*call, str(work)])
     started = time.monotonic()
     with open(work / "log.txt", "w") as log:
         proc = subprocess.Popen(
@@ -139,8 +182,6 @@ def measure(size: int, fraction: float, rounds: int, timeout_s: float, work: Pat
         proc.wait()
     wall = time.monotonic() - started
     result: dict[str, Any] = {
-        "institutions": size,
-        "sampled_per_round": max(2, int(size * fraction)),
         "wall_seconds": round(wall, 1),
         "peak_rss_mib": round(peak / 2**20),
         "status": status,
@@ -173,7 +214,23 @@ def describe(result: dict[str, Any], work: Path) -> dict[str, Any]:
         "outside_training_share": round(
             sum(r["outside_training_share"] for r in later) / len(later), 3
         ),
+        "shares": shares(later),
     }
+
+
+def shares(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """What share of the rounds' summed wall time each part took; the rest is Flower, Ray,
+    serialisation, validation, aggregation and checkpointing."""
+    total = sum(r["seconds"] for r in rounds)
+    parts = {
+        part: sum(r[key] for r in rounds) / total
+        for part, key in (
+            ("client training", "busiest_worker_train_seconds"),
+            ("client evaluation", "busiest_worker_evaluate_seconds"),
+            ("central evaluation", "central_eval_seconds"),
+        )
+    }
+    return {k: round(v, 3) for k, v in {**parts, "the rest": 1 - sum(parts.values())}.items()}
 
 
 def run(quick: bool, out_dir: Path) -> dict[str, Any]:
@@ -181,11 +238,22 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     work = out_dir / "work" / "scale"
     sizes = []
     for size in grid["sizes"]:
+        call = ["sizes", size, grid["fraction"], grid["rounds"]]
         sizes.append(
-            measure(size, grid["fraction"], grid["rounds"], grid["timeout_s"], work / str(size))
+            {
+                "institutions": size,
+                "sampled_per_round": max(2, int(size * grid["fraction"])),
+                **measure(call, grid["timeout_s"], work / str(size)),
+            }
         )
         if sizes[-1]["status"] != "ok":
             break  # larger sizes will not do better
+    call = ["scenario", grid["scenario"], grid["scenario_rounds"], quick]
+    scenario = {
+        "scenario": grid["scenario"],
+        "model": "tiny random BERT" if quick else "all-MiniLM-L6-v2 (the default run's)",
+        **measure(call, 2 * grid["timeout_s"], work / "scenario"),
+    }
     return {
         "benchmark": "scale",
         "quick": quick,
@@ -194,6 +262,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         "rows_per_institution": ROWS_PER_SITE,
         "memory_method": "psutil RSS of the simulation process and its descendants, 0.2 s samples",
         "sizes": sizes,
+        "default_scenario": scenario,
         "target_outside_share": TARGET_OUTSIDE_SHARE,
     }
 
@@ -222,9 +291,28 @@ def table(result: dict[str, Any]) -> str:
         f"### Simulation scale (tiny model, {result['grid']['rounds']} rounds, "
         f"target <= {result['target_outside_share']:.0%} outside client training)\n\n"
         + "\n".join(rows)
+        + "\n\n"
+        + scenario_table(result)
+    )
+
+
+def scenario_table(result: dict[str, Any]) -> str:
+    """Where the default scenario's round time goes, later rounds together."""
+    s = result["default_scenario"]
+    parts = s.get("shares", {})
+    rows = table_head("first round (s)", "later rounds (s, mean)", *parts, "status")
+    rows.append(
+        f"| {fmt(s.get('first_round_seconds'), 1)} | {fmt(s.get('later_round_seconds'), 1)} "
+        + "".join(f"| {v:.0%} " for v in parts.values())
+        + f"| {s['status']} |"
+    )
+    return (
+        f"### Default scenario's round time ({s['scenario']}, {s['model']}, "
+        f"{result['grid']['scenario_rounds']} rounds; the rest: Flower, Ray, serialisation, "
+        "aggregation, checkpointing)\n\n" + "\n".join(rows)
     )
 
 
 if __name__ == "__main__":
-    n, frac, r, folder = json.loads(sys.argv[1])
-    child(n, frac, r, Path(folder))
+    kind, *args, folder = json.loads(sys.argv[1])
+    CHILDREN[kind](*args, Path(folder))

@@ -52,13 +52,15 @@ def simulate(
     scenario: Scenario,
     overrides: Mapping[str, Scalar] | None = None,
     num_supernodes: int | None = None,
+    mods: list[Mod] | None = None,
 ) -> Path:
-    """Prepare the scenario's data if needed, run the federation, return the run folder."""
+    """Prepare the scenario's data if needed, run the federation, return the run folder;
+    ``mods`` as in :func:`run_flat`."""
     flat = resolve_flat(scenario, overrides)
     data_dir = Path(str(flat["data.dir"]))
     if not (data_dir / "manifest.json").is_file():
         prepare(scenario, seed=int(flat["run.seed"]), out_dir=data_dir)
-    return run_flat(flat, num_supernodes or scenario.institutions)
+    return run_flat(flat, num_supernodes or scenario.institutions, mods)
 
 
 def resume(run_dir: Path, overrides: Mapping[str, Scalar] | None = None) -> Path:

@@ -115,6 +115,18 @@ def test_scale_measures_rounds_memory_and_overhead_share(quick_run):
     assert 0 < round_["outside_training_share"] < 1
 
 
+def test_scale_splits_the_default_scenarios_round_time(quick_run):
+    scenario = load(quick_run[0], "scale")["default_scenario"]
+    assert scenario["status"] == "ok" and scenario["scenario"] == "hospitals"
+    (round_,) = scenario["rounds"]
+    assert round_["clients"] == load_scenario("hospitals").institutions  # all of them, as make run
+    assert round_["central_eval_seconds"] > 0  # timed by the server, read from metrics.jsonl
+    parts = scenario["shares"]
+    assert list(parts) == ["client training", "client evaluation", "central evaluation", "the rest"]
+    assert all(0 <= p < 1 for p in parts.values()) and sum(parts.values()) == pytest.approx(1)
+    assert parts["client training"] > 0 and parts["the rest"] > 0
+
+
 def test_utility_reports_accuracy_and_f1_per_setting(quick_run):
     data = load(quick_run[0], "utility")
     names = [s["setting"] for s in data["settings"]]
@@ -156,3 +168,14 @@ def test_aggregation_compares_the_three_modes_on_measured_bytes(quick_run):
     assert received["ffa"] < received["fedavg"]
     assert 0 <= by_mode["exact"]["mean_truncation_energy_lost"] < 1
     assert by_mode["fedavg"]["mean_truncation_energy_lost"] is None
+
+
+@pytest.mark.parametrize("name", ["hospitals-probe", "banks-probe"])
+def test_a_probe_grid_trains_the_probe_on_the_grids_own_split(tmp_path, name):
+    flat = bench_utility.setting_flat(
+        tmp_path / "data-iid", tmp_path / "run", load_scenario(name), 8.0, None, False, {}
+    )
+    cfg = resolve(flat)
+    assert cfg.data.dir == str(tmp_path / "data-iid")  # not the scenario's data/<name> files
+    assert cfg.data.test_path == str(tmp_path / "data-iid" / "test.csv")
+    assert (cfg.train.trainable, cfg.model.pooling) == ("head", "mean")
