@@ -135,6 +135,9 @@ def test_utility_reports_accuracy_and_f1_per_setting(quick_run):
         assert 0 <= s["accuracy"] <= 1 and 0 <= s["macro_f1"] <= 1
     assert data["settings"][0]["epsilon"] is None
     assert 0 < data["majority_class"]["accuracy"] <= 1  # the learned-nothing line
+    guess = data["frequency_guess"]  # the learned-nothing-from-the-text line
+    assert guess["accuracy"] <= data["majority_class"]["accuracy"]
+    assert guess["macro_f1"] == pytest.approx(1 / 3)  # every class occurs in the test sample
     for s in data["settings"][1:]:
         assert 0 < s["epsilon"] <= 8.0 + 1e-6
 
