@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from simulations.bench import fmt, model_overrides, save_figure, table_head
-from simulations.bench_utility import federated, majority_baseline, make_data, setting_flat
+from simulations.bench_utility import baselines, federated, make_data, setting_flat
 
 MODES = ("fedavg", "ffa", "exact")
 EPSILONS = (None, 8.0)
@@ -48,7 +48,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         "scenario": "hospitals (UCI drug reviews, Dirichlet 1.0), the default of make run",
         "rounds": settings[-1]["rounds"],
         "settings": settings,
-        "majority_class": majority_baseline(data, str(flat["data.labels"])),
+        "majority_class": baselines(data, str(flat["data.labels"]))["majority_class"],
     }
     plot(result, out_dir / "aggregation.png")
     return result

@@ -137,26 +137,25 @@ def centralised(flat: Mapping[str, Scalar], data_dir: Path) -> dict:
     return {"accuracy": scores["accuracy"], "macro_f1": scores["macro-f1"], "epsilon": spent}
 
 
-def majority_baseline(data_dir: Path, labels: str = LABELS) -> dict[str, float]:
-    """Always predicting the test set's most frequent class: a run at this line has learned
-    the class prior only."""
+def baselines(data_dir: Path, labels: str = LABELS) -> dict[str, dict[str, float]]:
+    """Two scores on the test set that need no model.
+
+    ``majority_class``: always predicting the most frequent class; a run at this line has
+    learned the class prior only. ``frequency_guess``: the expected scores of guessing each
+    label at its frequency p_k, blind to the text: accuracy sum(p_k^2) and, since each
+    class's expected F1 is then p_k, macro-F1 1 / (number of classes present). A run can
+    leave the majority class and still sit there; above it, it has learned from the text."""
     test = load_labeled(data_dir / "test.csv", "text", "label", labels.split(","))
-    guess = np.full_like(test.labels, np.bincount(test.labels).argmax())
+    counts = np.bincount(test.labels)
+    guess = np.full_like(test.labels, counts.argmax())
+    freq = counts[counts > 0] / len(test.labels)
     return {
-        "accuracy": float(np.mean(guess == test.labels)),
-        "macro_f1": macro_f1(test.labels, guess, len(labels.split(","))),
+        "majority_class": {
+            "accuracy": float(np.mean(guess == test.labels)),
+            "macro_f1": macro_f1(test.labels, guess, len(labels.split(","))),
+        },
+        "frequency_guess": {"accuracy": float(np.sum(freq**2)), "macro_f1": 1 / len(freq)},
     }
-
-
-def frequency_guess(data_dir: Path, labels: str = LABELS) -> dict[str, float]:
-    """The expected scores of guessing each label at its test-set frequency p_k, blind to the
-    text: accuracy sum(p_k^2) and, since each class's expected F1 is then p_k, macro-F1
-    1 / (number of classes present). A run can leave the majority class and still sit
-    here: above this line it has learned something from the text."""
-    test = load_labeled(data_dir / "test.csv", "text", "label", labels.split(","))
-    freq = np.bincount(test.labels) / len(test.labels)
-    freq = freq[freq > 0]
-    return {"accuracy": float(np.sum(freq**2)), "macro_f1": 1 / len(freq)}
 
 
 def federated(flat: Mapping[str, Scalar], sites: int) -> dict:
@@ -212,8 +211,7 @@ def run(
         "rounds": settings[-1]["rounds"],
         "delta": 1e-5,
         "settings": settings,
-        "majority_class": majority_baseline(data, str(flat["data.labels"])),
-        "frequency_guess": frequency_guess(data, str(flat["data.labels"])),
+        **baselines(data, str(flat["data.labels"])),
         "target_share": TARGET_SHARE,
     }
     plot(result, out_dir / "utility.png")
