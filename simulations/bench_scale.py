@@ -61,6 +61,7 @@ QUICK = {
 }
 ROWS_PER_SITE = 24
 TARGET_OUTSIDE_SHARE = 0.10
+REST = "Flower, Ray, serialisation, validation, aggregation, checkpointing"
 
 
 def timing_mod(path: str):
@@ -134,7 +135,6 @@ def summarise(work: Path) -> list[dict[str, Any]]:
             continue
         train = max(busy[(m["round"], "train")].values(), default=0.0)
         evaluate = max(busy[(m["round"], "evaluate")].values(), default=0.0)
-        central = m.get("central_eval_seconds", 0.0)
         rounds.append(
             {
                 "round": m["round"],
@@ -142,7 +142,7 @@ def summarise(work: Path) -> list[dict[str, Any]]:
                 "seconds": m["seconds"],
                 "busiest_worker_train_seconds": round(train, 2),
                 "busiest_worker_evaluate_seconds": round(evaluate, 2),
-                "central_eval_seconds": central,
+                "central_eval_seconds": m.get("central_eval_seconds", 0.0),
                 "outside_training_share": round(1 - train / m["seconds"], 3),
                 "outside_client_share": round(1 - (train + evaluate) / m["seconds"], 3),
             }
@@ -219,8 +219,7 @@ def describe(result: dict[str, Any], work: Path) -> dict[str, Any]:
 
 
 def shares(rounds: list[dict[str, Any]]) -> dict[str, float]:
-    """What share of the rounds' summed wall time each part took; the rest is Flower, Ray,
-    serialisation, validation, aggregation and checkpointing."""
+    """What share of the rounds' summed wall time each part took; the rest is ``REST``."""
     total = sum(r["seconds"] for r in rounds)
     parts = {
         part: sum(r[key] for r in rounds) / total
@@ -308,8 +307,7 @@ def scenario_table(result: dict[str, Any]) -> str:
     )
     return (
         f"### Default scenario's round time ({s['scenario']}, {s['model']}, "
-        f"{result['grid']['scenario_rounds']} rounds; the rest: Flower, Ray, serialisation, "
-        "aggregation, checkpointing)\n\n" + "\n".join(rows)
+        f"{result['grid']['scenario_rounds']} rounds; the rest: {REST})\n\n" + "\n".join(rows)
     )
 
 
