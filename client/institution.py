@@ -1,10 +1,14 @@
-"""Who this client is and where its data and ledger live.
+"""Who this client is, where its data and ledger live, and its own privacy policy.
 
-In deployment every value comes from the SuperNode's ``--node-config`` (set by the
-institution, never by the server): ``institution``, ``data-path``, ``ledger-path``,
-``max-epsilon``, ``budget-scope``, ``device``, ``text-column``, ``label-column``, ``lora-rank``
-(a smaller adapter for a small GPU). In simulation the node only knows its ``partition-id``;
-the prepared data folder names its institutions and ``lora.client-ranks`` their ranks.
+In deployment every value comes from the SuperNode's ``--node-config``, set by the
+institution and never by the server: ``institution``, ``data-path``, ``ledger-path``,
+``signing-key``, the policy (``max-epsilon``, ``max-delta``, ``accountants`` are required;
+``local-eval-noise``, ``allow-non-private`` and the testing-only ``insecure-seed`` optional),
+``device``, ``text-column``, ``label-column``, ``encoding`` and ``lora-rank`` (a smaller
+adapter for a small GPU). A node without its policy or ledger path refuses to train. In
+simulation the node only knows its ``partition-id``: the prepared data folder names its
+institutions, ``lora.client-ranks`` their ranks, and the ``privacy`` section of the run
+config stands in for their policy.
 """
 
 from __future__ import annotations
@@ -15,17 +19,24 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from common.config import ConfigError, RunConfig
+from common.config import ConfigError, PrivacyPolicy, RunConfig, check_policy
 
+REQUIRED_IN_DEPLOYMENT = ("ledger-path", "max-epsilon", "max-delta", "accountants")
 NODE_KEYS = {
     "institution",
     "data-path",
     "ledger-path",
+    "signing-key",
     "max-epsilon",
-    "budget-scope",
+    "max-delta",
+    "accountants",
+    "local-eval-noise",
+    "allow-non-private",
+    "insecure-seed",
     "device",
     "text-column",
     "label-column",
+    "encoding",
     "lora-rank",
     "partition-id",
     "num-partitions",
@@ -33,16 +44,43 @@ NODE_KEYS = {
 
 
 @dataclass(frozen=True)
+class Policy:
+    """The institution's own privacy parameters; the run config can ask, never set them."""
+
+    max_epsilon: float
+    max_delta: float
+    accountants: tuple[str, ...]
+    local_eval_noise: float  # 0: no local evaluation is released
+    allow_non_private: bool
+    insecure_seed: int | None  # testing only: noise and sampling predictable from it
+
+    @classmethod
+    def simulated(cls, p: PrivacyPolicy) -> Policy:
+        """Every simulated institution's policy: the run config's ``privacy`` section."""
+        seed = p.insecure_seed if p.insecure_seed >= 0 else None
+        return cls(
+            p.max_epsilon,
+            p.max_delta,
+            tuple(p.accountant_list),
+            p.local_eval_noise,
+            p.allow_non_private,
+            seed,
+        )
+
+
+@dataclass(frozen=True)
 class Institution:
     name: str
     data_path: Path
     ledger_path: Path
-    max_epsilon: float
-    budget_scope: str
+    signing_key: Path | None  # None: the key created beside the ledger
+    simulated: bool  # a simulation creates its ledgers on first use; a deployment never
+    policy: Policy
     device: str
     text_column: str
     label_column: str
     rank: int  # this institution's LoRA rank, at most lora.rank
+    encoding: str = "utf-8"  # of its CSV/TSV/JSONL file (node config, else data.encoding)
 
     @classmethod
     def from_context(cls, context: Context, cfg: RunConfig, run_name: str) -> Institution:
@@ -51,34 +89,61 @@ class Institution:
         if unknown:
             raise ConfigError(f"unknown node-config key(s): {', '.join(unknown)}")
         rank = cfg.lora.rank
-        if "data-path" in node:
+        simulated = "data-path" not in node
+        if not simulated:
             name = str(node.get("institution", f"node-{context.node_id}"))
+            missing = [k for k in REQUIRED_IN_DEPLOYMENT if k not in node]
+            if missing:
+                raise ConfigError(
+                    f"{name}: node config lacks {', '.join(missing)}; an institution sets its "
+                    "own ledger and privacy policy, the server cannot"
+                )
             data_path = Path(str(node["data-path"]))
-            ledger_default = data_path.parent / "privacy-ledger.jsonl"
+            ledger_path = Path(str(node["ledger-path"]))
+            policy = _policy(node, name)
         else:
             pid = int(node.get("partition-id", 0))
             name = simulated_name(Path(cfg.data.dir), pid)
-            data_path = Path(cfg.data.dir) / f"{name}.csv"
-            ledger_default = Path(cfg.run.output_dir) / run_name / "privacy" / f"{name}.jsonl"
+            data_path = simulated_file(Path(cfg.data.dir), name)
+            ledger_path = Path(cfg.run.output_dir) / run_name / "privacy" / f"{name}.jsonl"
+            policy = Policy.simulated(cfg.privacy)
             if cfg.lora.ranks:
                 rank = cfg.lora.ranks[pid % len(cfg.lora.ranks)]
         rank = int(node.get("lora-rank", rank))
         if not 0 < rank <= cfg.lora.rank:
             raise ConfigError(f"{name}: lora-rank {rank} must be between 1 and {cfg.lora.rank}")
-        scope = str(node.get("budget-scope", cfg.privacy.budget_scope))
-        if scope not in ("lifetime", "run"):
-            raise ConfigError(f"budget-scope must be 'lifetime' or 'run', got {scope!r}")
+        key = node.get("signing-key")
         return cls(
             name=name,
             data_path=data_path,
-            ledger_path=Path(str(node.get("ledger-path", ledger_default))),
-            max_epsilon=float(node.get("max-epsilon", cfg.privacy.max_epsilon)),
-            budget_scope=scope,
+            ledger_path=ledger_path,
+            signing_key=Path(str(key)) if key else None,
+            simulated=simulated,
+            policy=policy,
             device=str(node.get("device", "auto")),
             text_column=str(node.get("text-column", cfg.data.text_column)),
             label_column=str(node.get("label-column", cfg.data.label_column)),
             rank=rank,
+            encoding=str(node.get("encoding", cfg.data.encoding)),
         )
+
+
+def _policy(node: dict, name: str) -> Policy:
+    """The policy keys of a node config, checked as the run config's are."""
+    try:
+        max_epsilon = float(node["max-epsilon"])
+        max_delta = float(node["max-delta"])
+        eval_noise = float(node.get("local-eval-noise", 0.0))
+        seed = node.get("insecure-seed")
+        insecure_seed = int(seed) if seed is not None else None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: node config: {e}") from e
+    accountants = tuple(a.strip() for a in str(node["accountants"]).split(",") if a.strip())
+    check_policy(f"{name}: node config ", max_epsilon, max_delta, list(accountants), eval_noise)
+    allow = node.get("allow-non-private", False)
+    if not isinstance(allow, bool):
+        raise ConfigError(f"{name}: node config allow-non-private must be true or false")
+    return Policy(max_epsilon, max_delta, accountants, eval_noise, allow, insecure_seed)
 
 
 def simulated_name(data_dir: Path, partition_id: int) -> str:
@@ -94,3 +159,12 @@ def simulated_name(data_dir: Path, partition_id: int) -> str:
             )
         return names[partition_id]
     return f"institution-{partition_id:02d}"
+
+
+def simulated_file(data_dir: Path, name: str) -> Path:
+    """A simulated institution's file: the manifest's ``files`` entry when it has one (a path
+    relative to the folder or absolute: user data of any format, ``privatune simulate
+    --data-dir``), else ``<name>.csv`` in the folder."""
+    manifest = data_dir / "manifest.json"
+    files = json.loads(manifest.read_text()).get("files", {}) if manifest.is_file() else {}
+    return data_dir / files.get(name, f"{name}.csv")

@@ -5,35 +5,40 @@ Opacus wraps the model, optimizer and loader for this round only (``dp.grad-samp
 (``"fused"``, client.fused_clipping). Either way the privacy spent is read back from Opacus'
 accountant as (noise multiplier, sample rate, steps) and composed with the institution's
 earlier rounds by the ledger, never reported per round.
+
+The noise and the Poisson sampling draw from generators seeded with 63 bits from the
+operating system's CSPRNG, fresh every round: nothing the server knows or sets (run seed,
+round, institution name) predicts them. A fixed seed is a node-local testing switch only
+(``insecure-seed``), and the ledger says so.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.fused_clipping import FusedClipping
 from common.config import RunConfig
-from common.privacy import Mechanism
+from common.privacy import Mechanism, steps_per_epoch
 
-# Expected with frozen embeddings and Opacus' default (non-cryptographic) RNG; they would
-# otherwise repeat on every round of every client.
+# Our generators are CSPRNG-seeded (Opacus' secure mode needs torchcsprng, not built for
+# this torch); the second warning is expected with frozen embeddings. Both would otherwise
+# repeat on every round of every client.
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
-GRAD_SAMPLE_MODES = ("hooks", "fused")
-
-
 @dataclass(frozen=True)
 class RoundResult:
-    train_loss: float
+    train_loss: float  # exact: released only when DP is off
     steps: int
     mechanism: Mechanism | None  # None when DP is off
 
@@ -49,9 +54,29 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
     groups = [g for g in groups if g["params"]]  # train.trainable = "head": no LoRA group
     if cfg.train.optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=0.0)
-    if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(groups)
-    raise ValueError(f"train.optimizer: unknown optimizer {cfg.train.optimizer!r} (adamw, sgd)")
+    return torch.optim.SGD(groups)  # config.OPTIMIZERS: adamw or sgd
+
+
+def os_seed() -> int:
+    """63 bits from the operating system's CSPRNG."""
+    return secrets.randbits(63)
+
+
+def round_loader(
+    data: TensorDataset, batch_size: int, dp: bool, poisson: bool, generator: torch.Generator
+) -> DataLoader:
+    """The round's batches: Opacus' Poisson loader under DP (whose length is the schedule
+    that :func:`common.privacy.steps_per_epoch` plans and the accountant records), else a
+    shuffled one."""
+    plain = DataLoader(
+        data, batch_size=batch_size, shuffle=not (dp and poisson), generator=generator
+    )
+    if not (dp and poisson):
+        return plain
+    loader = DPDataLoader.from_data_loader(plain, generator=generator)
+    if len(loader) != steps_per_epoch(len(data), batch_size):
+        raise RuntimeError("Poisson loader and privacy plan disagree on the steps per epoch")
+    return loader
 
 
 def train_round(
@@ -60,45 +85,39 @@ def train_round(
     cfg: RunConfig,
     noise_multiplier: float,
     device: torch.device,
-    seed: int,
+    seed: int | None = None,
     poisson_sampling: bool = True,
     proximal_mu: float = 0.0,
 ) -> RoundResult:
-    """Train ``cfg.train.local_epochs`` epochs in place. ``poisson_sampling=False`` exists so
-    that tests can compare DP-SGD and plain SGD on identical batches.
+    """Train ``cfg.train.local_epochs`` epochs in place. ``seed`` fixes noise, sampling and
+    dropout for tests (never in production: None draws from the OS CSPRNG).
+    ``poisson_sampling=False`` exists so that tests can compare DP-SGD and plain SGD on
+    identical batches.
 
     ``proximal_mu`` > 0 adds FedProx's pull towards the starting (global) adapter. It is
     applied after each optimizer step rather than through the loss: Opacus computes
     per-sample gradients from activations and would silently drop a loss term that depends
     on the weights alone; as a data-independent step it is also free under DP."""
-    if cfg.dp.enabled and cfg.dp.grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(
-            f"dp.grad-sample-mode: unknown mode {cfg.dp.grad_sample_mode!r} "
-            f"({', '.join(GRAD_SAMPLE_MODES)})"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    loader = DataLoader(
-        data,
-        batch_size=cfg.train.batch_size,
-        shuffle=not poisson_sampling or not cfg.dp.enabled,
-        generator=generator,
-    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(os_seed() if seed is None else seed)
+    loader = round_loader(data, cfg.train.batch_size, cfg.dp.enabled, poisson_sampling, generator)
     optimizer = make_optimizer(model, cfg)
     engine = None
     clipping = None
     module: torch.nn.Module = model
     if cfg.dp.enabled:
         engine = PrivacyEngine(accountant=cfg.dp.accountant)
-        noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        noise_generator = torch.Generator(device=device).manual_seed(
+            os_seed() if seed is None else seed + 1
+        )
         if cfg.dp.grad_sample_mode == "fused":
-            clipping, loader = FusedClipping.attach(
+            clipping = FusedClipping.attach(
                 model,
                 optimizer,
                 loader,
                 noise_multiplier=noise_multiplier,
                 max_grad_norm=cfg.dp.max_grad_norm,
-                poisson_sampling=poisson_sampling,
                 generator=noise_generator,
                 accountant=engine.accountant,
             )
@@ -109,7 +128,7 @@ def train_round(
                 data_loader=loader,
                 noise_multiplier=noise_multiplier,
                 max_grad_norm=cfg.dp.max_grad_norm,
-                poisson_sampling=poisson_sampling,
+                poisson_sampling=False,  # the loader is Poisson already (round_loader)
                 noise_generator=noise_generator,
                 grad_sample_mode=cfg.dp.grad_sample_mode,
             )

@@ -32,13 +32,30 @@ def _fail(message: str) -> None:
 
 @app.command()
 def simulate(
-    scenario: str = typer.Option("hospitals", help="scenario name under simulations/ or a path"),
+    scenario: str = typer.Option(
+        "",
+        help="scenario name under simulations/ or a path (default hospitals); "
+        "with --data-dir it lends its training recipe only",
+    ),
     set_: list[str] = typer.Option(
         [], "--set", help="override a config key, e.g. dp.enabled=false"
     ),
     resume: str = typer.Option("", help="continue this run folder from its last checkpoint"),
+    data_dir: str = typer.Option(
+        "",
+        help="your own data: one institution per file in this folder (CSV, TSV, Parquet, "
+        "JSONL), or one file to split; it is only read",
+    ),
+    test_file: str = typer.Option("", help="central test file (not an institution)"),
+    text_column: str = typer.Option("", help="text column (default data.text-column)"),
+    label_column: str = typer.Option("", help="label column (default data.label-column)"),
+    labels: str = typer.Option("", help="label set a,b,...; default: inferred, printed"),
+    split_by: str = typer.Option("", help="split one file into institutions by this column"),
+    dirichlet: float = typer.Option(0.0, help="split one file by label skew, Dirichlet(ALPHA)"),
+    institutions: int = typer.Option(0, help="institutions of the --dirichlet split"),
 ) -> None:
-    """Run a scenario as a local federated simulation (or resume a stopped one)."""
+    """Run a scenario as a local federated simulation (or resume a stopped one, or run on
+    your own files with --data-dir)."""
     from pathlib import Path
 
     from common.config import ConfigError
@@ -46,11 +63,38 @@ def simulate(
     from simulations import simulate as sim
     from simulations.scenario import load_scenario
 
+    overrides = _parse_overrides(set_)
     try:
         if resume:
-            run_dir = sim.resume(Path(resume), _parse_overrides(set_))
+            run_dir = sim.resume(Path(resume), overrides)
+        elif data_dir:
+            from simulations import byod
+
+            for key in ("data.dir", "data.test-path"):
+                if key in overrides:
+                    _fail(f"--set {key} does not go with --data-dir (use --data-dir/--test-file)")
+            defaults = {**byod.app_defaults(), **overrides}
+            user = byod.UserData(
+                source=Path(data_dir),
+                test_file=Path(test_file) if test_file else None,
+                text_column=text_column or str(defaults["data.text-column"]),
+                label_column=label_column or str(defaults["data.label-column"]),
+                labels=tuple(x.strip() for x in labels.split(",") if x.strip()),
+                split_by=split_by,
+                dirichlet=dirichlet,
+                institutions=institutions,
+                encoding=str(defaults["data.encoding"]),
+                seed=int(defaults["run.seed"]),
+            )
+            prepared = byod.prepare_user_data(user)
+            typer.echo(f"institutions ({len(prepared.names)}): {', '.join(prepared.names)}")
+            how = "inferred from the data; fix with --labels" if prepared.inferred else "given"
+            typer.echo(f"labels ({how}): {','.join(prepared.labels)}")
+            recipe = load_scenario(scenario).config if scenario else {}
+            flat = byod.user_flat(prepared, user, recipe, overrides)
+            run_dir = sim.run_flat(flat, len(prepared.names))
         else:
-            run_dir = sim.simulate(load_scenario(scenario), _parse_overrides(set_))
+            run_dir = sim.simulate(load_scenario(scenario or "hospitals"), overrides)
     except (ConfigError, DataError, sim.SimulationError) as e:
         _fail(str(e))
     typer.echo(f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
@@ -75,6 +119,9 @@ def plan(
     data_size: int = typer.Option(0, help="local training rows"),
     batch_size: int = typer.Option(0, help="expected batch size"),
     accountant: str = typer.Option("rdp", help="rdp or prv"),
+    eval_noise: float = typer.Option(
+        0.0, help="noise of a local evaluation released every round (node local-eval-noise)"
+    ),
 ) -> None:
     """Print the noise multiplier that meets a target epsilon, and epsilon after each round."""
     from common import privacy
@@ -84,7 +131,9 @@ def plan(
             _fail("give --sample-rate, or both --data-size and --batch-size")
         sample_rate = privacy.sample_rate(data_size, batch_size)
     try:
-        p = privacy.plan(target_epsilon, delta, rounds, local_epochs, sample_rate, accountant)
+        p = privacy.plan(
+            target_epsilon, delta, rounds, local_epochs, sample_rate, accountant, eval_noise
+        )
     except ValueError as e:
         _fail(str(e))
     typer.echo(f"noise multiplier: {p.noise_multiplier:.4f}")
@@ -96,10 +145,14 @@ def plan(
 @app.command()
 def audit(
     path: str = typer.Argument(..., help="a run folder or one ledger file"),
+    anchors: str = typer.Option(
+        "", help="a run folder whose recorded ledger heads a ledger file must match"
+    ),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
     html_out: str = typer.Option("", "--html", help="also write an HTML report to this file"),
 ) -> None:
-    """Verify ledgers: hash chain, epsilon recomputed by two accountants, budgets.
+    """Verify ledgers: hash chain and signatures, epsilon recomputed by two accountants,
+    budgets, and (for a run folder, or with --anchors) the ledger heads the server recorded.
     Exit status 0 only when every ledger verifies and is within budget."""
     import json
     from pathlib import Path
@@ -107,7 +160,7 @@ def audit(
     from common.audit import HEADERS, rows, to_html, to_json
     from common.audit import audit as run_audit
 
-    results = run_audit(Path(path))
+    results = run_audit(Path(path), Path(anchors) if anchors else None)
     if as_json:
         typer.echo(json.dumps(to_json(results), indent=2))
     else:
@@ -125,6 +178,35 @@ def audit(
         raise typer.Exit(1)
 
 
+ledger_app = typer.Typer(help="An institution's privacy ledger.")
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("init")
+def ledger_init(
+    path: str = typer.Argument(..., help="the ledger file (node config ledger-path)"),
+    institution: str = typer.Option(..., help="the institution's name (node config)"),
+    signing_key: str = typer.Option(
+        "",
+        help="private key that signs every record (e.g. the SuperNode key); default: a "
+        "new Ed25519 key beside the ledger",
+    ),
+) -> None:
+    """Create a ledger with its genesis record. A node never starts one silently: a missing
+    ledger stops training, so that a lost ledger cannot reset a budget."""
+    from pathlib import Path
+
+    from common.ledger import Ledger, LedgerError, sibling
+
+    try:
+        ledger = Ledger.create(Path(path), institution, Path(signing_key) if signing_key else None)
+    except (LedgerError, OSError) as e:
+        _fail(str(e))
+    key = signing_key or sibling(Path(path), ".key")
+    typer.echo(f"{path}: ledger of {institution}, records signed with {key}")
+    typer.echo(f"public key: {ledger.records[0].public_key}")
+
+
 data_app = typer.Typer(help="Check an institution's data before a run.")
 app.add_typer(data_app, name="data")
 
@@ -135,6 +217,7 @@ def data_check(
     text_column: str = typer.Option("text"),
     label_column: str = typer.Option("label"),
     labels: str = typer.Option("negative,neutral,positive", help="the federation's label set"),
+    encoding: str = typer.Option("utf-8", help="of CSV/TSV/JSONL files, e.g. latin-1"),
 ) -> None:
     """Validate a data file exactly as a client would, and summarise it."""
     from collections import Counter
@@ -143,7 +226,7 @@ def data_check(
 
     names = [x.strip() for x in labels.split(",") if x.strip()]
     try:
-        data = load_labeled(file, text_column, label_column, names)
+        data = load_labeled(file, text_column, label_column, names, encoding)
     except DataError as e:
         _fail(str(e))
     lengths = sorted(len(t.split()) for t in data.texts)

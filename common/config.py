@@ -10,6 +10,7 @@ falling back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -19,6 +20,9 @@ from typing import Any, get_type_hints
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 Scalar = bool | int | float | str
 TRANSPORT_DTYPES = ("float32", "float16")
+ACCOUNTANTS = ("rdp", "prv")  # Opacus accountants with an independent check in the audit
+GRAD_SAMPLE_MODES = ("hooks", "fused")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 class ConfigError(ValueError):
@@ -64,8 +68,12 @@ class TrainSettings:
     batch_size: int
     learning_rate: float
     head_learning_rate: float
-    optimizer: str
+    optimizer: str  # one of OPTIMIZERS
     trainable: str  # "adapter" (LoRA factors and head) or "head" (the head alone)
+
+    def __post_init__(self) -> None:
+        _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("train.trainable", self.trainable, ("adapter", "head"))
 
 
 @dataclass(frozen=True)
@@ -120,21 +128,74 @@ class CentralDPSettings:
 
 @dataclass(frozen=True)
 class DPSettings:
+    """What the run asks of DP-SGD. Each institution checks these against its own policy
+    (:class:`PrivacyPolicy`, node config in deployment) before it trains."""
+
     enabled: bool
     target_epsilon: float
     delta: float
     noise_multiplier: float  # 0 means: derive it from target_epsilon over the planned run
     max_grad_norm: float
-    accountant: str
+    accountant: str  # one of ACCOUNTANTS
     grad_sample_mode: str  # "hooks" (Opacus' GradSampleModule) or "fused" (client.fused_clipping)
+
+    def __post_init__(self) -> None:
+        _one_of("dp.accountant", self.accountant, ACCOUNTANTS)
+        _one_of("dp.grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"config key 'dp.delta' must lie in (0, 1), got {self.delta!r}")
+        _positive("dp.target-epsilon", self.target_epsilon)
+        _positive("dp.max-grad-norm", self.max_grad_norm)
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ConfigError(
+                f"config key 'dp.noise-multiplier' must be 0 (planned) or positive, "
+                f"got {self.noise_multiplier!r}"
+            )
 
 
 @dataclass(frozen=True)
-class PrivacyBudget:
-    """An institution's own budget; in deployment its node config overrides these keys."""
+class PrivacyPolicy:
+    """An institution's own privacy policy. In deployment it comes from the node config
+    (keys without the ``privacy.`` prefix) and these run-config keys are ignored; in a
+    simulation they stand in for every simulated institution's node config."""
 
-    max_epsilon: float
-    budget_scope: str  # "lifetime" (all runs in the ledger) or "run"
+    max_epsilon: float  # lifetime budget over the institution's whole ledger
+    max_delta: float  # the largest dp.delta the institution accepts (also below 1/n)
+    accountants: str  # accountants the institution accepts for dp.accountant
+    local_eval_noise: float  # noise multiplier of local evaluation's confusion matrix; 0 = off
+    allow_non_private: bool  # whether dp.enabled = false may train on this data at all
+    insecure_seed: int  # testing only, -1 = off: noise and sampling from this fixed seed
+
+    def __post_init__(self) -> None:
+        check_policy(
+            "privacy.",
+            self.max_epsilon,
+            self.max_delta,
+            self.accountant_list,
+            self.local_eval_noise,
+        )
+
+    @property
+    def accountant_list(self) -> list[str]:
+        return [a.strip() for a in self.accountants.split(",") if a.strip()]
+
+
+def check_policy(
+    prefix: str, max_epsilon: float, max_delta: float, accountants: list[str], eval_noise: float
+) -> None:
+    """An institution's policy values, from a node config or the ``privacy`` section."""
+    if not (math.isfinite(max_epsilon) and max_epsilon > 0):
+        raise ConfigError(
+            f"{prefix}max-epsilon must be a finite number above 0, got {max_epsilon!r}"
+        )
+    if not 0 < max_delta < 1:
+        raise ConfigError(f"{prefix}max-delta must lie in (0, 1), got {max_delta!r}")
+    if not accountants:
+        raise ConfigError(f"{prefix}accountants must name at least one of {ACCOUNTANTS}")
+    for name in accountants:
+        _one_of(f"{prefix}accountants", name, ACCOUNTANTS)
+    if not (math.isfinite(eval_noise) and eval_noise >= 0):
+        raise ConfigError(f"{prefix}local-eval-noise must be 0 (off) or positive")
 
 
 @dataclass(frozen=True)
@@ -145,6 +206,7 @@ class DataSettings:
     labels: str
     eval_fraction: float
     test_path: str
+    encoding: str  # of CSV, TSV and JSON Lines files, e.g. "latin-1" (Parquet stores its own)
 
     @property
     def label_names(self) -> list[str]:
@@ -161,8 +223,21 @@ class RunConfig:
     aggregation: AggregationSettings
     dp: DPSettings
     central_dp: CentralDPSettings
-    privacy: PrivacyBudget
+    privacy: PrivacyPolicy
     data: DataSettings
+
+    def __post_init__(self) -> None:
+        """Checks across sections (each section checks its own values)."""
+        if self.central_dp.enabled:
+            if self.aggregation.strategy != "fedavg" or self.aggregation.mode == "exact":
+                raise ConfigError(
+                    'central-dp: needs aggregation.strategy = "fedavg" and a mode other than '
+                    '"exact" (its noise is calibrated to an equally weighted mean)'
+                )
+            if self.lora.client_ranks.strip():
+                raise ConfigError("central-dp: lora.client-ranks (mixed ranks) is not supported")
+            _positive("central-dp.noise-multiplier", self.central_dp.noise_multiplier)
+            _positive("central-dp.clipping-norm", self.central_dp.clipping_norm)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Scalar]) -> RunConfig:
@@ -191,6 +266,16 @@ class RunConfig:
             for key, value in dataclasses.asdict(getattr(self, section.name)).items():
                 out[_key(section.name, key)] = value
         return out
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"config key '{key}' must be a finite number above 0, got {value!r}")
 
 
 def _key(section: str, name: str) -> str:

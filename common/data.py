@@ -8,6 +8,7 @@ validated before a single row is returned.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,14 @@ READERS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl
 
 
 class DataError(ValueError):
-    """Bad input data; the message is a single line that names the file and field."""
+    """Bad input data; the message is a single line that names the file and field.
+
+    ``public`` is what may leave the institution (a client's error reply to the server):
+    the file and the field, never a row number, a value or a count from the data."""
+
+    def __init__(self, message: str, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public or message
 
 
 @dataclass(frozen=True)
@@ -42,8 +50,9 @@ class LabeledText:
         )
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read CSV, TSV, Parquet or JSON Lines by file suffix."""
+def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
+    """Read CSV, TSV, Parquet or JSON Lines by file suffix; ``encoding`` is that of the text
+    formats (``data.encoding``, e.g. ``latin-1``; Parquet stores its own)."""
     path = Path(path)
     kind = READERS.get(path.suffix.lower())
     if kind is None:
@@ -53,28 +62,43 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
+        codecs.lookup(encoding)
+    except LookupError as e:
+        raise DataError(f"{path}: unknown encoding {encoding!r} (data.encoding)") from e
+    try:
         if kind == "csv":
-            return pd.read_csv(path, encoding="utf-8")
+            return pd.read_csv(path, encoding=encoding)
         if kind == "tsv":
-            return pd.read_csv(path, sep="\t", encoding="utf-8")
+            return pd.read_csv(path, sep="\t", encoding=encoding)
         if kind == "parquet":
             return pd.read_parquet(path)
-        return pd.read_json(path, lines=True, encoding="utf-8")
+        return pd.read_json(path, lines=True, encoding=encoding)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text at byte {e.start}; re-encode the file") from e
+        raise DataError(
+            f"{path}: not {encoding.upper()} text at byte {e.start}; "
+            "set data.encoding (e.g. latin-1) or re-encode the file",
+            public=f"{path}: not {encoding.upper()} text (data.encoding)",
+        ) from e
     except pd.errors.EmptyDataError as e:
         raise DataError(f"{path}: the file is empty") from e
     except Exception as e:  # pandas/pyarrow raise many types for malformed files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path}: cannot be read as {kind}: {reason}") from e
+        raise DataError(
+            f"{path}: cannot be read as {kind}: {reason}",
+            public=f"{path}: cannot be read as {kind}",
+        ) from e
 
 
 def load_labeled(
-    path: str | Path, text_column: str, label_column: str, label_names: list[str]
+    path: str | Path,
+    text_column: str,
+    label_column: str,
+    label_names: list[str],
+    encoding: str = "utf-8",
 ) -> LabeledText:
     """Read and validate a labelled text file against the federation's agreed label set."""
     path = Path(path)
-    frame = read_table(path)
+    frame = read_table(path, encoding)
     for column, key in ((text_column, "text-column"), (label_column, "label-column")):
         if column not in frame.columns:
             raise DataError(
@@ -86,7 +110,10 @@ def load_labeled(
     texts = frame[text_column]
     for row, value in texts.items():
         if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{path}: row {row}: empty text in column '{text_column}'")
+            raise DataError(
+                f"{path}: row {row}: empty text in column '{text_column}'",
+                public=f"{path}: empty text in column '{text_column}'",
+            )
     index = {name: i for i, name in enumerate(label_names)}
     labels = np.empty(len(frame), dtype=np.int64)
     for pos, (row, value) in enumerate(frame[label_column].items()):
@@ -94,7 +121,8 @@ def load_labeled(
         if key not in index:
             raise DataError(
                 f"{path}: row {row}: label {value!r} in column '{label_column}' "
-                f"is not one of {', '.join(label_names)}"
+                f"is not one of {', '.join(label_names)}",
+                public=f"{path}: a label in column '{label_column}' is not one of data.labels",
             )
         labels[pos] = index[key]
     text_list = [str(t) for t in texts]
@@ -117,7 +145,10 @@ def split_local(
 ) -> tuple[LabeledText, LabeledText]:
     """Split off a local evaluation set with a fixed seed (never empty on either side)."""
     if len(data) < 2:
-        raise DataError(f"{data.path}: {len(data)} row(s); at least 2 are needed to split")
+        raise DataError(
+            f"{data.path}: {len(data)} row(s); at least 2 are needed to split",
+            public=f"{data.path}: too few rows to split off a local evaluation set",
+        )
     order = np.random.default_rng(seed).permutation(len(data))
     n_eval = min(max(1, round(len(data) * eval_fraction)), len(data) - 1)
     return data.subset(order[n_eval:]), data.subset(order[:n_eval])

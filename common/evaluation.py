@@ -1,4 +1,6 @@
-"""Loss, accuracy and macro-F1 of a classifier on a tokenised data set (client and server)."""
+"""Scores of a classifier on a tokenised data set, all from one confusion matrix (client and
+server). A client releases only a noised matrix (:func:`noised_confusion`); the server turns
+the sum of those into accuracy and macro-F1 with :func:`scores`, which is post-processing."""
 
 from __future__ import annotations
 
@@ -7,19 +9,49 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> np.ndarray:
+    """Counts: rows are true labels, columns predictions."""
+    matrix = np.zeros((num_labels, num_labels))
+    np.add.at(matrix, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return matrix
+
+
+def scores(matrix: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro-F1 (unweighted mean of per-class F1 over the classes present in
+    truth or prediction) of a confusion matrix; noised cells below zero count as zero."""
+    m = np.clip(np.asarray(matrix, dtype=float), 0, None)
+    total = m.sum()
+    tp = np.diag(m)
+    fp, fn = m.sum(0) - tp, m.sum(1) - tp
+    present = (tp + fp + fn) > 0
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=present)
+    return {
+        "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
+        "macro-f1": float(f1[present].mean()) if present.any() else 0.0,
+    }
+
+
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> float:
-    """Unweighted mean of per-class F1 over the classes present in truth or prediction."""
-    scores = []
-    for c in range(num_labels):
-        tp = int(np.sum((y_pred == c) & (y_true == c)))
-        fp = int(np.sum((y_pred == c) & (y_true != c)))
-        fn = int(np.sum((y_pred != c) & (y_true == c)))
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else 0.0
+    return scores(confusion(y_true, y_pred, num_labels))["macro-f1"]
 
 
 @torch.no_grad()
+def predict(
+    model: torch.nn.Module, data: TensorDataset, device: torch.device, batch_size: int = 64
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """(summed loss, predictions, truth) of the model on every row."""
+    was_training = model.training
+    model.eval()
+    loss, preds, truth = 0.0, [], []
+    for ids, mask, labels in DataLoader(data, batch_size=batch_size):
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        loss += torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
+        preds.append(logits.argmax(-1).cpu().numpy())
+        truth.append(labels.numpy())
+    model.train(was_training)
+    return loss, np.concatenate(preds), np.concatenate(truth)
+
+
 def evaluate(
     model: torch.nn.Module,
     data: TensorDataset,
@@ -27,21 +59,27 @@ def evaluate(
     device: torch.device,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    losses, preds, truth = [], [], []
-    for ids, mask, labels in DataLoader(data, batch_size=batch_size):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        losses.append(
-            torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
-        )
-        preds.append(logits.argmax(-1).cpu().numpy())
-        truth.append(labels.numpy())
-    model.train(was_training)
-    y_pred, y_true = np.concatenate(preds), np.concatenate(truth)
+    """Exact loss, accuracy and macro-F1: for data the caller may see (the central test set)."""
+    loss, y_pred, y_true = predict(model, data, device, batch_size)
     return {
-        "loss": sum(losses) / len(y_true),
-        "accuracy": float(np.mean(y_pred == y_true)),
-        "macro-f1": macro_f1(y_true, y_pred, num_labels),
+        "loss": loss / len(y_true),
+        **scores(confusion(y_true, y_pred, num_labels)),
         "num-examples": len(y_true),
     }
+
+
+def noised_confusion(
+    model: torch.nn.Module,
+    data: TensorDataset,
+    num_labels: int,
+    device: torch.device,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> np.ndarray:
+    """The confusion matrix plus Gaussian noise of std ``noise_multiplier`` on every cell:
+    one record moves one cell by one (L2 sensitivity 1), so this is the Gaussian mechanism
+    that :func:`common.privacy.evaluation_release` accounts."""
+    _, y_pred, y_true = predict(model, data, device)
+    matrix = confusion(y_true, y_pred, num_labels)
+    noise = torch.normal(0.0, noise_multiplier, matrix.shape, generator=generator)
+    return matrix + noise.double().numpy()

@@ -1,44 +1,65 @@
-"""The privacy ledger: an institution's own append-only, hash-chained record of every round
-its data was used in (or refused for), across runs.
+"""The privacy ledger: an institution's own append-only, hash-chained, signed record of every
+release its data took part in (training rounds, local evaluations) and every refusal.
 
-One JSON object per line. Each record holds the SHA-256 of the previous record, and its own
-hash over its canonical JSON, so editing, deleting or reordering any record breaks the chain
-at a record :func:`verify_chain` can name. Appends rewrite the file to a temporary sibling,
-fsync it and rename it over the original: a crash at any point leaves either the old or the
-new ledger, never a torn line.
+One JSON object per line. The first record is the genesis: it names the institution and
+holds the public half of the node-local signing key. Every record holds the SHA-256 of the
+previous one, its own hash over its canonical JSON, and a signature of that hash, so editing,
+deleting or reordering a record breaks the chain at a record :func:`verify_chain` names, and
+rebuilding the chain needs the institution's private key.
+
+Three anchors keep a ledger from failing open:
+- a node-local anchor file (``<ledger>.anchor``: record count and head hash after the last
+  append): a ledger found missing, shorter, or different at that record is refused;
+- every training reply carries the ledger's count and head to the server, which records
+  them per round; ``privatune audit RUN`` checks each ledger against them;
+- an exclusive lock (``<ledger>.lock``) is held from the budget check to the append, so two
+  processes never both spend the same remaining budget.
+Appends write a uniquely named temporary sibling, fsync it and rename it over the original:
+a crash leaves either the old or the new ledger, never a torn line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from common.privacy import Mechanism
 
 GENESIS = "0" * 64
-FORMAT = "privatune-ledger/1"
+FORMAT = "privatune-ledger/2"
 MECHANISM = "poisson-subsampled-gaussian (DP-SGD)"
+STATUSES = ("genesis", "trained", "evaluated", "refused")
+SPENDING = ("trained", "evaluated")  # records whose mechanism counts against the budget
+NOISE_FROM_OS = "os-csprng"
 
 
 class LedgerError(ValueError):
-    """The ledger is unreadable or its chain is broken; names the record and field."""
+    """The ledger is missing, unreadable, unsigned or its chain is broken; names the record."""
 
 
 @dataclass(frozen=True)
 class LedgerRecord:
-    """One round of one institution. ``epsilon`` is cumulative within ``budget_scope``."""
+    """One release (or refusal) of one institution; ``epsilon`` is cumulative over the whole
+    ledger, the institution's lifetime budget."""
 
     format: str
     institution: str
     run_id: str
     round: int
     time: str
-    status: str  # "trained" or "refused"
+    status: str  # one of STATUSES
     mechanism: str
     noise_multiplier: float
     sample_rate: float
@@ -46,13 +67,15 @@ class LedgerRecord:
     max_grad_norm: float
     delta: float
     accountant: str
-    budget_scope: str
     max_epsilon: float
     epsilon: float
+    noise_source: str  # NOISE_FROM_OS, or "fixed seed (testing)"; flagged by the audit
     data_fingerprint: str
     adapter_fingerprint: str
+    public_key: str  # genesis only: the OpenSSH public key that signs every record
     prev_hash: str
     hash: str = ""
+    signature: str = ""
 
     @property
     def mechanism_step(self) -> Mechanism:
@@ -60,7 +83,7 @@ class LedgerRecord:
 
 
 def record_hash(fields: dict) -> str:
-    body = {k: v for k, v in fields.items() if k != "hash"}
+    body = {k: v for k, v in fields.items() if k not in ("hash", "signature")}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -87,61 +110,248 @@ def read_records(path: Path) -> list[LedgerRecord]:
 
 
 def verify_chain(path: Path, records: Iterable[LedgerRecord]) -> None:
-    """Raise :class:`LedgerError` at the first record whose hash or link is wrong."""
-    prev = GENESIS
+    """Raise :class:`LedgerError` at the first record whose hash, link or signature is wrong,
+    or when the ledger does not start with its one genesis record."""
+    prev, public_key = GENESIS, None
     for i, rec in enumerate(records, start=1):
-        fields = asdict(rec)
+        where = f"{path}: record {i} (run {rec.run_id}, round {rec.round})"
+        if (i == 1) != (rec.status == "genesis"):
+            raise LedgerError(f"{where}: the genesis record must come first, and only once")
         if rec.prev_hash != prev:
             raise LedgerError(
-                f"{path}: record {i} (run {rec.run_id}, round {rec.round}): prev_hash does not "
-                "match the record before it (a record was deleted, inserted or reordered)"
+                f"{where}: prev_hash does not match the record before it "
+                "(a record was deleted, inserted or reordered)"
             )
-        if record_hash(fields) != rec.hash:
-            raise LedgerError(
-                f"{path}: record {i} (run {rec.run_id}, round {rec.round}): hash mismatch "
-                "(a field of this record was edited)"
-            )
+        if record_hash(asdict(rec)) != rec.hash:
+            raise LedgerError(f"{where}: hash mismatch (a field of this record was edited)")
+        if i == 1:
+            public_key = _load_public(where, rec.public_key)
+        if not _verify(public_key, rec.hash, rec.signature):
+            raise LedgerError(f"{where}: signature does not verify with the genesis key")
         prev = rec.hash
 
 
-def scope_history(records: Iterable[LedgerRecord], scope: str, run_id: str) -> list[Mechanism]:
-    """The mechanisms that count against a budget: all trained rounds of the ledger for a
-    lifetime budget, only this run's for a per-run budget."""
-    return [
-        r.mechanism_step
-        for r in records
-        if r.status == "trained" and (scope == "lifetime" or r.run_id == run_id)
-    ]
+def spent(records: Iterable[LedgerRecord]) -> list[Mechanism]:
+    """The mechanisms that count against the institution's lifetime budget."""
+    return [r.mechanism_step for r in records if r.status in SPENDING]
+
+
+# --- signing --------------------------------------------------------------------------------
+
+SigningKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+def load_key(path: Path) -> SigningKey:
+    """A node's private key: PEM or OpenSSH, EC (a SuperNode key) or Ed25519."""
+    data = Path(path).read_bytes()
+    try:
+        key = (
+            serialization.load_ssh_private_key(data, password=None)
+            if b"OPENSSH" in data
+            else serialization.load_pem_private_key(data, password=None)
+        )
+    except (ValueError, TypeError) as e:
+        raise LedgerError(f"{path}: not an unencrypted PEM or OpenSSH private key") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        raise LedgerError(f"{path}: signing key must be EC or Ed25519")
+    return key
+
+
+def new_key(path: Path) -> SigningKey:
+    """A fresh Ed25519 key, written readable by its owner only."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    return key
+
+
+def public_text(key: SigningKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
+
+
+def _sign(key: SigningKey, digest: str) -> str:
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(digest.encode()).hex()
+    return key.sign(digest.encode(), ec.ECDSA(hashes.SHA256())).hex()
+
+
+def _load_public(where: str, text: str):
+    try:
+        return serialization.load_ssh_public_key(text.encode())
+    except (ValueError, TypeError, IndexError) as e:
+        raise LedgerError(f"{where}: genesis public_key is not an OpenSSH public key") from e
+
+
+def _verify(public_key, digest: str, signature: str) -> bool:
+    try:
+        sig = bytes.fromhex(signature)
+        if isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(sig, digest.encode())
+        else:
+            public_key.verify(sig, digest.encode(), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+# --- the ledger file --------------------------------------------------------------------------
+
+
+def sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
 
 
 class Ledger:
-    """An institution's ledger file; verified on open, so a tampered ledger stops training."""
+    """An institution's ledger file, verified on open (chain, signatures, anchor), so a
+    tampered, truncated or missing ledger stops training."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key_path: Path | None = None) -> None:
         self.path = Path(path)
+        self.key_path = Path(key_path) if key_path else sibling(self.path, ".key")
+        if not self.path.exists():
+            raise LedgerError(
+                f"{self.path}: no ledger; create it once with `privatune ledger init "
+                f"{self.path} --institution NAME` (training never starts a new ledger silently)"
+            )
         self.records = read_records(self.path)
         verify_chain(self.path, self.records)
+        if not self.records:
+            raise LedgerError(f"{self.path}: empty ledger (no genesis record)")
+        self._check_anchor()
+
+    @classmethod
+    def create(cls, path: Path, institution: str, key_path: Path | None = None) -> Ledger:
+        """A new ledger holding its genesis record, signed with the node's key (created
+        beside the ledger when the institution names none). Refuses to replace anything."""
+        path = Path(path)
+        key_path = Path(key_path) if key_path else sibling(path, ".key")
+        if path.exists() or sibling(path, ".anchor").exists():
+            raise LedgerError(f"{path}: a ledger (or its anchor) already exists; not replaced")
+        key = load_key(key_path) if key_path.exists() else new_key(key_path)
+        ledger = cls.__new__(cls)
+        ledger.path, ledger.key_path, ledger.records = path, key_path, []
+        ledger._write(
+            key,
+            institution=institution,
+            run_id="",
+            round=0,
+            time="",
+            status="genesis",
+            mechanism="",
+            noise_multiplier=0.0,
+            sample_rate=0.0,
+            steps=0,
+            max_grad_norm=0.0,
+            delta=0.0,
+            accountant="",
+            max_epsilon=0.0,
+            epsilon=0.0,
+            noise_source="",
+            data_fingerprint="",
+            adapter_fingerprint="",
+            public_key=public_text(key),
+        )
+        return ledger
+
+    @classmethod
+    @contextlib.contextmanager
+    def locked(
+        cls, path: Path, key_path: Path | None = None, create_for: str = ""
+    ) -> Iterator[Ledger]:
+        """The ledger under an exclusive lock, held until the block ends (from the budget
+        check to the append). ``create_for`` names the institution of a ledger to create
+        when there is none and never was (no anchor): simulations only."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(sibling(path, ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if create_for and not path.exists() and not sibling(path, ".anchor").exists():
+                    yield cls.create(path, create_for, key_path)
+                else:
+                    yield cls(path, key_path)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @property
+    def institution(self) -> str:
+        return self.records[0].institution
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """(record count, hash of the last record): what a reply anchors at the server."""
+        return len(self.records), self.records[-1].hash
+
+    def _check_anchor(self) -> None:
+        anchor = sibling(self.path, ".anchor")
+        if not anchor.exists():
+            return
+        try:
+            known = json.loads(anchor.read_text())
+            count, head = int(known["records"]), str(known["head"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise LedgerError(f"{anchor}: unreadable anchor") from e
+        if len(self.records) < count:
+            raise LedgerError(
+                f"{self.path}: {len(self.records)} records, shorter than the last known head "
+                f"({count} records, {anchor}): records were deleted"
+            )
+        if self.records[count - 1].hash != head:
+            raise LedgerError(
+                f"{self.path}: record {count} differs from the last known head ({anchor}): "
+                "the ledger was rewritten"
+            )
 
     def append(self, **fields) -> LedgerRecord:
-        prev = self.records[-1].hash if self.records else GENESIS
-        body = {"format": FORMAT, "mechanism": MECHANISM, **fields, "prev_hash": prev, "hash": ""}
-        body["hash"] = record_hash(body)
-        record = LedgerRecord(**body)
-        if math.isnan(record.epsilon):
+        """Sign and append one record; NaN epsilon or an unknown status is refused."""
+        if fields.get("status") not in STATUSES[1:]:
+            raise LedgerError(f"{self.path}: status {fields.get('status')!r} is not a release")
+        if math.isnan(float(fields["epsilon"])):
             raise LedgerError(f"{self.path}: epsilon is NaN; refusing to write")
-        line = json.dumps(asdict(record), sort_keys=True)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return self._write(load_key(self.key_path), **{"public_key": "", **fields})
+
+    def _write(self, key: SigningKey, **fields) -> LedgerRecord:
+        prev = self.records[-1].hash if self.records else GENESIS
+        body = {"format": FORMAT, "mechanism": MECHANISM, **fields, "prev_hash": prev}
+        body["hash"] = record_hash(body)
+        body["signature"] = _sign(key, body["hash"])
+        record = LedgerRecord(**body)
+        line = json.dumps(asdict(record), sort_keys=True).encode() + b"\n"
         old = self.path.read_bytes() if self.path.exists() else b""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(old + line.encode() + b"\n")
+        _atomic_write(self.path, old + line)
+        self.records.append(record)
+        count, head = self.head
+        _atomic_write(
+            sibling(self.path, ".anchor"), json.dumps({"records": count, "head": head}).encode()
+        )
+        return record
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write a uniquely named temporary sibling, fsync, rename over ``path``, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        self.records.append(record)
-        return record
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

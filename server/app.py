@@ -33,7 +33,7 @@ from server.recorder import RoundRecorder
 from server.report import write_report
 from server.resume import ResumeError, last_checkpoint, load_checkpoint, truncate_metrics
 from server.secure_aggregation import run_secure
-from server.strategy import LedgeredServerSideDP, make_strategy
+from server.strategy import CentralDP, make_strategy
 
 log = logging.getLogger("flwr")
 
@@ -73,13 +73,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     adapter = make_strategy(fed, cfg.aggregation, initial, round_offset=done)
     strategy: Strategy = adapter
     if cfg.central_dp.enabled:
-        strategy = LedgeredServerSideDP(
+        strategy = CentralDP(
             adapter,
             cfg.central_dp.noise_multiplier,
             cfg.central_dp.clipping_norm,
-            num_sampled_clients=max(
-                fed.min_train_nodes, int(fed.min_available_nodes * fed.fraction_train)
-            ),
             ledger_path=run_dir / "privacy" / "aggregator.jsonl",
             run_id=run_name,
             delta=cfg.dp.delta,

@@ -89,6 +89,7 @@ class RoundRecorder:
             "bytes_sent": stats.bytes_sent if stats else 0,
             "bytes_received": stats.bytes_received if stats else 0,
             "ranks": stats.ranks if stats else {},
+            "ledger_heads": stats.ledger_heads if stats else {},
             "truncation_energy_lost": stats.train.get("truncation-energy-lost") if stats else None,
             "central_eval_seconds": round(central_seconds, 3),
             "seconds": round(time.monotonic() - self.round_started, 2),

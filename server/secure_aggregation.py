@@ -129,8 +129,7 @@ class SecureRounds(LegacyFedAvg):
         trained = []
         for _, res in results:
             who = str(res.metrics.get("institution", "?"))
-            if "epsilon" in res.metrics:
-                stats.epsilon[who] = float(res.metrics["epsilon"])
+            stats.note(who, res.metrics)
             if res.metrics.get("refused"):
                 stats.refused.append(who)
             elif res.num_examples > 0:

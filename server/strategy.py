@@ -7,8 +7,10 @@ per-institution epsilon, failures and message bytes are kept in :attr:`AdapterRo
 for the run recorder. Aggregation itself stays Flower's: weighted mean (FedAvg), coordinate
 median (FedMedian), trimmed mean (FedTrimmedAvg), Krum or a server optimiser, chosen by
 ``aggregation.strategy``; the LoRA-aware steps of ``aggregation.mode`` (exact B·A averaging,
-mixed ranks) come from :mod:`server.lora_aggregation`. :class:`LedgeredServerSideDP` wraps
-the result in Flower's server-side fixed-clipping DP and keeps the aggregator's own ledger.
+mixed ranks) come from :mod:`server.lora_aggregation`. :class:`CentralDP` adds
+institution-level DP on the server (equal weights, clipping, noise scaled to the updates
+actually aggregated) and keeps the aggregator's own ledger. Local evaluation arrives as
+noised confusion matrices, whose sum becomes the round's accuracy and macro-F1.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +39,8 @@ from flwr.serverapp.strategy import (
 
 from common.adapter import adapter_fingerprint, adapter_rank, from_record, to_record
 from common.config import AggregationSettings, ConfigError, FederationSettings
-from common.ledger import Ledger, scope_history
+from common.evaluation import scores
+from common.ledger import NOISE_FROM_OS, Ledger, spent
 from common.privacy import Mechanism, epsilon
 from server.lora_aggregation import exact_mean, rank_aware_padding
 from server.validation import InvalidUpdate, check_update
@@ -67,8 +71,16 @@ class RoundStats:
     rejected: dict[str, str] = field(default_factory=dict)  # institution -> reason
     failed: dict[str, str] = field(default_factory=dict)  # node -> client error
     ranks: dict[str, int] = field(default_factory=dict)  # institution -> LoRA rank sent
+    ledger_heads: dict[str, tuple[int, str]] = field(default_factory=dict)  # anchors for audit
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
+
+    def note(self, who: str, values: Mapping) -> None:
+        """What every reply carries for the round log: cumulative epsilon, ledger head."""
+        if "epsilon" in values:
+            self.epsilon[who] = float(values["epsilon"])
+        if "ledger-head" in values:
+            self.ledger_heads[who] = (int(values["ledger-records"]), str(values["ledger-head"]))
 
 
 def _institution(msg: Message) -> str:
@@ -95,11 +107,16 @@ def _message_bytes(content: RecordDict) -> int:
 
 
 def train_summary(metrics: list[Mapping], weight_key: str = "num-examples") -> dict[str, float]:
-    """Weighted mean train loss and the largest epsilon among the aggregated clients (the
-    plain and the secure loop report the same two numbers)."""
-    total = sum(float(m[weight_key]) for m in metrics)
-    loss = sum(float(m["train-loss"]) * float(m[weight_key]) for m in metrics) / total
-    return {"train-loss": loss, "epsilon-max": max(float(m["epsilon"]) for m in metrics)}
+    """The largest epsilon among the aggregated clients and, when every client released one
+    (only without DP), the weighted mean train loss (the plain and the secure loop report
+    the same numbers)."""
+    out = {"epsilon-max": max(float(m["epsilon"]) for m in metrics)}
+    if all("train-loss" in m for m in metrics):
+        total = sum(float(m[weight_key]) for m in metrics)
+        out["train-loss"] = (
+            sum(float(m["train-loss"]) * float(m[weight_key]) for m in metrics) / total
+        )
+    return out
 
 
 def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -206,8 +223,7 @@ class AdapterRounds(FedAvg):
             stats.bytes_received += _message_bytes(msg.content)
             who = _institution(msg)
             metrics = next(iter(msg.content.metric_records.values()), {})
-            if "epsilon" in metrics:
-                stats.epsilon[who] = float(metrics["epsilon"])
+            stats.note(who, {**metrics, **msg.content.config_records.get("info", {})})
             if metrics.get("refused"):
                 stats.refused.append(who)
                 log.warning("%s refused round %d (privacy budget)", who, server_round)
@@ -279,13 +295,27 @@ class AdapterRounds(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """Accuracy and macro-F1 of the sum of the institutions' noised confusion matrices
+        (post-processing of what DP released); institutions that release no evaluation
+        (the default) send none."""
         server_round += self.round_offset
-        replies = list(replies)
         stats = self._stats(server_round)
-        stats.bytes_received += sum(_message_bytes(m.content) for m in replies if not m.has_error())
-        metrics = super().aggregate_evaluate(server_round, replies)
-        stats.evaluate = dict(metrics or {})
-        return metrics
+        total = None
+        for msg in replies:
+            if msg.has_error():
+                stats.failed[f"node-{msg.metadata.src_node_id}"] = str(msg.error.reason)
+                continue
+            stats.bytes_received += _message_bytes(msg.content)
+            metrics = _metrics(msg)
+            stats.note(_institution(msg), {**metrics, **msg.content.config_records.get("info", {})})
+            if metrics.get("evaluated"):
+                matrix = np.asarray(metrics["confusion"], dtype=float)
+                total = matrix if total is None else total + matrix
+        if total is None:
+            return None
+        k = math.isqrt(total.size)
+        stats.evaluate = {**scores(total.reshape(k, k)), "num-examples": float(total.sum())}
+        return MetricRecord(stats.evaluate)
 
 
 def make_strategy(
@@ -337,13 +367,19 @@ def make_strategy(
     )
 
 
-class LedgeredServerSideDP(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed-clipping DP (institution-level privacy), with the
-    aggregator's own ledger: one record per released aggregate, in the same hash-chained
-    format as the institutions' ledgers, so ``privatune audit`` verifies it too.
+class CentralDP(DifferentialPrivacyServerSideFixedClipping):
+    """Institution-level DP added by the server, with the aggregator's own ledger (the same
+    signed, hash-chained format as the institutions', so ``privatune audit`` verifies it).
 
-    The mechanism is a Gaussian on the clipped sum, accounted without sampling
-    amplification (sample rate 1), one step per round.
+    Each accepted update (reply minus the global adapter) is clipped to L2 norm C, the
+    clipped updates are summed with equal weights (reported example counts do not weigh
+    them), Gaussian noise of std z·C is added to the sum, and the result is divided by m, the
+    number of updates actually aggregated after refusals and rejections. One institution
+    therefore moves the released mean by at most C/m against noise of std z·C/m: a Gaussian
+    mechanism of noise multiplier z whatever m turns out to be, accounted without sampling
+    amplification (sample rate 1), one step per round, in the run's round numbering. Noise
+    comes from a generator seeded by the operating system's CSPRNG. FedAvg's mean only:
+    :meth:`common.config.RunConfig` refuses other strategies, ``exact`` and mixed ranks.
     """
 
     def __init__(
@@ -351,45 +387,63 @@ class LedgeredServerSideDP(DifferentialPrivacyServerSideFixedClipping):
         strategy: AdapterRounds,
         noise_multiplier: float,
         clipping_norm: float,
-        num_sampled_clients: int,
         ledger_path: Path,
         run_id: str,
         delta: float,
     ) -> None:
-        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
-        self.ledger = Ledger(ledger_path)
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients=1)
+        self.adapter = strategy
+        path = Path(ledger_path)
+        self.ledger = Ledger(path) if path.exists() else Ledger.create(path, "aggregator")
         self.run_id = run_id
         self.delta = delta
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        # Validate before Flower clips: clipping assumes every reply has the adapter's layout.
-        replies = self.strategy.accept(server_round, replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None:
-            history = scope_history(self.ledger.records, "run", self.run_id)
-            step = Mechanism(self.noise_multiplier, 1.0, 1)
-            self.ledger.append(
-                institution="aggregator",
-                run_id=self.run_id,
-                round=server_round,
-                time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                status="trained",
-                mechanism=(
-                    f"gaussian, server-side fixed clipping (client-level DP), "
-                    f"{len(replies)} replies, {self.num_sampled_clients} expected"
-                ),
-                noise_multiplier=step.noise_multiplier,
-                sample_rate=1.0,
-                steps=1,
-                max_grad_norm=self.clipping_norm,
-                delta=self.delta,
-                accountant="rdp",
-                budget_scope="run",
-                max_epsilon=math.inf,
-                epsilon=epsilon([*history, step], self.delta),
-                data_fingerprint="",
-                adapter_fingerprint=adapter_fingerprint(from_record(arrays)),
-            )
-        return arrays, metrics
+        adapter = self.adapter
+        server_round += adapter.round_offset
+        accepted = adapter.accept(server_round, replies)
+        if len(accepted) < max(1, adapter.min_train_nodes):
+            log.warning("round %d: too few valid updates for central DP; unchanged", server_round)
+            return None, None
+        current = adapter.global_arrays
+        total = {k: np.zeros_like(v, dtype=np.float64) for k, v in current.items()}
+        for msg in accepted:
+            reply = from_record(_arrays(msg))
+            update = {k: reply[k].astype(np.float64) - current[k] for k in current}
+            norm = math.sqrt(sum(float(np.sum(u * u)) for u in update.values()))
+            factor = min(1.0, self.clipping_norm / max(norm, 1e-12))
+            for k, u in update.items():
+                total[k] += factor * u
+        rng = np.random.default_rng(secrets.randbits(128))
+        std, m = self.noise_multiplier * self.clipping_norm, len(accepted)
+        released = {
+            k: (current[k] + (t + rng.normal(0.0, std, t.shape)) / m).astype(np.float32)
+            for k, t in total.items()
+        }
+        metrics = adapter.train_metrics_aggr_fn(
+            [msg.content for msg in accepted], adapter.weighted_by_key
+        )
+        adapter._stats(server_round).train = dict(metrics)
+        step = Mechanism(self.noise_multiplier, 1.0, 1)
+        self.ledger.append(
+            institution="aggregator",
+            run_id=self.run_id,
+            round=server_round,
+            time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            status="trained",
+            mechanism=f"gaussian, clipped sum of {m} equally weighted updates (client-level DP)",
+            noise_multiplier=step.noise_multiplier,
+            sample_rate=1.0,
+            steps=1,
+            max_grad_norm=self.clipping_norm,
+            delta=self.delta,
+            accountant="rdp",
+            max_epsilon=math.inf,
+            epsilon=epsilon([*spent(self.ledger.records), step], self.delta),
+            noise_source=NOISE_FROM_OS,
+            data_fingerprint="",
+            adapter_fingerprint=adapter_fingerprint(released),
+        )
+        return to_record(released), metrics

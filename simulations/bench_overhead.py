@@ -73,13 +73,12 @@ def make_step(
     loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]))
     clipping = None
     if mode == "fused":
-        clipping, _ = FusedClipping.attach(
+        clipping = FusedClipping.attach(
             model,
             optimizer,
             loader,
             noise_multiplier=1.0,
             max_grad_norm=cfg.dp.max_grad_norm,
-            poisson_sampling=False,
             generator=None,
             accountant=RDPAccountant(),
         )

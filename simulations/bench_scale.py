@@ -40,8 +40,9 @@ from simulations.bench import (
     tiny_model,
     write_federation,
 )
+from simulations.prepare import prepare
 from simulations.scenario import load_scenario
-from simulations.simulate import run_flat, simulate
+from simulations.simulate import resolve_flat, run_flat, simulate
 
 FULL = {
     "sizes": (10, 100, 1000),
@@ -115,7 +116,9 @@ def scenario_child(name: str, rounds: int, quick: bool, work: Path) -> None:
         "data.dir": str(work / "data"),
         "data.test-path": str(work / "data" / "test.csv"),
     }
-    simulate(load_scenario(name), overrides, mods=[timing_mod(str(work / "calls.jsonl"))])
+    scenario = load_scenario(name)  # simulate() prepares only into data/<scenario>
+    prepare(scenario, int(resolve_flat(scenario, overrides)["run.seed"]), work / "data")
+    simulate(scenario, overrides, mods=[timing_mod(str(work / "calls.jsonl"))])
 
 
 CHILDREN = {"sizes": child, "scenario": scenario_child}

@@ -91,7 +91,8 @@ def setting_flat(
         "dp.enabled": eps is not None,
         "dp.target-epsilon": eps or CENTRAL_EPSILON,
         # without DP a client's epsilon is infinite: only an infinite budget lets it train
-        "privacy.max-epsilon": float("inf") if eps is None else max(CENTRAL_EPSILON, eps),
+        "privacy.max-epsilon": max(CENTRAL_EPSILON, eps or 0.0),
+        "privacy.allow-non-private": eps is None,
     }
     if rounds:
         keys["federation.rounds"] = rounds

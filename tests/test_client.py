@@ -15,7 +15,10 @@ from client.train import train_round
 from common.adapter import get_trainable, to_record
 from common.config import resolve
 from common.data import load_labeled, tokenize
+from common.ledger import Ledger
 from common.model import build_model, load_tokenizer
+
+POLICY = {"max-delta": 1e-5, "accountants": "rdp"}  # a deployed node's own policy
 
 
 def _message(cfg, kind: str, server_round: int = 1, arrays=None) -> Message:
@@ -50,33 +53,44 @@ def test_reply_holds_exactly_the_trainable_tensors_and_scalars(tiny_flat, tiny_c
     assert all("lora_" in k or "classifier" in k for k in sent)
     assert not any("embeddings" in k for k in sent)
     metrics = reply.content["metrics"]
+    # no train loss under DP: it is an exact statistic of the data that no epsilon covers
     assert set(metrics) == {
         "refused",
         "num-examples",
-        "train-loss",
         "epsilon",
         "delta",
         "noise-multiplier",
         "steps",
     }
     assert 0 < metrics["epsilon"] < math.inf and metrics["num-examples"] == 32
+    assert set(reply.content["info"]) == {"institution", "ledger-records", "ledger-head"}
+    plain = app(
+        _message(tiny_cfg, "train"),
+        _context({**tiny_flat, "dp.enabled": False, "privacy.allow-non-private": True}),
+    )
+    assert "train-loss" in plain.content["metrics"]  # without DP nothing is claimed
 
 
-def test_evaluate_reports_loss_accuracy_f1(tiny_flat, tiny_cfg):
+def test_evaluate_releases_nothing_unless_the_institution_allows_a_noised_matrix(
+    tiny_flat, tiny_cfg
+):
     reply = create_app()(_message(tiny_cfg, "evaluate"), _context(tiny_flat, 1))
-    m = reply.content["metrics"]
-    assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro-f1"] <= 1 and m["loss"] > 0
-    assert m["num-examples"] == 8
+    assert dict(reply.content["metrics"]) == {"evaluated": 0}
+    flat = {**tiny_flat, "privacy.local-eval-noise": 2.0, "dp.noise-multiplier": 1.0}
+    m = create_app()(_message(tiny_cfg, "evaluate"), _context(flat, 1)).content["metrics"]
+    assert m["evaluated"] == 1 and len(m["confusion"]) == 9 and 0 < m["epsilon"] < math.inf
+    assert sum(m["confusion"]) != pytest.approx(8)  # noised: not the exact count of 8 rows
 
 
-def test_bad_data_is_a_one_line_error_reply(tiny_flat, tiny_cfg, federation_dir):
+def test_bad_data_is_a_one_line_error_reply_without_data(tiny_flat, tiny_cfg, federation_dir):
     (federation_dir / "hospital-a.csv").write_text(
         "text,label\nfine review,positive\nbad,excellent\n"
     )
     reply = create_app()(_message(tiny_cfg, "train"), _context(tiny_flat))
     assert reply.has_error()
     reason = reply.error.reason
-    assert "hospital-a.csv" in reason and "'excellent'" in reason and "\n" not in reason
+    assert "hospital-a.csv" in reason and "'label'" in reason and "\n" not in reason
+    assert "excellent" not in reason and "row" not in reason  # no value, no row number
 
 
 def _dataset(cfg, path, rows):
@@ -125,10 +139,12 @@ def test_small_budget_refuses_the_round_that_would_cross_it(
     from common.ledger import read_records
 
     ledger = tmp_path / "ledger" / "a.jsonl"
+    Ledger.create(ledger, "hospital-a")
     node = {
         "institution": "hospital-a",
         "data-path": str(federation_dir / "hospital-a.csv"),
         "ledger-path": str(ledger),
+        **POLICY,
         "max-epsilon": 7.0,
     }
     app = create_app()
@@ -146,7 +162,7 @@ def test_small_budget_refuses_the_round_that_would_cross_it(
     refused = [r.content["metrics"]["refused"] for r in replies]
     assert refused == [0, 1, 1]  # planned for 8 over 2 rounds: round 2 would cross 7
     assert all("arrays" not in r.content for r, x in zip(replies, refused, strict=True) if x)
-    records = read_records(ledger)
+    _, *records = read_records(ledger)
     assert [r.status for r in records] == ["trained" if not x else "refused" for x in refused]
     assert max(r.epsilon for r in records) <= 7.0
     (result,) = audit(ledger)
@@ -155,10 +171,12 @@ def test_small_budget_refuses_the_round_that_would_cross_it(
 
 def test_lifetime_budget_composes_across_runs(tiny_flat, federation_dir, tmp_path):
     ledger = tmp_path / "ledger.jsonl"
+    Ledger.create(ledger, "hospital-b")
     node = {
         "institution": "hospital-b",
         "data-path": str(federation_dir / "hospital-b.csv"),
         "ledger-path": str(ledger),
+        **POLICY,
         "max-epsilon": 100.0,
     }
     eps = []

@@ -81,3 +81,91 @@ def test_local_split_is_seeded_and_disjoint(tmp_path):
     a_train, a_eval = split_local(data, 0.2, seed=3)
     _, b_eval = split_local(data, 0.2, seed=3)
     assert a_eval.texts == b_eval.texts and len(a_eval) == 6 and len(a_train) == 24
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_data_encoding_reads_latin1(tmp_path, suffix):
+    rows = pd.DataFrame({"review": ["Très bon café", "Frais cachés"], "stars": LABELS[::2]})
+    path = tmp_path / f"latin{suffix}"
+    if suffix == ".jsonl":
+        path.write_bytes(
+            rows.to_json(orient="records", lines=True, force_ascii=False).encode("latin-1")
+        )
+    else:
+        rows.to_csv(path, sep="\t" if suffix == ".tsv" else ",", index=False, encoding="latin-1")
+    assert "data.encoding" in _error(path)
+    data = load_labeled(path, "review", "stars", LABELS, encoding="latin-1")
+    assert data.texts == list(rows["review"]) and data.labels.tolist() == [0, 2]
+    with pytest.raises(DataError, match="unknown encoding"):
+        load_labeled(path, "review", "stars", LABELS, encoding="no-such-codec")
+
+
+def test_data_check_has_an_encoding_flag(tmp_path):
+    from typer.testing import CliRunner
+
+    from common.cli import app
+
+    path = tmp_path / "latin.csv"
+    path.write_bytes("review,stars\ncafé ok,positive\nbad,negative\n".encode("latin-1"))
+    args = ["data", "check", str(path), "--text-column", "review", "--label-column", "stars"]
+    assert CliRunner().invoke(app, args).exit_code == 2
+    result = CliRunner().invoke(app, [*args, "--encoding", "latin-1"])
+    assert result.exit_code == 0 and "2 rows, valid" in result.output
+
+
+def _prepared(tmp_path, name: str, seed: int = 42):
+    """Prepare a scenario into tmp_path; (manifest, institution frames, test frame, config)."""
+    import json
+
+    from common.config import resolve
+    from simulations.prepare import prepare
+    from simulations.scenario import load_scenario
+    from simulations.simulate import resolve_flat
+
+    scenario = load_scenario(name)
+    out = prepare(scenario, seed=seed, out_dir=tmp_path / name)
+    manifest = json.loads((out / "manifest.json").read_text())
+    parts = {n: pd.read_csv(out / f"{n}.csv") for n in manifest["institutions"]}
+    cfg = resolve(resolve_flat(scenario, {"run.name": "x"}))
+    for n in manifest["institutions"]:  # every file reads as a client reads it
+        load_labeled(out / f"{n}.csv", "text", "label", cfg.data.label_names)
+    return manifest, parts, pd.read_csv(out / "test.csv"), cfg
+
+
+def _check_split(manifest, parts, test, cfg, institutions, classes, rows):
+    from simulations.prepare import MIN_ROWS
+
+    train = pd.concat(parts.values())
+    assert len(parts) == institutions and all(len(p) >= MIN_ROWS for p in parts.values())
+    assert set(train["label"]) == set(test["label"]) == set(cfg.data.label_names)
+    assert len(cfg.data.label_names) == classes
+    assert len(train) + len(test) == rows and abs(len(test) / rows - 0.15) < 0.005
+    assert not set(train["text"]) & set(test["text"])  # no test row in a training file
+    assert not train["text"].duplicated().any()
+
+
+def test_prepare_medical_specialties(tmp_path):
+    manifest, parts, test, cfg = _prepared(tmp_path, "medical")
+    assert list(parts) == [f"hospital-{i:02d}" for i in range(8)]
+    _check_split(manifest, parts, test, cfg, institutions=8, classes=16, rows=9436)
+    assert (cfg.model.max_length, cfg.train.batch_size, cfg.federation.rounds) == (48, 64, 10)
+    assert (cfg.model.pooling, cfg.train.trainable, cfg.train.optimizer) == ("mean", "head", "sgd")
+    again, *_ = _prepared(tmp_path / "again", "medical")
+    other, *_ = _prepared(tmp_path / "other", "medical", seed=7)
+    assert again["rows"] == manifest["rows"] != other["rows"]  # deterministic from run.seed
+
+
+def test_prepare_complaints_by_company(tmp_path):
+    from simulations.prepare import COMPANIES, named_company
+
+    manifest, parts, test, cfg = _prepared(tmp_path, "complaints")
+    _check_split(manifest, parts, test, cfg, institutions=8, classes=8, rows=25795)
+    assert cfg.model.max_length == 128 and cfg.train.trainable == "head"
+    owners = {c: n for n, r in manifest["rows"].items() for c in r.get("companies", {})}
+    assert set(owners) == set(COMPANIES)  # each company has one institution
+    assert len(set(owners.values())) == 8  # and every institution has one or two
+    for name, part in parts.items():
+        named = {c for c in named_company(part["text"]) if c}
+        assert named == {c for c, n in owners.items() if n == name}
+    bureau = parts[owners["Equifax"]]
+    assert (bureau["label"] == "credit-reporting").mean() > 0.5

@@ -265,20 +265,30 @@ def running_federation(root: Path, reviews, network: Network) -> Iterator[Federa
         "institution": "hospital-a",
         "data-path": str(a / "data" / "notes.csv"),
         "ledger-path": str(a / "ledger" / "privacy-ledger.jsonl"),
+        "signing-key": str(root / "keys" / "hospital-a"),  # records signed with its SuperNode key
         "max-epsilon": BUDGETS["hospital-a"],
+        "max-delta": 1e-5,
+        "accountants": "rdp,prv",
         "device": "cpu",
     }
     (a / "node.toml").write_text(tomli_w.dumps(node_a))
+    init = ["ledger", "init", node_a["ledger-path"], "--institution", "hospital-a"]
+    result = runner.invoke(cli, [*init, "--signing-key", node_a["signing-key"]])
+    assert result.exit_code == 0, result.output
     # hospital-b: inline node config, its own column names, default ledger next to its data.
     b = root / "hospital-b"
     (b / "data").mkdir(parents=True)
     reviews.iloc[40:80][["text", "label"]].rename(
         columns={"text": "note", "label": "sentiment"}
     ).to_csv(b / "data" / "notes.csv", index=False)
+    ledger_b = b / "data" / "privacy-ledger.jsonl"
     node_b = (
         f'institution="hospital-b" data-path="{b / "data" / "notes.csv"}" text-column="note" '
-        f'label-column="sentiment" max-epsilon={BUDGETS["hospital-b"]} device="cpu"'
+        f'label-column="sentiment" max-epsilon={BUDGETS["hospital-b"]} device="cpu" '
+        f'ledger-path="{ledger_b}" max-delta=1e-5 accountants="rdp"'
     )
+    result = runner.invoke(cli, ["ledger", "init", str(ledger_b), "--institution", "hospital-b"])
+    assert result.exit_code == 0, result.output
 
     for folder in ("aggregator/state", "operator-home", "logs", "app"):
         (root / folder).mkdir(parents=True)
@@ -389,7 +399,8 @@ def check_ledgers(root: Path, rounds: int) -> None:
     found = sorted(p for p in root.rglob("*.jsonl") if "ledger" in p.name)
     assert found == sorted(ledgers.values())
     for name, path in ledgers.items():
-        records = [json.loads(x) for x in path.read_text().splitlines()]
+        genesis, *records = [json.loads(x) for x in path.read_text().splitlines()]
+        assert genesis["status"] == "genesis" and genesis["institution"] == name
         assert [r["round"] for r in records] == list(range(1, rounds + 1))
         assert {r["institution"] for r in records} == {name}
         assert {r["max_epsilon"] for r in records} == {BUDGETS[name]}  # the node's own budget

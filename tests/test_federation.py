@@ -80,16 +80,23 @@ def test_federation_end_to_end(finished_run, tiny_cfg):
 
     # Epsilon grows and equals Opacus' accountant recomputed from the recorded mechanism.
     for name in ("hospital-a", "hospital-b", "hospital-c"):
-        records = [
+        genesis, *records = [
             json.loads(x) for x in (run_dir / "privacy" / f"{name}.jsonl").read_text().splitlines()
         ]
+        assert genesis["status"] == "genesis" and genesis["institution"] == name
         assert [r["round"] for r in records] == [1, 2]
+        assert {r["noise_source"] for r in records} == {"os-csprng"}
         acc = RDPAccountant()
         for rec, line in zip(records, lines[1:], strict=True):
             acc.history.append((rec["noise_multiplier"], rec["sample_rate"], rec["steps"]))
             expected = acc.get_epsilon(delta=tiny_cfg.dp.delta)
             assert rec["epsilon"] == pytest.approx(expected, rel=1e-9)
             assert line["epsilon"][name] == pytest.approx(expected, rel=1e-9)
+            # the server's anchor of this ledger is the record it wrote that round
+            assert line["ledger_heads"][name] == [
+                len(records[: records.index(rec)]) + 2,
+                rec["hash"],
+            ]
         assert records[1]["epsilon"] > records[0]["epsilon"] > 0
         assert records[1]["epsilon"] <= tiny_cfg.dp.target_epsilon + 1e-6
 
@@ -106,9 +113,15 @@ def test_federation_end_to_end(finished_run, tiny_cfg):
     assert torch.count_nonzero(state[key]) > 0
 
 
+# What may leave a node (docs/threat-model.md): each key covered by DP or declared public.
+TRAIN_METRICS = {"refused", "num-examples", "epsilon", "delta", "noise-multiplier", "steps"}
+INFO = {"institution", "ledger-records", "ledger-head"}
+
+
 def test_only_adapter_tensors_and_scalars_leave_an_institution(finished_run, tiny_cfg, reviews):
-    """Every message every client sent in the run: adapter tensors, scalar metrics and the
-    institution's name; no text, no token ids, no labels."""
+    """Every message every client sent in the run: adapter tensors and exactly the values of
+    the threat model's table (no train loss, no evaluation: DP is on and the institutions
+    release no local evaluation); no text, no token ids, no labels."""
     _, sent = finished_run
     entries = [json.loads(x) for x in sent.read_text().splitlines()]
     assert len(entries) == 3 * 2 * 2  # 3 institutions x 2 rounds x (train + evaluate)
@@ -119,7 +132,10 @@ def test_only_adapter_tensors_and_scalars_leave_an_institution(finished_run, tin
         assert set(entry["records"]) <= {"arrays", "metrics", "info"}
         assert all(trainable[name] == shape for name, shape in entry["arrays"].items())
         assert all(isinstance(v, int | float) for v in entry["metrics"].values())
-        assert set(entry["configs"]) == {"institution"}
+        if entry["arrays"]:
+            assert set(entry["metrics"]) == TRAIN_METRICS and set(entry["configs"]) == INFO
+        else:
+            assert entry["metrics"] == {"evaluated": 0} and set(entry["configs"]) == {"institution"}
         assert not texts & {str(v) for v in entry["configs"].values()}
     train = [e for e in entries if e["arrays"]]
     assert len(train) == 6 and all(set(e["arrays"]) == set(trainable) for e in train)

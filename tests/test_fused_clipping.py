@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.fused_clipping import FusedClipping
 from client.train import make_optimizer, train_round
 from common.adapter import get_trainable
-from common.config import resolve
+from common.config import ConfigError, resolve
 from common.data import load_labeled, tokenize
 from common.model import build_model, load_tokenizer
 
@@ -31,8 +31,12 @@ def _loss(module, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, labels)
 
 
-def _opacus_grads(cfg, data, sigma: float, clip: float, seed: int) -> list[torch.Tensor]:
+def _opacus_grads(
+    cfg, data, sigma: float, clip: float, seed: int, prepare=None
+) -> list[torch.Tensor]:
     model = build_model(cfg, CPU)
+    if prepare is not None:
+        prepare(model)
     loader = DataLoader(data, batch_size=len(data))
     module, optimizer, loader = PrivacyEngine().make_private(
         module=model,
@@ -51,17 +55,19 @@ def _opacus_grads(cfg, data, sigma: float, clip: float, seed: int) -> list[torch
     return grads
 
 
-def _fused_grads(cfg, data, sigma: float, clip: float, seed: int):
+def _fused_grads(cfg, data, sigma: float, clip: float, seed: int, prepare=None):
     model = build_model(cfg, CPU)
+    if prepare is not None:
+        prepare(model)
     optimizer = make_optimizer(model, cfg)
     accountant = RDPAccountant()
-    clipping, loader = FusedClipping.attach(
+    loader = DataLoader(data, batch_size=len(data))
+    clipping = FusedClipping.attach(
         model,
         optimizer,
-        DataLoader(data, batch_size=len(data)),
+        loader,
         noise_multiplier=sigma,
         max_grad_norm=clip,
-        poisson_sampling=False,
         generator=torch.Generator().manual_seed(seed),
         accountant=accountant,
     )
@@ -87,6 +93,145 @@ def test_fused_step_equals_opacus_per_sample_clipping(tiny_cfg, federation_dir, 
     if sigma == 0 and clip < 1:
         assert norm <= clip + 1e-6 < torch.cat([g.flatten() for g in plain]).norm()
     assert accountant.history == [(sigma, 1.0, 1)]
+
+
+def _padded_batch(cfg, federation_dir, rows: int = 8) -> TensorDataset:
+    """``_batch`` with every row cut to its own length (from 3 tokens to the full width),
+    the rest padding: per-token sums and token means then differ by a different factor in
+    each row."""
+    ids, mask, labels = _batch(cfg, federation_dir, rows).tensors
+    ids, mask = ids.clone(), torch.zeros_like(mask)
+    pad = load_tokenizer(cfg).pad_token_id
+    for row, length in enumerate(torch.linspace(3, ids.shape[1], rows).long().tolist()):
+        mask[row, :length] = 1
+        ids[row, length:] = pad
+    return TensorDataset(ids, mask, labels)
+
+
+def _lora_only(model) -> None:
+    """Random LoRA B (peft starts it at 0, which leaves A without gradient and B's small)
+    and a frozen head: the per-sample norm is then all LoRA, nothing hides an error in it."""
+    generator = torch.Generator().manual_seed(7)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            with torch.no_grad():
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+        elif "classifier" in name:
+            param.requires_grad_(False)
+    assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert not any("classifier" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    diff = torch.cat([(g - w).flatten() for g, w in zip(got, want, strict=True)])
+    return (diff.norm() / torch.cat([w.flatten() for w in want]).norm()).item()
+
+
+def _token_mean_per_sample_gradients(self, batch_size):
+    """Mutant (a): the LoRA layers' per-sample gradients from the token means of input and
+    output gradient instead of the sum over tokens of their products."""
+    self._inputs = {
+        k: v.mean(1, keepdim=True) if v.dim() == 3 else v for k, v in self._inputs.items()
+    }
+    self._grads = {
+        k: v.mean(1, keepdim=True) if v.dim() == 3 else v for k, v in self._grads.items()
+    }
+    return _SHIPPED_PER_SAMPLE(self, batch_size)
+
+
+def _token_count_scaled_per_sample_gradients(self, batch_size):
+    """Mutant (a'): the per-token sum divided by the token count, the LoRA layers'
+    per-sample gradients T times too small."""
+    self._grads = {k: v / v.shape[1] if v.dim() == 3 else v for k, v in self._grads.items()}
+    return _SHIPPED_PER_SAMPLE(self, batch_size)
+
+
+class _ShortcutNorms(dict):
+    """Per-sample gradients whose ``values()`` -- all that ``privatise`` takes the norm
+    from -- are the outer products (sum_t g_t)(sum_t x_t)^T, of Frobenius norm
+    ||sum_t g_t|| * ||sum_t x_t||; indexing still gives the true per-sample gradients."""
+
+    def __init__(self, exact, shortcut):
+        super().__init__(exact)
+        self.shortcut = shortcut
+
+    def values(self):
+        return self.shortcut.values()
+
+
+def _norm_product_per_sample_gradients(self, batch_size):
+    """Mutant (b): each linear layer's per-sample norm as ||sum_t g_t|| * ||sum_t x_t||
+    (exact for one token only), used for the clip factor alone."""
+    shortcut = {}
+    if batch_size:
+        for layer in self.layers:
+            x = self._inputs[layer].float().reshape(batch_size, -1, layer.in_features).sum(1)
+            g = self._grads[layer].float().reshape(batch_size, -1, layer.out_features).sum(1)
+            g = g * batch_size
+            if layer.weight.requires_grad:
+                shortcut[layer.weight] = torch.einsum("bo,bi->boi", g, x)
+            if layer.bias is not None and layer.bias.requires_grad:
+                shortcut[layer.bias] = g
+    return _ShortcutNorms(_SHIPPED_PER_SAMPLE(self, batch_size), shortcut)
+
+
+_SHIPPED_PER_SAMPLE = FusedClipping._per_sample_gradients
+LORA_CLIP = 0.002  # below every sample's LoRA gradient norm: every sample is clipped
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_fused_lora_gradients_equal_opacus_with_random_b_frozen_head_and_padding(
+    tiny_cfg, federation_dir, monkeypatch, sigma
+):
+    data = _padded_batch(tiny_cfg, federation_dir)
+    assert len(set(data.tensors[1].sum(1).tolist())) == len(data)  # every length differs
+    norms = []
+
+    def recording(self, batch_size):
+        per_sample = _SHIPPED_PER_SAMPLE(self, batch_size)
+        norms.append(torch.cat([g.flatten(1) for g in per_sample.values()], 1).norm(dim=1))
+        return per_sample
+
+    monkeypatch.setattr(FusedClipping, "_per_sample_gradients", recording)
+    expected = _opacus_grads(tiny_cfg, data, sigma, LORA_CLIP, seed=3, prepare=_lora_only)
+    fused, _, _ = _fused_grads(tiny_cfg, data, sigma, LORA_CLIP, seed=3, prepare=_lora_only)
+    assert len(fused) == len(expected) == 2 * 2 * 2  # A and B of query and value, 2 layers
+    for got, want in zip(fused, expected, strict=True):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+    assert _relative_error(fused, expected) < 1e-5
+    # every sample is clipped, so the clip factor (and any error in the norm) is in play
+    assert (norms[0] > 1.2 * LORA_CLIP).all(), norms
+    if sigma == 0:
+        assert torch.cat([g.flatten() for g in fused]).norm() <= LORA_CLIP + 1e-6
+
+
+@pytest.mark.parametrize(
+    "mutant",
+    [
+        _token_mean_per_sample_gradients,
+        _token_count_scaled_per_sample_gradients,
+        _norm_product_per_sample_gradients,
+    ],
+)
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_lora_comparison_with_opacus_catches_wrong_per_sample_gradients(
+    tiny_cfg, federation_dir, monkeypatch, sigma, mutant
+):
+    """The comparison above has power: a per-sample gradient from token means, or the
+    ||g||*||x|| norm shortcut, changes the released gradient far beyond its tolerance."""
+    data = _padded_batch(tiny_cfg, federation_dir)
+    expected = _opacus_grads(tiny_cfg, data, sigma, LORA_CLIP, seed=3, prepare=_lora_only)
+    monkeypatch.setattr(FusedClipping, "_per_sample_gradients", mutant)
+    fused, _, _ = _fused_grads(tiny_cfg, data, sigma, LORA_CLIP, seed=3, prepare=_lora_only)
+    # the noise is the same draw in both, so the error is the signal's
+    signal = _opacus_grads(tiny_cfg, data, 0.0, LORA_CLIP, seed=3, prepare=_lora_only)
+    diff = torch.cat([(g - w).flatten() for g, w in zip(fused, expected, strict=True)])
+    error = (diff.norm() / torch.cat([w.flatten() for w in signal]).norm()).item()
+    assert error > 0.1, error
+    with pytest.raises(AssertionError):  # the equality test above fails on it
+        for got, want in zip(fused, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
 
 
 def test_fused_and_opacus_rounds_train_the_same_adapter(tiny_flat, federation_dir):
@@ -156,8 +301,6 @@ def test_trainable_parameter_outside_a_linear_layer_is_refused(tiny_cfg):
         )
 
 
-def test_unknown_grad_sample_mode_is_a_config_error(tiny_flat, federation_dir):
-    cfg = resolve({**tiny_flat, "dp.grad-sample-mode": "ghost"})
-    model = build_model(cfg, CPU)
-    with pytest.raises(ValueError, match=r"dp.grad-sample-mode: unknown mode 'ghost'"):
-        train_round(model, _batch(cfg, federation_dir), cfg, 1.0, CPU, seed=0)
+def test_unknown_grad_sample_mode_is_a_config_error(tiny_flat):
+    with pytest.raises(ConfigError, match=r"'dp.grad-sample-mode' must be one of hooks, fused"):
+        resolve({**tiny_flat, "dp.grad-sample-mode": "ghost"})

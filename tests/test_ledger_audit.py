@@ -13,14 +13,14 @@ from opacus.accountants import RDPAccountant
 
 from common.audit import audit
 from common.config import PROJECT_ROOT
-from common.ledger import Ledger, LedgerError, read_records, scope_history, verify_chain
+from common.ledger import Ledger, LedgerError, read_records, spent, verify_chain
 from common.privacy import Mechanism, epsilon, plan
 
 DELTA = 1e-5
 
 
-def _append(ledger: Ledger, run: str, rnd: int, mech: Mechanism, scope="lifetime", budget=8.0):
-    history = [*scope_history(ledger.records, scope, run), mech]
+def _append(ledger: Ledger, run: str, rnd: int, mech: Mechanism, budget=8.0):
+    history = [*spent(ledger.records), mech]
     return ledger.append(
         institution="hospital-a",
         run_id=run,
@@ -33,9 +33,9 @@ def _append(ledger: Ledger, run: str, rnd: int, mech: Mechanism, scope="lifetime
         max_grad_norm=1.0,
         delta=DELTA,
         accountant="rdp",
-        budget_scope=scope,
         max_epsilon=budget,
         epsilon=epsilon(history, DELTA),
+        noise_source="os-csprng",
         data_fingerprint="d" * 64,
         adapter_fingerprint="a" * 64,
     )
@@ -44,14 +44,14 @@ def _append(ledger: Ledger, run: str, rnd: int, mech: Mechanism, scope="lifetime
 @pytest.fixture()
 def ledger_path(tmp_path):
     path = tmp_path / "privacy" / "hospital-a.jsonl"
-    ledger = Ledger(path)
+    ledger = Ledger.create(path, "hospital-a")
     for rnd in (1, 2, 3):
         _append(ledger, "run-1", rnd, Mechanism(1.1, 0.2, 5))
     return path
 
 
 def test_ledger_epsilon_equals_opacus_and_dp_accounting(ledger_path):
-    records = read_records(ledger_path)
+    _, *records = read_records(ledger_path)
     acc = RDPAccountant()
     pld = dp_accounting.pld.PLDAccountant()
     for rec in records:
@@ -85,31 +85,40 @@ def test_editing_any_field_fails_and_names_the_record(ledger_path, field, value)
 
 def test_deleting_or_reordering_records_fails(ledger_path):
     lines = ledger_path.read_text().splitlines()
-    ledger_path.write_text("\n".join([lines[0], lines[2]]) + "\n")
+    ledger_path.write_text("\n".join([lines[0], lines[2], lines[3]]) + "\n")
     (deleted,) = audit(ledger_path)
     assert "record 2" in deleted.problems[0] and "prev_hash" in deleted.problems[0]
-    ledger_path.write_text("\n".join([lines[1], lines[0], lines[2]]) + "\n")
+    ledger_path.write_text("\n".join([lines[0], lines[2], lines[1], lines[3]]) + "\n")
     (reordered,) = audit(ledger_path)
-    assert "record 1" in reordered.problems[0]
+    assert "record 2" in reordered.problems[0]
     with pytest.raises(LedgerError):
         Ledger(ledger_path)  # a client refuses to train on a tampered ledger
 
 
 def test_recomputed_epsilon_catches_a_consistent_rewrite(ledger_path):
-    """Someone who rewrites a record and re-hashes the chain still fails: the claimed epsilon
-    no longer follows from the mechanism."""
-    from common.ledger import GENESIS, LedgerRecord, record_hash
-
-    records = [json.loads(x) for x in ledger_path.read_text().splitlines()]
-    records[2]["epsilon"] = 1.0
-    prev = GENESIS
-    for rec in records:
-        rec["prev_hash"] = prev
-        rec["hash"] = record_hash(rec)
-        prev = rec["hash"]
-    ledger_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    verify_chain(ledger_path, [LedgerRecord(**r) for r in records])  # the chain is fine...
-    (result,) = audit(ledger_path)
+    """Someone holding the institution's key who rewrites a record and re-signs the chain
+    still fails: the claimed epsilon no longer follows from the mechanism."""
+    records = Ledger(ledger_path).records
+    forged_path = ledger_path.with_name("forged.jsonl")
+    forged = Ledger.create(forged_path, "hospital-a", ledger_path.with_name("hospital-a.jsonl.key"))
+    for i, rec in enumerate(records[1:]):
+        fields = {k: getattr(rec, k) for k in ("run_id", "round", "time", "status")}
+        fields.update(
+            {k: getattr(rec, k) for k in ("noise_multiplier", "sample_rate", "steps", "delta")}
+        )
+        forged.append(
+            **fields,
+            institution="hospital-a",
+            max_grad_norm=1.0,
+            accountant="rdp",
+            max_epsilon=8.0,
+            epsilon=1.0 if i == 1 else rec.epsilon,
+            noise_source="os-csprng",
+            data_fingerprint="",
+            adapter_fingerprint="",
+        )
+    verify_chain(forged_path, read_records(forged_path))  # chain and signatures are fine...
+    (result,) = audit(forged_path)
     assert not result.ok and "record 3" in result.problems[0] and "epsilon" in result.problems[0]
 
 
@@ -118,8 +127,6 @@ def test_two_runs_compose_under_a_lifetime_budget(ledger_path):
     first = ledger.records[-1].epsilon
     rec = _append(ledger, "run-2", 1, Mechanism(1.1, 0.2, 5))
     assert rec.epsilon > first  # run 2 starts from run 1's spend
-    run_only = epsilon(scope_history(ledger.records, "run", "run-2"), DELTA)
-    assert run_only < first
     (result,) = audit(ledger_path)
     assert result.ok and result.runs == 2
 
@@ -134,8 +141,8 @@ for r in range(4, 400):
     ledger.append(
         institution="hospital-a", run_id="run-1", round=r, time="t", status="refused",
         noise_multiplier=1.1, sample_rate=0.2, steps=0, max_grad_norm=1.0, delta={DELTA},
-        accountant="rdp", budget_scope="lifetime", max_epsilon=8.0,
-        epsilon=ledger.records[-1].epsilon, data_fingerprint="d", adapter_fingerprint="",
+        accountant="rdp", max_epsilon=8.0, epsilon=ledger.records[-1].epsilon,
+        noise_source="os-csprng", data_fingerprint="d", adapter_fingerprint="",
     )
 """
     proc = subprocess.Popen(

@@ -11,9 +11,9 @@ import pytest
 from flwr.app import Error, Message
 from helpers import ADAPTER, good, metadata, reply, strategy_for
 
-from common.adapter import from_record, to_record
+from common.adapter import from_record
 from common.audit import audit
-from server.strategy import LedgeredServerSideDP
+from server.strategy import CentralDP
 
 
 def hostile() -> dict[str, dict]:
@@ -83,9 +83,8 @@ def test_unknown_aggregation_is_a_clear_error():
 def test_central_dp_clips_adds_noise_and_keeps_an_auditable_ledger(tmp_path):
     inner = strategy_for("fedavg")
     ledger = tmp_path / "privacy" / "aggregator.jsonl"
-    dp = LedgeredServerSideDP(inner, 1.0, 0.5, 2, ledger_path=ledger, run_id="r", delta=1e-5)
+    dp = CentralDP(inner, 1.0, 0.5, ledger_path=ledger, run_id="r", delta=1e-5)
     for rnd in (1, 2):
-        dp.current_arrays = to_record(ADAPTER)
         arrays, _ = dp.aggregate_train(
             rnd, [reply(1, good(0.2)), reply(2, good(0.4)), reply(3, hostile()["shape"])]
         )
