@@ -79,7 +79,11 @@ def simulate(
                 test_file=Path(test_file) if test_file else None,
                 text_column=text_column or str(defaults["data.text-column"]),
                 label_column=label_column or str(defaults["data.label-column"]),
-                labels=tuple(x.strip() for x in labels.split(",") if x.strip()),
+                labels=tuple(
+                    x.strip()
+                    for x in (labels or str(overrides.get("data.labels", ""))).split(",")
+                    if x.strip()
+                ),
                 split_by=split_by,
                 dirichlet=dirichlet,
                 institutions=institutions,

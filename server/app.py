@@ -66,7 +66,11 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     test_set = None
     if cfg.data.test_path:
         test = load_labeled(
-            cfg.data.test_path, cfg.data.text_column, cfg.data.label_column, cfg.data.label_names
+            cfg.data.test_path,
+            cfg.data.text_column,
+            cfg.data.label_column,
+            cfg.data.label_names,
+            cfg.data.encoding,
         )
         test_set = tokenize(test, load_tokenizer(cfg), cfg.model.max_length)
     fed = cfg.federation

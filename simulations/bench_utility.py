@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from client.app import noise_for
+from client.institution import Policy
 from client.train import train_round
 from common.config import RunConfig, Scalar
 from common.data import LabeledText, fingerprint, load_labeled, split_local, tokenize
@@ -125,9 +126,10 @@ def centralised(flat: Mapping[str, Scalar], data_dir: Path) -> dict:
     tokenizer = load_tokenizer(cfg)
     pooled = pooled_train(cfg, data_dir)
     train = tokenize(pooled, tokenizer, cfg.model.max_length)
-    sigma = noise_for(cfg, len(pooled)) if cfg.dp.enabled else 0.0
+    policy = Policy.simulated(cfg.privacy)
+    sigma = noise_for(cfg, policy, len(pooled)) if cfg.dp.enabled else 0.0
     model = build_model(cfg, device)
-    result = train_round(model, train, cfg, sigma, device, seed=cfg.run.seed)
+    result = train_round(model, train, cfg, sigma, device)
     test = load_labeled(cfg.data.test_path, "text", "label", cfg.data.label_names)
     scores = evaluate(
         model, tokenize(test, tokenizer, cfg.model.max_length), len(cfg.data.label_names), device

@@ -17,6 +17,7 @@ from common.cli import app
 from common.config import RunConfig
 from common.data import DataError, load_labeled
 from simulations.byod import UserData, prepare_user_data, user_flat
+from simulations.scenario import load_scenario
 
 
 def ctx(partition_id: int) -> Context:
@@ -103,7 +104,14 @@ def test_one_institution_per_file_with_inferred_labels(user_folder, tmp_path):
     assert sorted(p.name for p in prepared.data_dir.iterdir()) == ["manifest.json"]  # no copies
     assert snapshot(user_folder) == before
 
-    cfg = RunConfig.from_flat(user_flat(prepared, user, overrides={"run.name": "x"}))
+    with pytest.raises(DataError, match="never writes into a folder you name"):
+        prepare_user_data(user, user_folder / "data")
+    assert snapshot(user_folder) == before
+
+    recipe = load_scenario("hospitals-probe").config  # lends its training recipe only
+    cfg = RunConfig.from_flat(user_flat(prepared, user, recipe, {"run.name": "x"}))
+    assert (cfg.model.pooling, cfg.train.trainable) == ("mean", "head")
+    assert cfg.data.dir == str(prepared.data_dir)
     assert cfg.data.test_path == str(user_folder / "test.csv")
     assert (cfg.data.text_column, cfg.data.labels) == ("review", "negative,neutral,positive")
     assert cfg.federation.min_available_nodes == 3
