@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from client.train import train_round
 from common.adapter import get_trainable
-from common.config import resolve
+from common.config import ConfigError, resolve
 from common.data import load_labeled, tokenize
 from common.model import MeanPooler, ModelError, build_model, load_tokenizer, load_trained
 
@@ -109,8 +109,8 @@ def test_a_federated_linear_probe_runs_end_to_end(tiny_flat):
 def test_unknown_pooling_and_trainable_values_are_named(tiny_flat):
     with pytest.raises(ModelError, match=r"model\.pooling: 'max'"):
         build_model(resolve({**tiny_flat, "model.pooling": "max"}), CPU)
-    with pytest.raises(ModelError, match=r"train\.trainable: 'lora'"):
-        build_model(resolve({**tiny_flat, "train.trainable": "lora"}), CPU)
+    with pytest.raises(ConfigError, match=r"'train\.trainable' must be one of adapter, head"):
+        resolve({**tiny_flat, "train.trainable": "lora"})
 
 
 def test_untrained_directions_stay_zero(tiny_flat):

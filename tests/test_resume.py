@@ -38,6 +38,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_flat, tmp_path):
         "federation.rounds": 4,
         "dp.noise-multiplier": 1.0,
         "privacy.max-epsilon": 1000.0,
+        "privacy.insecure-seed": 5,  # testing switch: the two runs draw the same noise
         "data.eval-fraction": 0.25,
     }
     reference = run_flat({**flat, "run.name": "uninterrupted"}, 3)
