@@ -76,4 +76,6 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_flat, tmp_path):
         np.testing.assert_allclose(final[name], expected[name], rtol=1e-5, atol=1e-6)
     rounds = [json.loads(x)["round"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2, 3, 4]
-    assert all(r.ok for r in audit(resumed)), [r.problems for r in audit(resumed)]
+    # the only findings: the fixed seed this test needs, which the audit rightly flags
+    problems = [p for r in audit(resumed) for p in r.problems]
+    assert problems and all("predictable (testing only)" in p for p in problems), problems
