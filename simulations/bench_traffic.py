@@ -74,7 +74,9 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     runs = {
         dtype: federation(
             bench_flat(
-                data, work / "runs" / dtype, {**overrides, "federation.transport-dtype": dtype, "privacy.insecure-seed": 0}
+                data,
+                work / "runs" / dtype,
+                {**overrides, "federation.transport-dtype": dtype, "privacy.insecure-seed": 0},
             )
         )
         for dtype in DTYPES
