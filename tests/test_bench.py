@@ -122,7 +122,9 @@ def test_scale_splits_the_default_scenarios_round_time(quick_run):
     assert round_["central_eval_seconds"] > 0  # timed by the server, read from metrics.jsonl
     parts = scenario["shares"]
     assert list(parts) == ["client training", "client evaluation", "central evaluation", "the rest"]
-    assert all(0 <= p < 1 for p in parts.values()) and sum(parts.values()) == pytest.approx(1)
+    assert all(0 <= p < 1 for p in parts.values()) and sum(parts.values()) == pytest.approx(
+        1, abs=2e-3
+    )  # shares rounded to 3 places
     assert parts["client training"] > 0 and parts["the rest"] > 0
 
 
