@@ -164,13 +164,14 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             )
             would_reach = epsilon([*history, planned], delta, acc)
             if not would_reach <= policy.max_epsilon:  # NaN refuses too
+                spent_so_far = epsilon(history, delta, acc)
                 ledger.append(
                     **fields,
                     status="refused",
                     noise_multiplier=sigma,
                     sample_rate=planned.sample_rate,
                     steps=0,
-                    epsilon=epsilon(history, delta, acc),
+                    epsilon=spent_so_far,
                     adapter_fingerprint="",
                 )
                 log.warning(
@@ -180,7 +181,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
                     would_reach,
                     policy.max_epsilon,
                 )
-                metrics = {"refused": 1, "epsilon": epsilon(history, delta, acc), "num-examples": 0}
+                metrics = {"refused": 1, "epsilon": spent_so_far, "num-examples": 0}
                 return _reply(msg, site, metrics, ledger)
         else:
             sigma, planned = 0.0, None  # check_request: the institution allows it
