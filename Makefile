@@ -2,14 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SCENARIO ?= hospitals
+SCENARIO ?= medical
 STAMP := $(VENV)/.installed
 WHEELS := $(VENV)/wheels
 export HF_HUB_OFFLINE := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ run: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The unit tier: no federation, deployment, benchmark or pretrained model.
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not simulation and not deployment and not benchmark and not slow"
 
 # Benchmarks (README "Benchmarks"): JSON, plots and a Markdown table in outputs/bench/.
 # `make bench BENCH_FLAGS=--quick` for the small run; BENCH_FLAGS="--only overhead,traffic".

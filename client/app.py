@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from torch.utils.data import TensorDataset
 
 from client.institution import Institution, Policy
 from client.secure_aggregation import secure_aggregation_mod
@@ -38,6 +39,7 @@ from common.adapter import (
 from common.config import ConfigError, RunConfig, Scalar
 from common.data import DataError, LabeledText, load_labeled, split_local, tokenize
 from common.evaluation import noised_confusion
+from common.features import cached_embed
 from common.ledger import NOISE_FROM_OS, Ledger, LedgerError, spent
 from common.model import ModelError, build_model, load_tokenizer, pick_device
 from common.privacy import (
@@ -55,7 +57,7 @@ CLIENT_ERROR = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 EVALUATION = "gaussian (noised confusion matrix, L2 sensitivity 1)"
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def _local_split(
     path: Path,
     text_col: str,
@@ -65,8 +67,7 @@ def _local_split(
     encoding: str = "utf-8",
 ) -> tuple[LabeledText, LabeledText, LabeledText]:
     full = load_labeled(path, text_col, label_col, list(labels), encoding)
-    # Seeded by the data itself, not by run.seed: the server does not choose the split.
-    return (full, *split_local(full, frac, int(full.fingerprint[:15], 16)))
+    return (full, *split_local(full, frac))
 
 
 def local_data(site: Institution, cfg: RunConfig) -> tuple[LabeledText, LabeledText, LabeledText]:
@@ -79,6 +80,35 @@ def local_data(site: Institution, cfg: RunConfig) -> tuple[LabeledText, LabeledT
         cfg.data.eval_fraction,
         site.encoding,
     )
+
+
+_INPUTS: dict[tuple, TensorDataset] = {}
+
+
+def model_input(cfg: RunConfig, data: LabeledText, part: str) -> TensorDataset:
+    """A local split as the model's input: token ids, or (``train.trainable = "head"``) the
+    frozen encoder's pooled embeddings, which no round changes (kept in the node's disk
+    cache, common.features). Kept per process, keyed by the data and by everything in the
+    config that shapes them."""
+    key = (
+        data.path,
+        data.fingerprint,
+        part,
+        cfg.data.eval_fraction,
+        tuple(cfg.data.label_names),
+        cfg.model.name,
+        cfg.model.max_length,
+        cfg.model.pooling,
+        cfg.train.trainable,
+    )
+    if key not in _INPUTS:
+        if len(_INPUTS) >= 32:
+            _INPUTS.pop(next(iter(_INPUTS)))
+        if cfg.train.trainable == "head":
+            _INPUTS[key] = cached_embed(build_model(cfg, pick_device()), data, cfg)
+        else:
+            _INPUTS[key] = tokenize(data, load_tokenizer(cfg), cfg.model.max_length)
+    return _INPUTS[key]
 
 
 def noise_for(cfg: RunConfig, policy: Policy, num_train: int) -> float:
@@ -146,8 +176,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     site = Institution.from_context(context, cfg, run_name)
     policy = site.policy
     full, train_set, _ = local_data(site, cfg)
-    if len(train_set) < cfg.train.batch_size:
-        raise DataError(f"{site.data_path}: fewer training rows than one batch (train.batch-size)")
+    # an expected batch above the local rows samples every row every step (rate 1), as planned
     check_request(cfg, policy, site.name, len(train_set))
     with _ledger(site) as ledger:
         if ledger.institution != site.name:
@@ -188,7 +217,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         device = pick_device(site.device)
         model = build_model(cfg, device, site.rank)
         set_trainable(model, fit_rank(from_record(msg.content["arrays"]), site.rank))
-        data = tokenize(train_set, load_tokenizer(cfg), cfg.model.max_length)
+        data = model_input(cfg, train_set, "train")
         seed = None if policy.insecure_seed is None else policy.insecure_seed + server_round
         mu = float(config.get("proximal-mu", 0.0))  # sent by the fedprox strategy
         result = train_round(model, data, cfg, sigma, device, seed, proximal_mu=mu)
@@ -246,7 +275,7 @@ def _evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
         device = pick_device(site.device)
         model = build_model(cfg, device)
         set_trainable(model, from_record(msg.content["arrays"]))
-        data = tokenize(eval_set, load_tokenizer(cfg), cfg.model.max_length)
+        data = model_input(cfg, eval_set, "eval")
         seed = site.policy.insecure_seed
         generator = torch.Generator().manual_seed(os_seed() if seed is None else seed)
         matrix = noised_confusion(model, data, len(cfg.data.label_names), device, sigma, generator)

@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.fused_clipping import FusedClipping
 from common.config import RunConfig
+from common.features import embed
+from common.model import head_of
 from common.privacy import Mechanism, steps_per_epoch
 
 # Our generators are CSPRNG-seeded (Opacus' secure mode needs torchcsprng, not built for
@@ -43,10 +45,13 @@ class RoundResult:
     mechanism: Mechanism | None  # None when DP is off
 
 
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, cfg: RunConfig, head_only: bool = False
+) -> torch.optim.Optimizer:
     """Two learning rates: the randomly initialised head sits on pooled features of small
     scale and needs a much larger step than the LoRA factors to learn in few rounds."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [("classifier" if head_only else n, p) for n, p in trainable]
     groups = [
         {"params": [p for n, p in named if "classifier" not in n], "lr": cfg.train.learning_rate},
         {"params": [p for n, p in named if "classifier" in n], "lr": cfg.train.head_learning_rate},
@@ -97,15 +102,24 @@ def train_round(
     ``proximal_mu`` > 0 adds FedProx's pull towards the starting (global) adapter. It is
     applied after each optimizer step rather than through the loss: Opacus computes
     per-sample gradients from activations and would silently drop a loss term that depends
-    on the weights alone; as a data-independent step it is also free under DP."""
-    if seed is not None:
+    on the weights alone; as a data-independent step it is also free under DP.
+
+    With ``train.trainable = "head"`` only the head trains, on the frozen encoder's pooled
+    embeddings: ``data`` may hold them already (:func:`common.features.embed`, cached by the
+    client), else they are computed here. The mechanism is the same; only the frozen forward
+    pass is done once instead of every step."""
+    head_only = cfg.train.trainable == "head"
+    target: torch.nn.Module = head_of(model) if head_only else model
+    if head_only and len(data.tensors) != 2:
+        data = embed(model, data)
+    if seed is not None:  # after embed, whose loader draws from the global generator
         torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(os_seed() if seed is None else seed)
     loader = round_loader(data, cfg.train.batch_size, cfg.dp.enabled, poisson_sampling, generator)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(target, cfg, head_only)
     engine = None
     clipping = None
-    module: torch.nn.Module = model
+    module: torch.nn.Module = target
     if cfg.dp.enabled:
         engine = PrivacyEngine(accountant=cfg.dp.accountant)
         noise_generator = torch.Generator(device=device).manual_seed(
@@ -113,7 +127,7 @@ def train_round(
         )
         if cfg.dp.grad_sample_mode == "fused":
             clipping = FusedClipping.attach(
-                model,
+                target,
                 optimizer,
                 loader,
                 noise_multiplier=noise_multiplier,
@@ -123,7 +137,7 @@ def train_round(
             )
         else:
             module, optimizer, loader = engine.make_private(
-                module=model,
+                module=target,
                 optimizer=optimizer,
                 data_loader=loader,
                 noise_multiplier=noise_multiplier,
@@ -133,13 +147,13 @@ def train_round(
                 grad_sample_mode=cfg.dp.grad_sample_mode,
             )
     module.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in target.parameters() if p.requires_grad]
     anchor = {p: p.detach().clone() for p in trainable} if proximal_mu > 0 else {}
     use_bf16 = cfg.model.bf16 and device.type == "cuda"
     total_loss, batches, steps = 0.0, 0, 0
     try:
         for _ in range(cfg.train.local_epochs):
-            for ids, mask, labels in loader:
+            for *inputs, labels in loader:
                 optimizer.zero_grad(set_to_none=True)
                 if len(labels) == 0:
                     # Poisson sampling drew no example. The step still releases noise (and is
@@ -154,7 +168,7 @@ def train_round(
                     steps += 1
                     continue
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = module(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                    logits = _logits(module, [x.to(device) for x in inputs])
                 loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
                 loss.backward()
                 if clipping is not None:
@@ -176,6 +190,14 @@ def train_round(
         mechanism = Mechanism(float(sigma), float(rate), int(n))
     loss = total_loss / batches if batches else math.nan
     return RoundResult(loss, steps, mechanism)
+
+
+def _logits(module: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The model on (input ids, attention mask), or the head alone on embeddings."""
+    if len(inputs) == 1:
+        return module(inputs[0])
+    ids, mask = inputs
+    return module(input_ids=ids, attention_mask=mask).logits
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ def _fail(message: str) -> None:
 def simulate(
     scenario: str = typer.Option(
         "",
-        help="scenario name under simulations/ or a path (default hospitals); "
+        help="scenario name under simulations/ or a path (default medical); "
         "with --data-dir it lends its training recipe only",
     ),
     set_: list[str] = typer.Option(
@@ -98,14 +98,14 @@ def simulate(
             flat = byod.user_flat(prepared, user, recipe, overrides)
             run_dir = sim.run_flat(flat, len(prepared.names))
         else:
-            run_dir = sim.simulate(load_scenario(scenario or "hospitals"), overrides)
+            run_dir = sim.simulate(load_scenario(scenario or "medical"), overrides)
     except (ConfigError, DataError, sim.SimulationError) as e:
         _fail(str(e))
     typer.echo(f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
 
 
 @app.command()
-def prepare(scenario: str = typer.Argument("hospitals")) -> None:
+def prepare(scenario: str = typer.Argument("medical")) -> None:
     """Prepare a scenario's data folder (one file per institution)."""
     from simulations.prepare import prepare as run
     from simulations.scenario import load_scenario

@@ -1,6 +1,7 @@
 """One typed view of the run configuration.
 
-Defaults live in ``[tool.flwr.app.config]`` of pyproject.toml; scenario TOMLs under
+Defaults live in ``common/defaults.toml`` (package data; pyproject.toml's
+``[tool.flwr.app.config]`` holds the same for ``flwr run``); scenario TOMLs under
 ``simulations/`` override them. Flower hands both to the apps as a flat mapping with dotted
 keys (``lora.rank``); :meth:`RunConfig.from_flat` turns that into frozen dataclasses and
 rejects unknown or missing keys, so a typo in a scenario fails loudly instead of silently
@@ -14,10 +15,10 @@ import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 Scalar = bool | int | float | str
 TRANSPORT_DTYPES = ("float32", "float16")
 ACCOUNTANTS = ("rdp", "prv")  # Opacus accountants with an independent check in the audit
@@ -305,14 +306,14 @@ def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
 
 
 def app_defaults() -> dict[str, Scalar]:
-    """The ``[tool.flwr.app.config]`` table of pyproject.toml, flattened."""
-    with open(PROJECT_ROOT / "pyproject.toml", "rb") as f:
-        table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
-    return flatten(table)
+    """The defaults shipped with the package (``common/defaults.toml``, equal to
+    pyproject.toml's ``[tool.flwr.app.config]``), flattened."""
+    text = resources.files("common").joinpath("defaults.toml").read_text(encoding="utf-8")
+    return flatten(tomllib.loads(text))
 
 
 def resolve(overrides: Mapping[str, Scalar] | None = None) -> RunConfig:
-    """Defaults from pyproject.toml with ``overrides`` on top."""
+    """The package's defaults with ``overrides`` on top."""
     return RunConfig.from_flat({**app_defaults(), **(overrides or {})})
 
 

@@ -141,14 +141,17 @@ def fingerprint(texts: list[str], labels: np.ndarray) -> str:
 
 
 def split_local(
-    data: LabeledText, eval_fraction: float, seed: int
+    data: LabeledText, eval_fraction: float, seed: int | None = None
 ) -> tuple[LabeledText, LabeledText]:
-    """Split off a local evaluation set with a fixed seed (never empty on either side)."""
+    """Split off a local evaluation set (never empty on either side), seeded by the data's
+    own fingerprint unless ``seed`` is given: the server does not choose the split."""
     if len(data) < 2:
         raise DataError(
             f"{data.path}: {len(data)} row(s); at least 2 are needed to split",
             public=f"{data.path}: too few rows to split off a local evaluation set",
         )
+    if seed is None:
+        seed = int(data.fingerprint[:15], 16)
     order = np.random.default_rng(seed).permutation(len(data))
     n_eval = min(max(1, round(len(data) * eval_fraction)), len(data) - 1)
     return data.subset(order[n_eval:]), data.subset(order[:n_eval])

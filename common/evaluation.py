@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.model import head_of
+
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> np.ndarray:
     """Counts: rows are true labels, columns predictions."""
@@ -39,12 +41,18 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> float:
 def predict(
     model: torch.nn.Module, data: TensorDataset, device: torch.device, batch_size: int = 64
 ) -> tuple[float, np.ndarray, np.ndarray]:
-    """(summed loss, predictions, truth) of the model on every row."""
+    """(summed loss, predictions, truth) of the model on every row: tokenised rows, or
+    pooled embeddings (:func:`common.features.embed`) that only the head needs to see."""
     was_training = model.training
     model.eval()
+    head = head_of(model) if len(data.tensors) == 2 else None
     loss, preds, truth = 0.0, [], []
-    for ids, mask, labels in DataLoader(data, batch_size=batch_size):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    for *inputs, labels in DataLoader(data, batch_size=batch_size):
+        if head is not None:
+            logits = head(inputs[0].to(device)).float()
+        else:
+            ids, mask = (x.to(device) for x in inputs)
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
         loss += torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
         preds.append(logits.argmax(-1).cpu().numpy())
         truth.append(labels.numpy())

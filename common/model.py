@@ -115,6 +115,20 @@ def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -
     return model
 
 
+def head_of(model: PeftModel) -> torch.nn.Sequential:
+    """The classification head alone: the base model's dropout, then the trainable copy of
+    the linear layer that peft keeps in ``modules_to_save`` (found by name, never guessed),
+    sharing its parameters with ``model``. ``train.trainable = "head"`` trains it on cached
+    sentence embeddings (common.features) instead of running the frozen encoder every step."""
+    base = model.get_base_model()
+    for name in sorted(model.modules_to_save or ()):
+        wrapper = getattr(base, name, None)
+        if wrapper is not None and hasattr(wrapper, "modules_to_save"):
+            (layer,) = wrapper.modules_to_save.values()
+            return torch.nn.Sequential(getattr(base, "dropout", torch.nn.Identity()), layer)
+    raise ModelError(f"{type(base).__name__}: no classification head among modules_to_save")
+
+
 class MeanPooler(torch.nn.Module):
     """Stands in for BERT's pooler ([CLS] -> dense -> tanh, never trained in a sentence
     encoder such as MiniLM): the attention-masked mean of the last hidden states, scaled to

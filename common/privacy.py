@@ -10,6 +10,7 @@ same with Google's dp-accounting library, so audits need not trust Opacus either
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -122,6 +123,7 @@ class Plan:
     epsilon_per_round: list[float]  # cumulative epsilon after each round
 
 
+@functools.lru_cache(maxsize=256)  # pure; PRV's search takes seconds, every round asks
 def plan(
     target_epsilon: float,
     delta: float,

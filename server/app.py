@@ -28,6 +28,7 @@ from common.adapter import from_record, get_trainable, save_adapter, set_trainab
 from common.audit import audit, find_ledgers, to_html
 from common.config import RunConfig, Scalar, write_toml
 from common.data import load_labeled, tokenize
+from common.features import cached_embed
 from common.model import build_model, load_tokenizer, pick_device
 from server.recorder import RoundRecorder
 from server.report import write_report
@@ -72,7 +73,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             cfg.data.label_names,
             cfg.data.encoding,
         )
-        test_set = tokenize(test, load_tokenizer(cfg), cfg.model.max_length)
+        if cfg.train.trainable == "head":  # the frozen encoder's output: computed once
+            test_set = cached_embed(model, test, cfg)
+        else:
+            test_set = tokenize(test, load_tokenizer(cfg), cfg.model.max_length)
     fed = cfg.federation
     adapter = make_strategy(fed, cfg.aggregation, initial, round_offset=done)
     strategy: Strategy = adapter

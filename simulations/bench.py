@@ -222,10 +222,10 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
     )
     parser.add_argument(
         "--utility-scenario",
-        default="hospitals",
+        default="medical",
         choices=sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")),
-        help="privacy-utility: the scenario whose data and settings the grid uses: medical "
-        "(hospitals, the default) or financial (banks) data; *-probe: the linear probe",
+        help="privacy-utility: the scenario whose data and settings the grid uses "
+        "(medical, the default; complaints; the small ones)",
     )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]

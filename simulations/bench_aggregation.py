@@ -1,5 +1,5 @@
 """LoRA-aware aggregation: ``aggregation.mode`` fedavg vs ffa vs exact on the default
-non-IID scenario (six hospitals, Dirichlet 1.0 label skew, the data of ``make run``),
+non-IID scenario (hospitals-small: six hospitals, Dirichlet 1.0 label skew),
 without DP and with DP-SGD at epsilon 8: central accuracy and macro-F1 after the last round,
 bytes per round as measured on the messages, and for ``exact`` the energy its truncated
 SVD drops per round.
@@ -23,7 +23,7 @@ QUICK_ROUNDS = 1
 
 def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     work = out_dir / "work" / "aggregation"
-    data, scenario = make_data(quick, PARTITION, work)
+    data, scenario = make_data(quick, PARTITION, work, "hospitals-small")
     model = model_overrides(quick, out_dir)
     settings = []
     for eps in (8.0,) if quick else EPSILONS:
@@ -45,7 +45,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     result = {
         "benchmark": "aggregation",
         "quick": quick,
-        "scenario": "hospitals (UCI drug reviews, Dirichlet 1.0), the default of make run",
+        "scenario": "hospitals-small (UCI drug reviews, Dirichlet 1.0)",
         "rounds": settings[-1]["rounds"],
         "settings": settings,
         "majority_class": baselines(data, str(flat["data.labels"]))["majority_class"],

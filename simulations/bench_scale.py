@@ -49,7 +49,7 @@ FULL = {
     "fraction": 0.1,
     "rounds": 2,
     "timeout_s": 480,
-    "scenario": "hospitals",
+    "scenario": "hospitals-small",
     "scenario_rounds": 3,
 }
 QUICK = {
@@ -57,7 +57,7 @@ QUICK = {
     "fraction": 0.5,
     "rounds": 1,
     "timeout_s": 240,
-    "scenario": "hospitals",
+    "scenario": "hospitals-small",
     "scenario_rounds": 1,
 }
 ROWS_PER_SITE = 24

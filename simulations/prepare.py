@@ -264,17 +264,21 @@ def partition(train: pd.DataFrame, scenario: Scenario, seed: int) -> list[pd.Dat
     ]
 
 
+def load_dataset(name: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training pool, central test set) of a data set named in :data:`SOURCES`."""
+    if name == "drugreview":
+        return load_drugreview()
+    if name == "bankreviews":
+        return load_bankreviews(seed)
+    if name == "medmcqa":
+        return load_medmcqa(seed)
+    return load_complaints(seed)
+
+
 def prepare(scenario: Scenario, seed: int = 42, out_dir: Path | None = None) -> Path:
     """Write the scenario's institution files; returns the data folder."""
     out = Path(out_dir or scenario.data_dir)
-    if scenario.dataset == "drugreview":
-        train, test = load_drugreview()
-    elif scenario.dataset == "bankreviews":
-        train, test = load_bankreviews(seed)
-    elif scenario.dataset == "medmcqa":
-        train, test = load_medmcqa(seed)
-    else:
-        train, test = load_complaints(seed)
+    train, test = load_dataset(scenario.dataset, seed)
     parts = partition(train, scenario, seed)
     out.mkdir(parents=True, exist_ok=True)
     names = [f"{scenario.prefix}-{i:02d}" for i in range(len(parts))]

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-from common.config import PROJECT_ROOT, ConfigError, Scalar, flatten
+from common.config import ConfigError, Scalar, flatten
 
-SCENARIO_DIR = PROJECT_ROOT / "simulations"
+SCENARIO_DIR = Path(str(resources.files("simulations")))  # package data, installed too
 DATASETS = ("drugreview", "bankreviews", "medmcqa", "complaints")
 PARTITIONS = ("dirichlet", "iid", "by-lender", "by-company")
 

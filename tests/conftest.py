@@ -3,7 +3,10 @@ small institution files cut from the real drug-review data, and a resolved confi
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +18,8 @@ from simulations.bench import tiny_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# The embedding cache (common.features) of this test session only; Ray workers inherit it.
+os.environ["PRIVATUNE_CACHE"] = tempfile.mkdtemp(prefix="privatune-test-cache-")
 torch.set_num_threads(1)
 
 
@@ -77,3 +82,17 @@ def tiny_flat(tiny_model_dir, federation_dir, tmp_path) -> dict:
 @pytest.fixture()
 def tiny_cfg(tiny_flat):
     return resolve(tiny_flat)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tiers: ``deployment`` (real SuperLink/SuperNodes), ``benchmark`` (the benchmark
+    scripts) and ``simulation`` (any test that runs a federation) are left out of
+    ``make test-fast``, together with ``slow`` (the real pretrained model)."""
+    for item in items:
+        module = item.module.__name__ if item.module else ""
+        if module == "test_deployment":
+            item.add_marker("deployment")
+        elif module == "test_bench":
+            item.add_marker("benchmark")
+        elif re.search(r"simulate|run_flat|run_simulation", inspect.getsource(item.function)):
+            item.add_marker("simulation")

@@ -16,6 +16,8 @@ from common.config import resolve
 from server.strategy import make_strategy
 from simulations.simulate import run_flat
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the source tree (tests run from it)
+
 ADAPTER = {
     "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight": np.zeros(
         (2, 4), np.float32

@@ -116,9 +116,9 @@ def test_scale_measures_rounds_memory_and_overhead_share(quick_run):
 
 def test_scale_splits_the_default_scenarios_round_time(quick_run):
     scenario = load(quick_run[0], "scale")["default_scenario"]
-    assert scenario["status"] == "ok" and scenario["scenario"] == "hospitals"
+    assert scenario["status"] == "ok" and scenario["scenario"] == "hospitals-small"
     (round_,) = scenario["rounds"]
-    assert round_["clients"] == load_scenario("hospitals").institutions  # all of them, as make run
+    assert round_["clients"] == load_scenario("hospitals-small").institutions  # all of them
     assert round_["central_eval_seconds"] > 0  # timed by the server, read from metrics.jsonl
     parts = scenario["shares"]
     assert list(parts) == ["client training", "client evaluation", "central evaluation", "the rest"]
@@ -145,7 +145,7 @@ def test_utility_reports_accuracy_and_f1_per_setting(quick_run):
 
 def test_federated_settings_without_dp_let_clients_train(tmp_path):
     """Without DP a client's epsilon is infinite; a finite budget would make it refuse."""
-    scenario = load_scenario("hospitals")
+    scenario = load_scenario("hospitals-small")
     flats = {
         eps: bench_utility.setting_flat(tmp_path, tmp_path / "run", scenario, eps, 2, False, {})
         for eps in (None, 3.0)
@@ -174,7 +174,7 @@ def test_aggregation_compares_the_three_modes_on_measured_bytes(quick_run):
     assert by_mode["fedavg"]["mean_truncation_energy_lost"] is None
 
 
-@pytest.mark.parametrize("name", ["hospitals-probe", "banks-probe"])
+@pytest.mark.parametrize("name", ["hospitals-small-probe", "banks-small-probe"])
 def test_a_probe_grid_trains_the_probe_on_the_grids_own_split(tmp_path, name):
     flat = bench_utility.setting_flat(
         tmp_path / "data-iid", tmp_path / "run", load_scenario(name), 8.0, None, False, {}

@@ -84,7 +84,7 @@ def test_a_scenario_pointed_at_a_user_folder_does_not_write_into_it(user_folder,
     """The reported case: --scenario banks --set data.dir=<folder> overwrote test.csv."""
     before = snapshot(user_folder)
     result = CliRunner().invoke(
-        app, ["simulate", "--scenario", "banks", "--set", f'data.dir="{user_folder}"']
+        app, ["simulate", "--scenario", "banks-small", "--set", f'data.dir="{user_folder}"']
     )
     assert result.exit_code == 2
     assert "no manifest.json" in result.output and "--data-dir" in result.output
@@ -108,7 +108,7 @@ def test_one_institution_per_file_with_inferred_labels(user_folder, tmp_path):
         prepare_user_data(user, user_folder / "data")
     assert snapshot(user_folder) == before
 
-    recipe = load_scenario("hospitals-probe").config  # lends its training recipe only
+    recipe = load_scenario("hospitals-small-probe").config  # lends its training recipe only
     cfg = RunConfig.from_flat(user_flat(prepared, user, recipe, {"run.name": "x"}))
     assert (cfg.model.pooling, cfg.train.trainable) == ("mean", "head")
     assert cfg.data.dir == str(prepared.data_dir)

@@ -1,15 +1,19 @@
 from __future__ import annotations
 
-import pytest
+import os
+import subprocess
+import sys
+import tomllib
 
-from common.config import ConfigError, RunConfig, app_defaults, resolve, write_toml
+import pytest
+from helpers import PROJECT_ROOT
+
+from common.config import ConfigError, RunConfig, app_defaults, flatten, resolve, write_toml
 from simulations.scenario import load_scenario
 from simulations.simulate import resolve_flat
 
 
 def test_defaults_resolve_and_round_trip(tmp_path):
-    import tomllib
-
     cfg = resolve()
     assert cfg.lora.modules == ["query", "value"] and cfg.dp.enabled
     write_toml(cfg, tmp_path / "c.toml")
@@ -31,10 +35,10 @@ def test_unknown_and_mistyped_keys_fail_loudly():
 @pytest.mark.parametrize(
     ("name", "data"),
     [
-        ("hospitals", "hospitals"),
-        ("banks", "banks"),
-        ("hospitals-probe", "hospitals"),
-        ("banks-probe", "banks"),
+        ("hospitals-small", "hospitals-small"),
+        ("banks-small", "banks-small"),
+        ("hospitals-small-probe", "hospitals-small"),
+        ("banks-small-probe", "banks-small"),
     ],
 )
 def test_scenarios_resolve(name, data):
@@ -45,7 +49,7 @@ def test_scenarios_resolve(name, data):
     assert scenario.institutions >= 5
 
 
-@pytest.mark.parametrize("name", ["hospitals", "banks"])
+@pytest.mark.parametrize("name", ["hospitals-small", "banks-small"])
 def test_a_probe_scenario_is_its_federation_with_a_linear_probe(name):
     base, probe = (load_scenario(n) for n in (name, f"{name}-probe"))
     split = ("dataset", "institutions", "prefix", "partition", "dirichlet_alpha")
@@ -53,3 +57,39 @@ def test_a_probe_scenario_is_its_federation_with_a_linear_probe(name):
     assert resolve_flat(probe)["data.dir"] == str(base.data_dir)  # the same prepared files
     cfg = resolve(resolve_flat(probe))
     assert (cfg.model.pooling, cfg.train.trainable, cfg.dp.enabled) == ("mean", "head", True)
+
+
+def test_the_packaged_defaults_are_the_ones_flwr_run_reads():
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    assert flatten(pyproject["tool"]["flwr"]["app"]["config"]) == app_defaults()
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_runs_from_another_folder(tmp_path):
+    """What the Docker image does (``pip install .``): defaults and scenarios are package
+    data, so commands work away from the source tree."""
+    site = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site)]
+    subprocess.run([*pip, str(PROJECT_ROOT)], check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    script = (
+        "import common, simulations.scenario as s\n"
+        "from common.config import resolve\n"
+        f"assert common.__file__.startswith({str(site)!r}), common.__file__\n"
+        "print(resolve().dp.delta, s.load_scenario('medical').institutions)\n"
+        "from common.cli import main\n"
+        "main()\n"
+    )
+    plan = ["plan", "--target-epsilon", "8", "--delta", "1e-5", "--rounds", "2"]
+    plan += ["--local-epochs", "1", "--data-size", "100", "--batch-size", "10"]
+    out = subprocess.run(
+        [sys.executable, "-c", script, *plan],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("1e-05 8") and "round   2: cumulative epsilon 7.99" in out.stdout

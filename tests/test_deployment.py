@@ -28,12 +28,12 @@ import psutil
 import pytest
 import tomli_w
 import yaml
+from helpers import PROJECT_ROOT
 from typer.testing import CliRunner
 
 from client.institution import NODE_KEYS
 from common.audit import audit
 from common.cli import app as cli
-from common.config import PROJECT_ROOT
 
 DOCKER = PROJECT_ROOT / "docker"
 VENV_BIN = Path(sys.executable).parent

@@ -9,10 +9,10 @@ import sys
 
 import dp_accounting
 import pytest
+from helpers import PROJECT_ROOT
 from opacus.accountants import RDPAccountant
 
 from common.audit import audit
-from common.config import PROJECT_ROOT
 from common.ledger import Ledger, LedgerError, read_records, spent, verify_chain
 from common.privacy import Mechanism, epsilon, plan
 

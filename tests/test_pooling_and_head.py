@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
 from client.train import train_round
+from common import features
 from common.adapter import get_trainable
 from common.config import ConfigError, resolve
 from common.data import load_labeled, tokenize
+from common.features import cached_embed, embed
 from common.model import MeanPooler, ModelError, build_model, load_tokenizer, load_trained
 
 CPU = torch.device("cpu")
@@ -120,3 +122,59 @@ def test_untrained_directions_stay_zero(tiny_flat):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             assert not p.requires_grad and np.all(p.detach().numpy() == 0)
+
+
+def _probe_cfg(tiny_flat, **extra):
+    return resolve(
+        {
+            **tiny_flat,
+            "model.pooling": "mean",
+            "train.trainable": "head",
+            "train.optimizer": "sgd",
+            "train.head-learning-rate": 4.0,
+            **extra,
+        }
+    )
+
+
+def test_training_on_cached_embeddings_is_training_on_the_texts(tiny_flat, federation_dir):
+    """The probe's shortcut changes nothing but speed: the head trained on embeddings from
+    the disk cache ends exactly where training on the tokenised texts ends (same seed)."""
+    cfg = _probe_cfg(tiny_flat)
+    data = load_labeled(federation_dir / "hospital-a.csv", "text", "label", cfg.data.label_names)
+    heads = []
+    for inputs in (
+        tokenize(data, load_tokenizer(cfg), cfg.model.max_length),
+        cached_embed(build_model(cfg, CPU), data, cfg),
+    ):
+        model = build_model(cfg, CPU)
+        train_round(model, inputs, cfg, 1.0, CPU, seed=4)
+        heads.append(get_trainable(model))
+    for name in heads[0]:
+        np.testing.assert_allclose(heads[0][name], heads[1][name], rtol=1e-4, atol=1e-6)
+    assert not np.allclose(heads[0][name], get_trainable(build_model(cfg, CPU))[name])
+
+
+def test_the_embedding_cache_is_reused_across_processes_and_splits(
+    tiny_flat, federation_dir, monkeypatch
+):
+    cfg = _probe_cfg(tiny_flat, **{"model.max-length": 24})
+    model = build_model(cfg, CPU)
+    data = load_labeled(federation_dir / "hospital-b.csv", "text", "label", cfg.data.label_names)
+    first = cached_embed(model, data, cfg)
+    direct = embed(model, tokenize(data, load_tokenizer(cfg), 24))
+    torch.testing.assert_close(first.tensors[0], direct.tensors[0], rtol=1e-4, atol=1e-5)
+
+    # a new process (nothing in memory) and another split of the same texts: read, not run
+    monkeypatch.setattr(features, "_READ", {})
+    monkeypatch.setattr(features, "_KNOWN", {})
+    monkeypatch.setattr(features, "embed", lambda *_: pytest.fail("embedded again"))
+    part = data.subset(np.arange(len(data))[::-1][:7])
+    again = cached_embed(model, part, cfg)
+    torch.testing.assert_close(again.tensors[0], first.tensors[0].flip(0)[:7])
+    assert again.tensors[1].tolist() == part.labels.tolist()
+
+    # another length or pooling is another cache: computed, not mixed up
+    other = _probe_cfg(tiny_flat, **{"model.max-length": 8})
+    with pytest.raises(pytest.fail.Exception, match="embedded again"):
+        cached_embed(model, data, other)

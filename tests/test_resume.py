@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 import psutil
+from helpers import PROJECT_ROOT
 from safetensors.numpy import load_file
 
 from common.audit import audit
-from common.config import PROJECT_ROOT
 from simulations.simulate import resume, run_flat
 
 

@@ -1,0 +1,98 @@
+"""What a linear probe trains on: the frozen encoder's pooled sentence embedding of each text.
+
+With ``train.trainable = "head"`` the encoder and its (zero) adapter never change, so a text's
+embedding is the same in every round and every run that uses the same model, length and
+pooling. It is computed once and kept on the node's own disk, one file per batch of new texts,
+keyed by a hash of the text: re-splitting the data, another run or another process reuses it.
+The cache holds data derived from the institution's texts; it lives beside the node's other
+private files (``PRIVATUNE_CACHE``, default ``~/.cache/privatune``) and never leaves the node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.config import RunConfig
+from common.data import LabeledText, tokenize
+from common.model import ModelError, load_tokenizer, resolve_model_path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PRIVATUNE_CACHE") or Path.home() / ".cache" / "privatune")
+
+
+@torch.no_grad()
+def embed(model: PeftModel, data: TensorDataset, batch_size: int = 128) -> TensorDataset:
+    """(pooled embedding, label) of every tokenised row, in eval mode: what the head sees
+    when the encoder and its adapter are frozen."""
+    base = model.get_base_model()
+    encoder = getattr(base, base.base_model_prefix, None)
+    if encoder is None or getattr(encoder, "pooler", None) is None:
+        raise ModelError(f"train.trainable 'head': {type(base).__name__} has no pooled output")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    features = [
+        encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).pooler_output.float()
+        for ids, mask, _ in DataLoader(data, batch_size=batch_size)
+    ]
+    model.train(was_training)
+    return TensorDataset(torch.cat(features).cpu(), data.tensors[-1])
+
+
+def _folder(cfg: RunConfig) -> Path:
+    """One folder per encoder (its files' sizes and times stand for its weights), length and
+    pooling: anything else gives other embeddings."""
+    model_dir = resolve_model_path(cfg.model.name).resolve()
+    stamp = [str(model_dir), str(cfg.model.max_length), cfg.model.pooling]
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file():
+            stat = f.stat()
+            stamp.append(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return cache_root() / "embeddings" / hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:24]
+
+
+_READ: dict[Path, set[str]] = {}  # per folder: the files this process has read
+_KNOWN: dict[Path, dict[str, torch.Tensor]] = {}  # per folder: text hash -> embedding
+
+
+def _known(folder: Path) -> dict[str, torch.Tensor]:
+    """Every embedding in ``folder``, reading only the files this process has not read."""
+    read, known = _READ.setdefault(folder, set()), _KNOWN.setdefault(folder, {})
+    files = {f.name for f in folder.glob("*.pt")} if folder.is_dir() else set()
+    for name in sorted(files - read):
+        shard = torch.load(folder / name, weights_only=True)
+        known.update(zip(shard["keys"], shard["features"], strict=True))
+        read.add(name)
+    return known
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cached_embed(model: PeftModel, data: LabeledText, cfg: RunConfig) -> TensorDataset:
+    """:func:`embed` of ``data``'s texts through the node's disk cache."""
+    folder = _folder(cfg)
+    known = _known(folder)
+    keys = [_key(t) for t in data.texts]
+    missing = sorted({k: i for i, k in enumerate(keys) if k not in known}.values())
+    if missing:
+        new = data.subset(np.asarray(missing))
+        tokens = tokenize(new, load_tokenizer(cfg), cfg.model.max_length)
+        features = embed(model, tokens).tensors[0]
+        shard = {"keys": [keys[i] for i in missing], "features": features}
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{uuid.uuid4().hex}.tmp"
+        torch.save(shard, tmp)
+        tmp.rename(folder / f"{uuid.uuid4().hex}.pt")  # atomic: readers never see a part
+        known.update(zip(shard["keys"], features, strict=True))
+    return TensorDataset(torch.stack([known[k] for k in keys]), torch.from_numpy(data.labels))
