@@ -28,7 +28,6 @@ from client.institution import Institution, Policy
 from client.secure_aggregation import secure_aggregation_mod
 from client.train import os_seed, train_round
 from common.adapter import (
-    AdapterError,
     adapter_fingerprint,
     fit_rank,
     from_record,
@@ -38,10 +37,11 @@ from common.adapter import (
 )
 from common.config import ConfigError, RunConfig, Scalar
 from common.data import DataError, LabeledText, load_labeled, split_local, tokenize
+from common.errors import PrivatuneError
 from common.evaluation import noised_confusion
 from common.features import cached_embed
 from common.ledger import NOISE_FROM_OS, Ledger, LedgerError, spent
-from common.model import ModelError, build_model, load_tokenizer, pick_device
+from common.model import build_model, load_tokenizer, pick_device
 from common.privacy import (
     Mechanism,
     epsilon,
@@ -50,9 +50,25 @@ from common.privacy import (
     sample_rate,
     steps_per_epoch,
 )
+from common.protocol import (
+    CONFUSION,
+    DELTA,
+    EPSILON,
+    EVALUATED,
+    INSTITUTION,
+    LEDGER_HEAD,
+    LEDGER_RECORDS,
+    NOISE_MULTIPLIER,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    REFUSED,
+    RUN_NAME,
+    SERVER_ROUND,
+    STEPS,
+    TRAIN_LOSS,
+)
 
 log = logging.getLogger("flwr")
-USER_ERRORS = (DataError, ConfigError, ModelError, LedgerError, AdapterError)
 CLIENT_ERROR = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 EVALUATION = "gaussian (noised confusion matrix, L2 sensitivity 1)"
 
@@ -172,7 +188,7 @@ def _record_fields(site: Institution, cfg: RunConfig, run_name: str, rnd: int, f
 
 def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     config = msg.content["config"]
-    run_name, server_round = str(config["run-name"]), int(config["server-round"])
+    run_name, server_round = str(config[RUN_NAME]), int(config[SERVER_ROUND])
     site = Institution.from_context(context, cfg, run_name)
     policy = site.policy
     full, train_set, _ = local_data(site, cfg)
@@ -210,7 +226,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
                     would_reach,
                     policy.max_epsilon,
                 )
-                metrics = {"refused": 1, "epsilon": spent_so_far, "num-examples": 0}
+                metrics = {REFUSED: 1, EPSILON: spent_so_far, NUM_EXAMPLES: 0}
                 return _reply(msg, site, metrics, ledger)
         else:
             sigma, planned = 0.0, None  # check_request: the institution allows it
@@ -219,7 +235,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         set_trainable(model, fit_rank(from_record(msg.content["arrays"]), site.rank))
         data = model_input(cfg, train_set, "train")
         seed = None if policy.insecure_seed is None else policy.insecure_seed + server_round
-        mu = float(config.get("proximal-mu", 0.0))  # sent by the fedprox strategy
+        mu = float(config.get(PROXIMAL_MU, 0.0))  # sent by the fedprox strategy
         result = train_round(model, data, cfg, sigma, device, seed, proximal_mu=mu)
         arrays = get_trainable(model)
         used = result.mechanism or Mechanism(0.0, 1.0, result.steps)
@@ -236,25 +252,25 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         if planned is not None and used != planned:
             raise LedgerError(f"{site.ledger_path}: round ran {used}, planned {planned}; stopped")
         metrics = {
-            "refused": 0,
-            "num-examples": len(train_set),  # public: docs/threat-model.md
-            "epsilon": eps,
-            "delta": delta,
-            "noise-multiplier": used.noise_multiplier,
-            "steps": result.steps,
+            REFUSED: 0,
+            NUM_EXAMPLES: len(train_set),  # public: docs/threat-model.md
+            EPSILON: eps,
+            DELTA: delta,
+            NOISE_MULTIPLIER: used.noise_multiplier,
+            STEPS: result.steps,
         }
         if not cfg.dp.enabled:
-            metrics["train-loss"] = result.train_loss  # exact: released only without DP
+            metrics[TRAIN_LOSS] = result.train_loss  # exact: released only without DP
         return _reply(msg, site, metrics, ledger, to_record(arrays, cfg.federation.transport_dtype))
 
 
 def _evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    run_name = str(msg.content["config"].get("run-name", ""))
-    server_round = int(msg.content["config"].get("server-round", 0))
+    run_name = str(msg.content["config"].get(RUN_NAME, ""))
+    server_round = int(msg.content["config"].get(SERVER_ROUND, 0))
     site = Institution.from_context(context, cfg, run_name)
     sigma = site.policy.local_eval_noise
     if sigma <= 0:
-        return _reply(msg, site, {"evaluated": 0})  # the institution releases no evaluation
+        return _reply(msg, site, {EVALUATED: 0})  # the institution releases no evaluation
     full, train_set, eval_set = local_data(site, cfg)
     check_request(cfg, site.policy, site.name, len(train_set))
     with _ledger(site) as ledger:
@@ -271,7 +287,7 @@ def _evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
         would_reach = epsilon([*history, release], delta, acc)
         if not would_reach <= site.policy.max_epsilon:
             ledger.append(**fields, status="refused", steps=0, epsilon=epsilon(history, delta, acc))
-            return _reply(msg, site, {"evaluated": 0, "refused": 1}, ledger)
+            return _reply(msg, site, {EVALUATED: 0, REFUSED: 1}, ledger)
         device = pick_device(site.device)
         model = build_model(cfg, device)
         set_trainable(model, from_record(msg.content["arrays"]))
@@ -280,7 +296,7 @@ def _evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
         generator = torch.Generator().manual_seed(os_seed() if seed is None else seed)
         matrix = noised_confusion(model, data, len(cfg.data.label_names), device, sigma, generator)
         ledger.append(**fields, status="evaluated", steps=release.steps, epsilon=would_reach)
-        metrics = {"evaluated": 1, "epsilon": would_reach, "confusion": matrix.ravel().tolist()}
+        metrics = {EVALUATED: 1, EPSILON: would_reach, CONFUSION: matrix.ravel().tolist()}
         return _reply(msg, site, metrics, ledger)
 
 
@@ -293,9 +309,9 @@ def _reply(
 ) -> Message:
     """The reply; with a ledger, its head (count and last hash) travels as the anchor the
     server records for ``privatune audit RUN``."""
-    info: dict[str, Scalar] = {"institution": site.name}
+    info: dict[str, Scalar] = {INSTITUTION: site.name}
     if ledger is not None:
-        info["ledger-records"], info["ledger-head"] = ledger.head
+        info[LEDGER_RECORDS], info[LEDGER_HEAD] = ledger.head
     content = RecordDict({"metrics": MetricRecord(dict(metrics)), "info": ConfigRecord(info)})
     if arrays is not None:
         content["arrays"] = arrays
@@ -316,7 +332,7 @@ def _guarded(
         try:
             cfg = RunConfig.from_flat({**context.run_config, **overrides})
             return handler(msg, context, cfg)
-        except USER_ERRORS as e:
+        except PrivatuneError as e:
             log.error("client error: %s", e)  # the whole message stays in the node's log
             reason = e.public if isinstance(e, DataError) else str(e)
             return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=msg)

@@ -27,6 +27,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from common.adapter import from_record, to_record
+from common.protocol import NUM_EXAMPLES
 
 NAMES_KEY = "adapter-names"
 
@@ -75,7 +76,7 @@ def _to_fitres(content: RecordDict, global_arrays: dict[str, np.ndarray]) -> Fit
     arrays = content.array_records.get("arrays", ArrayRecord())
     if len(arrays):
         values = from_record(arrays)
-        weight = int(metrics["num-examples"])
+        weight = int(metrics[NUM_EXAMPLES])
         ndarrays = [values[name] for name in global_arrays]
     else:
         weight = 0

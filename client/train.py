@@ -46,20 +46,21 @@ class RoundResult:
 
 
 def make_optimizer(
-    model: torch.nn.Module, cfg: RunConfig, head_only: bool = False
+    module: torch.nn.Module, cfg: RunConfig, head: torch.nn.Module | None = None
 ) -> torch.optim.Optimizer:
     """Two learning rates: the randomly initialised head sits on pooled features of small
-    scale and needs a much larger step than the LoRA factors to learn in few rounds."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    named = [("classifier" if head_only else n, p) for n, p in trainable]
+    scale and needs a much larger step than the LoRA factors to learn in few rounds. ``head``
+    is the classification head (default: the peft model's, :func:`common.model.head_of`)."""
+    in_head = {id(p) for p in (head if head is not None else head_of(module)).parameters()}
+    trainable = [p for p in module.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for n, p in named if "classifier" not in n], "lr": cfg.train.learning_rate},
-        {"params": [p for n, p in named if "classifier" in n], "lr": cfg.train.head_learning_rate},
+        {"params": [p for p in trainable if id(p) not in in_head], "lr": cfg.train.learning_rate},
+        {"params": [p for p in trainable if id(p) in in_head], "lr": cfg.train.head_learning_rate},
     ]
     groups = [g for g in groups if g["params"]]  # train.trainable = "head": no LoRA group
     if cfg.train.optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=0.0)
-    return torch.optim.SGD(groups)  # config.OPTIMIZERS: adamw or sgd
+    return torch.optim.SGD(groups)  # config.Optimizer: adamw or sgd
 
 
 def os_seed() -> int:
@@ -116,7 +117,7 @@ def train_round(
         torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(os_seed() if seed is None else seed)
     loader = round_loader(data, cfg.train.batch_size, cfg.dp.enabled, poisson_sampling, generator)
-    optimizer = make_optimizer(target, cfg, head_only)
+    optimizer = make_optimizer(target, cfg, target if head_only else None)
     engine = None
     clipping = None
     module: torch.nn.Module = target

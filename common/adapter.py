@@ -15,8 +15,10 @@ import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel
 
+from common.errors import PrivatuneError
 
-class AdapterError(ValueError):
+
+class AdapterError(PrivatuneError):
     """An update does not match the adapter (names, shapes or dtypes)."""
 
 

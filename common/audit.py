@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import html
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from common.ledger import (
     verify_chain,
 )
 from common.privacy import epsilon, independent_epsilon
+from common.protocol import read_lines
 
 REL_TOL_SAME = 1e-6  # Opacus recomputation: same code path, must match exactly
 REL_TOL_INDEPENDENT = 1e-2  # dp-accounting RDP vs Opacus RDP: same bound, other code
@@ -167,12 +167,9 @@ def find_ledgers(path: Path) -> list[Path]:
 def run_anchors(run_dir: Path) -> dict[str, list[tuple[int, int, str]]]:
     """The ledger heads the server recorded from every reply of a run (``metrics.jsonl``)."""
     out: dict[str, list[tuple[int, int, str]]] = {}
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            row = json.loads(line)
-            for who, (count, head) in (row.get("ledger_heads") or {}).items():
-                out.setdefault(who, []).append((row["round"], int(count), str(head)))
+    for row in read_lines(run_dir):
+        for who, (count, head) in (row.get("ledger_heads") or {}).items():
+            out.setdefault(who, []).append((row["round"], int(count), str(head)))
     return out
 
 

@@ -58,8 +58,7 @@ def simulate(
     your own files with --data-dir)."""
     from pathlib import Path
 
-    from common.config import ConfigError
-    from common.data import DataError
+    from common.errors import PrivatuneError
     from simulations import simulate as sim
     from simulations.scenario import load_scenario
 
@@ -99,7 +98,7 @@ def simulate(
             run_dir = sim.run_flat(flat, len(prepared.names))
         else:
             run_dir = sim.simulate(load_scenario(scenario or "medical"), overrides)
-    except (ConfigError, DataError, sim.SimulationError) as e:
+    except (PrivatuneError, sim.SimulationError) as e:
         _fail(str(e))
     typer.echo(f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
 
@@ -291,13 +290,11 @@ def keys(
 @app.command()
 def summary(run: str = typer.Argument(..., help="a run folder")) -> None:
     """The headline numbers of a run as a Markdown table (used for the README)."""
-    import json
-    from pathlib import Path
+    from common.protocol import METRICS_FILE, read_lines
 
-    path = Path(run) / "metrics.jsonl"
-    if not path.is_file():
-        _fail(f"{path}: not found; is {run} a run folder?")
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    lines = read_lines(run)
+    if not lines:
+        _fail(f"{run}/{METRICS_FILE}: not found; is {run} a run folder?")
     first, last = lines[0], lines[-1]
 
     def num(value, digits=3) -> str:

@@ -17,16 +17,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from common.errors import PrivatuneError
 
 Scalar = bool | int | float | str
-TRANSPORT_DTYPES = ("float32", "float16")
-ACCOUNTANTS = ("rdp", "prv")  # Opacus accountants with an independent check in the audit
-GRAD_SAMPLE_MODES = ("hooks", "fused")
-OPTIMIZERS = ("adamw", "sgd")
+# The enumerated keys: every allowed value is here, checked in one place (_coerce).
+Pooling = Literal["cls", "mean"]  # BERT's [CLS] pooler, or the masked mean at unit length
+Trainable = Literal["adapter", "head"]  # LoRA factors and head, or the head alone
+Optimizer = Literal["adamw", "sgd"]
+TransportDtype = Literal["float32", "float16"]
+AggregationMode = Literal["fedavg", "ffa", "exact"]
+Strategy = Literal[  # server.strategy.AGGREGATORS: Flower's strategies
+    "fedavg", "fedmedian", "fedtrimmedavg", "krum", "fedadam", "fedavgm", "fedprox"
+]
+Accountant = Literal["rdp", "prv"]  # Opacus accountants with an independent check in the audit
+GradSampleMode = Literal["hooks", "fused"]
+ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 
 
-class ConfigError(ValueError):
+class ConfigError(PrivatuneError):
     """A configuration key is unknown, missing or of the wrong type."""
 
 
@@ -43,7 +53,7 @@ class ModelSettings:
     name: str
     max_length: int
     bf16: bool
-    pooling: str  # "cls" (BERT's [CLS] pooler) or "mean" (masked mean, unit length)
+    pooling: Pooling
 
 
 @dataclass(frozen=True)
@@ -69,12 +79,8 @@ class TrainSettings:
     batch_size: int
     learning_rate: float
     head_learning_rate: float
-    optimizer: str  # one of OPTIMIZERS
-    trainable: str  # "adapter" (LoRA factors and head) or "head" (the head alone)
-
-    def __post_init__(self) -> None:
-        _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
-        _one_of("train.trainable", self.trainable, ("adapter", "head"))
+    optimizer: Optimizer
+    trainable: Trainable
 
 
 @dataclass(frozen=True)
@@ -86,14 +92,7 @@ class FederationSettings:
     min_available_nodes: int
     max_update_norm: float  # L2 bound on one update (reply minus global); 0 = no bound
     round_timeout: float  # seconds to wait for replies; late or silent clients are left out
-    transport_dtype: str  # "float32" or "float16": the adapter's tensors on the wire
-
-    def __post_init__(self) -> None:
-        if self.transport_dtype not in TRANSPORT_DTYPES:
-            raise ConfigError(
-                f"federation.transport-dtype must be one of {', '.join(TRANSPORT_DTYPES)}, "
-                f"got {self.transport_dtype!r}"
-            )
+    transport_dtype: TransportDtype  # the adapter's tensors on the wire
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,8 @@ class AggregationSettings:
     """How replies become the next global adapter (see server.strategy and
     server.lora_aggregation) and whether the server may see them one by one (SecAgg+)."""
 
-    mode: str  # "fedavg" (A, B, head averaged), "ffa" (A frozen), "exact" (mean of B·A + SVD)
-    strategy: str  # one of server.strategy.AGGREGATORS (Flower's strategies)
+    mode: AggregationMode  # fedavg: A, B, head averaged; ffa: A frozen; exact: mean of B·A
+    strategy: Strategy
     server_learning_rate: float  # fedadam (eta) and fedavgm
     server_momentum: float  # fedavgm
     proximal_mu: float  # fedprox: pull towards the global adapter on the client
@@ -137,12 +136,10 @@ class DPSettings:
     delta: float
     noise_multiplier: float  # 0 means: derive it from target_epsilon over the planned run
     max_grad_norm: float
-    accountant: str  # one of ACCOUNTANTS
-    grad_sample_mode: str  # "hooks" (Opacus' GradSampleModule) or "fused" (client.fused_clipping)
+    accountant: Accountant
+    grad_sample_mode: GradSampleMode  # Opacus' GradSampleModule, or client.fused_clipping
 
     def __post_init__(self) -> None:
-        _one_of("dp.accountant", self.accountant, ACCOUNTANTS)
-        _one_of("dp.grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
         if not 0 < self.delta < 1:
             raise ConfigError(f"config key 'dp.delta' must lie in (0, 1), got {self.delta!r}")
         _positive("dp.target-epsilon", self.target_epsilon)
@@ -229,6 +226,14 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Checks across sections (each section checks its own values)."""
+        if self.aggregation.mode == "exact" and self.aggregation.strategy not in (
+            "fedavg",
+            "fedprox",
+        ):
+            raise ConfigError(
+                "aggregation.mode 'exact' replaces the weighted mean; use it with strategy "
+                f"fedavg or fedprox, not {self.aggregation.strategy!r}"
+            )
         if self.central_dp.enabled:
             if self.aggregation.strategy != "fedavg" or self.aggregation.mode == "exact":
                 raise ConfigError(
@@ -283,7 +288,10 @@ def _key(section: str, name: str) -> str:
     return f"{section}.{name}".replace("_", "-")
 
 
-def _coerce(key: str, value: Scalar, typ: type) -> Scalar:
+def _coerce(key: str, value: Scalar, typ: Any) -> Scalar:
+    if get_origin(typ) is Literal:
+        _one_of(key, value, get_args(typ))
+        return value
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is bool and not isinstance(value, bool):

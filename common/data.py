@@ -18,10 +18,12 @@ import pandas as pd
 import torch
 from torch.utils.data import TensorDataset
 
+from common.errors import PrivatuneError
+
 READERS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
-class DataError(ValueError):
+class DataError(PrivatuneError):
     """Bad input data; the message is a single line that names the file and field.
 
     ``public`` is what may leave the institution (a client's error reply to the server):

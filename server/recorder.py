@@ -9,7 +9,6 @@ happens here too, when one is configured.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,7 +21,8 @@ from torch.utils.data import TensorDataset
 
 from common.adapter import from_record, save_adapter, set_trainable
 from common.evaluation import evaluate
-from server.strategy import AdapterRounds
+from common.protocol import MetricsLine, append_line
+from server.round_log import RoundLog
 
 log = logging.getLogger("flwr")
 
@@ -37,28 +37,25 @@ class RoundRecorder:
         self,
         run_dir: Path,
         model: PeftModel,
-        strategy: AdapterRounds,
+        log: RoundLog,
         num_labels: int,
         device: torch.device,
         test_set: TensorDataset | None,
         total_rounds: int,
-        round_offset: int = 0,
     ) -> None:
         self.run_dir = run_dir
         self.model = model
-        self.strategy = strategy
+        self.log = log
         self.num_labels = num_labels
         self.device = device
         self.test_set = test_set
         self.total_rounds = total_rounds
-        self.round_offset = round_offset
-        self.metrics_path = run_dir / "metrics.jsonl"
         self.round_started = time.monotonic()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0 and self.round_offset:
+        if server_round == 0 and self.log.offset:
             return None  # a resumed run: its starting point is already on record
-        server_round += self.round_offset
+        server_round = self.log.run_round(server_round)
         set_trainable(self.model, from_record(arrays))
         evaluated = time.monotonic()
         central = (
@@ -69,8 +66,8 @@ class RoundRecorder:
         central_seconds = time.monotonic() - evaluated
         if server_round > 0:
             save_adapter(self.model, self.run_dir / "checkpoints" / f"round-{server_round:03d}")
-        stats = self.strategy.rounds.get(server_round)
-        line = {
+        stats = self.log.rounds.get(server_round)
+        line: MetricsLine = {
             "round": server_round,
             "train_loss": stats.train.get("train-loss") if stats else None,
             "eval_loss": stats.evaluate.get("loss") if stats else None,
@@ -94,8 +91,7 @@ class RoundRecorder:
             "central_eval_seconds": round(central_seconds, 3),
             "seconds": round(time.monotonic() - self.round_started, 2),
         }
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_line(self.run_dir, line)
         log.info("%s", summary(line, self.total_rounds))
         self.round_started = time.monotonic()
         return MetricRecord({k: v for k, v in central.items() if k != "num-examples"}) or None

@@ -8,20 +8,15 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 import matplotlib
 
 from common.htmltable import html_table
+from common.protocol import read_lines
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _png(fig) -> str:
@@ -108,7 +103,7 @@ def truncation_plot(lines: list[dict]) -> str:
 def write_report(run_dir: Path, extra_sections: list[str] | None = None) -> Path:
     """Write ``report.html`` from the run's metrics (and any extra HTML sections)."""
     run_dir = Path(run_dir)
-    lines = read_metrics(run_dir)
+    lines = read_lines(run_dir)
     keys = [
         "central_accuracy",
         "central_macro_f1",

@@ -9,7 +9,6 @@ checkpointed before the crash is trained again, and both uses are on the ledger)
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,11 +17,13 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from common.adapter import get_trainable
+from common.errors import PrivatuneError
+from common.protocol import read_lines, write_lines
 
 CHECKPOINT = re.compile(r"round-(\d{3,})$")
 
 
-class ResumeError(ValueError):
+class ResumeError(PrivatuneError):
     """Nothing to resume from, or the checkpoint does not fit the adapter."""
 
 
@@ -46,7 +47,4 @@ def load_checkpoint(model: PeftModel, path: Path) -> dict[str, np.ndarray]:
 
 def truncate_metrics(run_dir: Path, last_round: int) -> None:
     """Drop metric lines of rounds after the checkpoint (they will be run again)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.exists():
-        keep = [x for x in path.read_text().splitlines() if json.loads(x)["round"] <= last_round]
-        path.write_text("".join(x + "\n" for x in keep))
+    write_lines(run_dir, [x for x in read_lines(run_dir) if x["round"] <= last_round])

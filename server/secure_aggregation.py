@@ -33,8 +33,10 @@ from flwr.serverapp import Grid
 from client.secure_aggregation import NAMES_KEY
 from common.adapter import to_record
 from common.config import AggregationSettings, ConfigError, FederationSettings, RunConfig
+from common.protocol import INSTITUTION, REFUSED, RUN_NAME, SERVER_ROUND
 from server.recorder import RoundRecorder
-from server.strategy import AdapterRounds, RoundStats, train_summary
+from server.round_log import RoundLog, RoundStats
+from server.strategy import AdapterRounds, train_summary
 
 log = logging.getLogger("flwr")
 
@@ -86,8 +88,7 @@ class SecureRounds(LegacyFedAvg):
         fed: FederationSettings,
         run_name: str,
         names: list[str],
-        rounds: dict[int, RoundStats],
-        round_offset: int = 0,
+        log: RoundLog,
     ) -> None:
         super().__init__(
             fraction_fit=fed.fraction_train,
@@ -98,14 +99,13 @@ class SecureRounds(LegacyFedAvg):
         )
         self.run_name = run_name
         self.names = names
-        self.rounds = rounds
-        self.round_offset = round_offset
+        self.log = log
         self._sampled: set[int] = set()
 
     def _fit_config(self, server_round: int) -> dict[str, str | int]:
         return {
-            "run-name": self.run_name,
-            "server-round": server_round + self.round_offset,
+            RUN_NAME: self.run_name,
+            SERVER_ROUND: self.log.run_round(server_round),
             NAMES_KEY: ",".join(self.names),
         }
 
@@ -122,15 +122,15 @@ class SecureRounds(LegacyFedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict]:
-        real_round = server_round + self.round_offset
-        stats = self.rounds.setdefault(real_round, RoundStats())
+        real_round = self.log.run_round(server_round)
+        stats = self.log.at(server_round)
         for node in sorted(self._sampled - {proxy.node_id for proxy, _ in results}):
             stats.failed[f"node-{node}"] = "dropped out of secure aggregation"
         trained = []
         for _, res in results:
-            who = str(res.metrics.get("institution", "?"))
+            who = str(res.metrics.get(INSTITUTION, "?"))
             stats.note(who, res.metrics)
-            if res.metrics.get("refused"):
+            if res.metrics.get(REFUSED):
                 stats.refused.append(who)
             elif res.num_examples > 0:
                 trained.append(res)
@@ -212,8 +212,8 @@ def run_secure(
     check_secure(cfg)
     fed = cfg.federation
     workflow = make_workflow(cfg.aggregation, fed.round_timeout)
-    offset = strategy.round_offset
-    legacy = SecureRounds(fed, run_name, list(initial), strategy.rounds, offset)
+    offset = strategy.log.offset
+    legacy = SecureRounds(fed, run_name, list(initial), strategy.log)
     root = Context(grid.run.run_id, 0, {}, RecordDict(), {})
     rounds = ServerConfig(num_rounds=fed.rounds - offset)
     context = LegacyContext(root, rounds, legacy, SimpleClientManager())
@@ -223,8 +223,7 @@ def run_secure(
     recorder(0, to_record(arrays))
     try:
         for server_round in range(1, fed.rounds - offset + 1):
-            stats = strategy.rounds.setdefault(server_round + offset, RoundStats())
-            counting = CountingGrid(grid, stats)
+            counting = CountingGrid(grid, strategy.log.at(server_round))
             arrays = secure_round(workflow, counting, context, server_round, arrays)
             evaluate_round(grid, strategy, server_round, arrays, run_name, fed.round_timeout)
             recorder(server_round, to_record(arrays))
@@ -244,7 +243,7 @@ def evaluate_round(
 ) -> None:
     """Federated evaluation of the new global adapter, exactly as in the plain loop (the
     strategy keeps the metrics and bytes in its round stats)."""
-    config = ConfigRecord({"run-name": run_name})
+    config = ConfigRecord({RUN_NAME: run_name})
     messages = list(strategy.configure_evaluate(server_round, to_record(arrays), config, grid))
     if messages:
         strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))

@@ -3,14 +3,15 @@
 :class:`AdapterRounds` adds small steps around any of Flower's FedAvg-family strategies:
 every training reply is validated before aggregation (:mod:`server.validation`),
 privacy-budget refusals are counted and kept out of the aggregate, and each round's
-per-institution epsilon, failures and message bytes are kept in :attr:`AdapterRounds.rounds`
-for the run recorder. Aggregation itself stays Flower's: weighted mean (FedAvg), coordinate
-median (FedMedian), trimmed mean (FedTrimmedAvg), Krum or a server optimiser, chosen by
-``aggregation.strategy``; the LoRA-aware steps of ``aggregation.mode`` (exact B·A averaging,
-mixed ranks) come from :mod:`server.lora_aggregation`. :class:`CentralDP` adds
-institution-level DP on the server (equal weights, clipping, noise scaled to the updates
-actually aggregated) and keeps the aggregator's own ledger. Local evaluation arrives as
-noised confusion matrices, whose sum becomes the round's accuracy and macro-F1.
+per-institution epsilon, failures and message bytes go to the run's
+:class:`~server.round_log.RoundLog`, which the recorder writes out. Aggregation itself stays
+Flower's: weighted mean (FedAvg), coordinate median (FedMedian), trimmed mean
+(FedTrimmedAvg), Krum or a server optimiser, chosen by ``aggregation.strategy``; the
+LoRA-aware steps of ``aggregation.mode`` (exact B·A averaging, mixed ranks) come from
+:mod:`server.lora_aggregation`. :class:`CentralDP` adds institution-level DP on the server
+(equal weights, clipping, noise scaled to the updates actually aggregated) and keeps the
+aggregator's own ledger. Local evaluation arrives as noised confusion matrices, whose sum
+becomes the round's accuracy and macro-F1.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import logging
 import math
 import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +38,21 @@ from flwr.serverapp.strategy import (
 )
 
 from common.adapter import adapter_fingerprint, adapter_rank, from_record, to_record
-from common.config import AggregationSettings, ConfigError, FederationSettings
+from common.config import AggregationSettings, FederationSettings
 from common.evaluation import scores
 from common.ledger import NOISE_FROM_OS, Ledger, spent
 from common.privacy import Mechanism, epsilon
+from common.protocol import (
+    CONFUSION,
+    EPSILON,
+    EVALUATED,
+    INSTITUTION,
+    NUM_EXAMPLES,
+    REFUSED,
+    TRAIN_LOSS,
+)
 from server.lora_aggregation import exact_mean, rank_aware_padding
+from server.round_log import RoundLog
 from server.validation import InvalidUpdate, check_update
 
 log = logging.getLogger("flwr")
@@ -60,33 +70,10 @@ AGGREGATORS: dict[str, type[FedAvg]] = {
 MEAN_BASED = ("fedavg", "fedadam", "fedavgm", "fedprox")
 
 
-@dataclass
-class RoundStats:
-    """What happened in one round, as seen by the server."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    epsilon: dict[str, float] = field(default_factory=dict)  # institution -> cumulative eps
-    refused: list[str] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)  # institution -> reason
-    failed: dict[str, str] = field(default_factory=dict)  # node -> client error
-    ranks: dict[str, int] = field(default_factory=dict)  # institution -> LoRA rank sent
-    ledger_heads: dict[str, tuple[int, str]] = field(default_factory=dict)  # anchors for audit
-    train: dict[str, float] = field(default_factory=dict)
-    evaluate: dict[str, float] = field(default_factory=dict)
-
-    def note(self, who: str, values: Mapping) -> None:
-        """What every reply carries for the round log: cumulative epsilon, ledger head."""
-        if "epsilon" in values:
-            self.epsilon[who] = float(values["epsilon"])
-        if "ledger-head" in values:
-            self.ledger_heads[who] = (int(values["ledger-records"]), str(values["ledger-head"]))
-
-
 def _institution(msg: Message) -> str:
     info = msg.content.config_records.get("info")
-    if info and "institution" in info:
-        return str(info["institution"])
+    if info and INSTITUTION in info:
+        return str(info[INSTITUTION])
     return f"node-{msg.metadata.src_node_id}"
 
 
@@ -106,16 +93,14 @@ def _message_bytes(content: RecordDict) -> int:
     return sum(r.count_bytes() for r in content.values())
 
 
-def train_summary(metrics: list[Mapping], weight_key: str = "num-examples") -> dict[str, float]:
+def train_summary(metrics: list[Mapping], weight_key: str = NUM_EXAMPLES) -> dict[str, float]:
     """The largest epsilon among the aggregated clients and, when every client released one
     (only without DP), the weighted mean train loss (the plain and the secure loop report
     the same numbers)."""
-    out = {"epsilon-max": max(float(m["epsilon"]) for m in metrics)}
-    if all("train-loss" in m for m in metrics):
+    out = {"epsilon-max": max(float(m[EPSILON]) for m in metrics)}
+    if all(TRAIN_LOSS in m for m in metrics):
         total = sum(float(m[weight_key]) for m in metrics)
-        out["train-loss"] = (
-            sum(float(m["train-loss"]) * float(m[weight_key]) for m in metrics) / total
-        )
+        out[TRAIN_LOSS] = sum(float(m[TRAIN_LOSS]) * float(m[weight_key]) for m in metrics) / total
     return out
 
 
@@ -144,9 +129,9 @@ class AdapterRounds(FedAvg):
     transport_dtype : str
         Precision of the adapter in the messages this strategy sends; the global adapter
         and every aggregation stay float32 (replies are widened on receipt).
-    round_offset : int
-        Rounds already done before this start (a resumed run): Flower's loop counts from 1,
-        clients, ledgers and stats see the run's real round numbers.
+    log : RoundLog
+        The run's round log, shared with the recorder (and the SecAgg+ loop); it maps
+        Flower's round numbers to the run's (a resumed run) for clients, ledgers and stats.
     **kwargs
         Passed to the Flower strategy (fractions, minimum nodes, ...).
     """
@@ -155,44 +140,40 @@ class AdapterRounds(FedAvg):
         self,
         expected: Mapping[str, np.ndarray],
         max_update_norm: float = 0.0,
-        round_offset: int = 0,
+        log: RoundLog | None = None,
         mode: str = "fedavg",
         pads_ranks: bool = True,
         transport_dtype: str = "float32",
         **kwargs,
     ) -> None:
         super().__init__(train_metrics_aggr_fn=_train_metrics, **kwargs)
-        self.round_offset = round_offset
+        self.log = log if log is not None else RoundLog()
         self.mode = mode
         self.pads_ranks = pads_ranks
         self.transport_dtype = transport_dtype
         self.global_arrays = {k: np.asarray(v) for k, v in expected.items()}
         self.max_update_norm = max_update_norm
-        self.rounds: dict[int, RoundStats] = {}
         self._accepted: set[str] = set()  # message ids already validated and counted
-
-    def _stats(self, server_round: int) -> RoundStats:
-        return self.rounds.setdefault(server_round, RoundStats())
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_arrays = from_record(arrays)
-        server_round += self.round_offset
+        run_round = self.log.run_round(server_round)  # what clients and ledgers see
         messages = self._on_the_wire(
-            super().configure_train(server_round, arrays, config, grid), arrays
+            super().configure_train(run_round, arrays, config, grid), arrays
         )
-        self._stats(server_round).bytes_sent += sum(_message_bytes(m.content) for m in messages)
+        self.log.at(server_round).bytes_sent += sum(_message_bytes(m.content) for m in messages)
         return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        server_round += self.round_offset
+        run_round = self.log.run_round(server_round)
         messages = self._on_the_wire(
-            super().configure_evaluate(server_round, arrays, config, grid), arrays
+            super().configure_evaluate(run_round, arrays, config, grid), arrays
         )
-        self._stats(server_round).bytes_sent += sum(_message_bytes(m.content) for m in messages)
+        self.log.at(server_round).bytes_sent += sum(_message_bytes(m.content) for m in messages)
         return messages
 
     def _on_the_wire(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
@@ -209,7 +190,7 @@ class AdapterRounds(FedAvg):
         """The replies that may be aggregated; everything else is logged and counted.
         A reply accepted before (a DP wrapper validates first, then clips and passes the
         replies back through :meth:`aggregate_train`) is not counted twice."""
-        stats = self._stats(server_round)
+        stats = self.log.at(server_round)
         accepted = []
         for msg in replies:
             if msg.metadata.message_id in self._accepted:
@@ -224,9 +205,11 @@ class AdapterRounds(FedAvg):
             who = _institution(msg)
             metrics = next(iter(msg.content.metric_records.values()), {})
             stats.note(who, {**metrics, **msg.content.config_records.get("info", {})})
-            if metrics.get("refused"):
+            if metrics.get(REFUSED):
                 stats.refused.append(who)
-                log.warning("%s refused round %d (privacy budget)", who, server_round)
+                log.warning(
+                    "%s refused round %d (privacy budget)", who, self.log.run_round(server_round)
+                )
                 continue
             try:
                 rank = check_update(msg, self.global_arrays, self.max_update_norm)
@@ -253,12 +236,11 @@ class AdapterRounds(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
         accepted = self.accept(server_round, replies)
         if len(accepted) < max(1, self.min_train_nodes):
             log.warning(
                 "round %d: %d valid update(s), fewer than min-train-nodes %d; adapter unchanged",
-                server_round,
+                self.log.run_round(server_round),
                 len(accepted),
                 self.min_train_nodes,
             )
@@ -267,8 +249,8 @@ class AdapterRounds(FedAvg):
             arrays, metrics = self.aggregate_exact(accepted)
         else:
             self.pad_ranks(accepted)
-            arrays, metrics = super().aggregate_train(server_round, accepted)
-        self._stats(server_round).train = dict(metrics or {})
+            arrays, metrics = super().aggregate_train(self.log.run_round(server_round), accepted)
+        self.log.at(server_round).train = dict(metrics or {})
         return arrays, metrics
 
     def _weights(self, replies: list[Message]) -> list[float]:
@@ -298,8 +280,7 @@ class AdapterRounds(FedAvg):
         """Accuracy and macro-F1 of the sum of the institutions' noised confusion matrices
         (post-processing of what DP released); institutions that release no evaluation
         (the default) send none."""
-        server_round += self.round_offset
-        stats = self._stats(server_round)
+        stats = self.log.at(server_round)
         total = None
         for msg in replies:
             if msg.has_error():
@@ -308,8 +289,8 @@ class AdapterRounds(FedAvg):
             stats.bytes_received += _message_bytes(msg.content)
             metrics = _metrics(msg)
             stats.note(_institution(msg), {**metrics, **msg.content.config_records.get("info", {})})
-            if metrics.get("evaluated"):
-                matrix = np.asarray(metrics["confusion"], dtype=float)
+            if metrics.get(EVALUATED):
+                matrix = np.asarray(metrics[CONFUSION], dtype=float)
                 total = matrix if total is None else total + matrix
         if total is None:
             return None
@@ -322,21 +303,10 @@ def make_strategy(
     fed: FederationSettings,
     agg: AggregationSettings,
     expected: Mapping[str, np.ndarray],
-    round_offset: int = 0,
+    log: RoundLog | None = None,
 ) -> AdapterRounds:
     """``AdapterRounds`` in front of Flower's aggregator named by ``agg.strategy``, with
     that aggregator's own options and the LoRA-aware mode of ``agg.mode``."""
-    if agg.strategy not in AGGREGATORS:
-        raise ConfigError(
-            f"aggregation.strategy: {agg.strategy!r} is not one of {', '.join(AGGREGATORS)}"
-        )
-    if agg.mode not in ("fedavg", "ffa", "exact"):
-        raise ConfigError(f"aggregation.mode: {agg.mode!r} is not one of fedavg, ffa, exact")
-    if agg.mode == "exact" and agg.strategy not in ("fedavg", "fedprox"):
-        raise ConfigError(
-            "aggregation.mode 'exact' replaces the weighted mean; use it with strategy "
-            f"fedavg or fedprox, not {agg.strategy!r}"
-        )
     base = AGGREGATORS[agg.strategy]
     cls = (
         AdapterRounds
@@ -354,7 +324,7 @@ def make_strategy(
     return cls(
         expected,
         max_update_norm=fed.max_update_norm,
-        round_offset=round_offset,
+        log=log,
         mode=agg.mode,
         pads_ranks=agg.strategy in MEAN_BASED,
         transport_dtype=fed.transport_dtype,
@@ -402,10 +372,10 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         adapter = self.adapter
-        server_round += adapter.round_offset
+        run_round = adapter.log.run_round(server_round)
         accepted = adapter.accept(server_round, replies)
         if len(accepted) < max(1, adapter.min_train_nodes):
-            log.warning("round %d: too few valid updates for central DP; unchanged", server_round)
+            log.warning("round %d: too few valid updates for central DP; unchanged", run_round)
             return None, None
         current = adapter.global_arrays
         total = {k: np.zeros_like(v, dtype=np.float64) for k, v in current.items()}
@@ -425,12 +395,12 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         metrics = adapter.train_metrics_aggr_fn(
             [msg.content for msg in accepted], adapter.weighted_by_key
         )
-        adapter._stats(server_round).train = dict(metrics)
+        adapter.log.at(server_round).train = dict(metrics)
         step = Mechanism(self.noise_multiplier, 1.0, 1)
         self.ledger.append(
             institution="aggregator",
             run_id=self.run_id,
-            round=server_round,
+            round=run_round,
             time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             status="trained",
             mechanism=f"gaussian, clipped sum of {m} equally weighted updates (client-level DP)",

@@ -15,12 +15,14 @@ import numpy as np
 from flwr.app import Message
 
 from common.adapter import adapter_rank, fit_rank, lora_rank_axis
+from common.errors import PrivatuneError
+from common.protocol import NUM_EXAMPLES
 
 MAX_EXAMPLES = 10_000_000
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
-class InvalidUpdate(ValueError):
+class InvalidUpdate(PrivatuneError):
     """A reply that must not be aggregated; the message says why."""
 
 
@@ -54,7 +56,7 @@ def check_update(
     if max_update_norm > 0 and squared**0.5 > max_update_norm:
         raise InvalidUpdate(f"update norm {squared**0.5:.4g} exceeds the bound {max_update_norm}")
     metrics = next(iter(content.metric_records.values()))
-    n = metrics.get("num-examples")
+    n = metrics.get(NUM_EXAMPLES)
     if isinstance(n, bool) or not isinstance(n, int | float) or not 0 < n <= MAX_EXAMPLES:
         raise InvalidUpdate(f"num-examples {n!r} is not a positive count")
     if int(n) != n:

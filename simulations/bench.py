@@ -144,11 +144,6 @@ def bench_flat(
     }
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """``metrics.jsonl`` of a finished run, round 0 (before training) included."""
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 

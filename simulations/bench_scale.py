@@ -29,12 +29,12 @@ from typing import Any
 
 import psutil
 
+from common.protocol import SERVER_ROUND, read_lines
 from simulations.bench import (
     bench_flat,
     even_split,
     fmt,
     model_overrides,
-    read_metrics,
     review_sample,
     table_head,
     tiny_model,
@@ -73,7 +73,7 @@ def timing_mod(path: str):
         reply = call_next(msg, context)
         config = msg.content.config_records.get("config", {})
         entry = {
-            "round": int(config.get("server-round", 0)),
+            "round": int(config.get(SERVER_ROUND, 0)),
             "type": msg.metadata.message_type,
             "pid": os.getpid(),
             "seconds": time.perf_counter() - start,
@@ -133,7 +133,7 @@ def summarise(work: Path) -> list[dict[str, Any]]:
         busy[(c["round"], c["type"])][c["pid"]] += c["seconds"]
         clients[c["round"]] += c["type"] == "train"
     rounds = []
-    for m in read_metrics(work / "run"):
+    for m in read_lines(work / "run"):
         if m["round"] == 0:
             continue
         train = max(busy[(m["round"], "train")].values(), default=0.0)

@@ -26,12 +26,12 @@ from transformers import AutoModelForSequenceClassification
 from common.adapter import get_trainable, to_record
 from common.config import Scalar, resolve
 from common.model import build_model, resolve_model_path
+from common.protocol import read_lines
 from simulations.bench import (
     bench_flat,
     even_split,
     fmt,
     model_overrides,
-    read_metrics,
     review_sample,
     table_head,
     write_federation,
@@ -46,7 +46,7 @@ DTYPES = ("float32", "float16")
 def federation(flat: Mapping[str, Scalar]) -> dict[str, Any]:
     """Bytes per client per round as the server counted them, final scores and adapter."""
     run_dir = run_flat(flat, SITES)
-    metrics = read_metrics(run_dir)
+    metrics = read_lines(run_dir)
     rounds = [m for m in metrics if m["round"] > 0]
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     return {

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 import tomllib
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import pytest
 from helpers import PROJECT_ROOT
@@ -93,3 +95,39 @@ def test_a_non_editable_install_runs_from_another_folder(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("1e-05 8") and "round   2: cumulative epsilon 7.99" in out.stdout
+
+
+def _enumerated() -> dict[str, tuple[str, ...]]:
+    """Every config key whose values are an enumeration, read from the dataclasses."""
+    out = {}
+    for section in dataclasses.fields(RunConfig):
+        hints = get_type_hints(get_type_hints(RunConfig)[section.name])
+        for name, typ in hints.items():
+            if get_origin(typ) is Literal:
+                out[f"{section.name}.{name}".replace("_", "-")] = get_args(typ)
+    return out
+
+
+def test_the_enumerations_are_the_ones_the_code_implements():
+    from server.strategy import AGGREGATORS
+
+    keys = _enumerated()
+    assert set(keys) >= {"train.optimizer", "dp.accountant", "aggregation.strategy"}
+    assert keys["aggregation.strategy"] == tuple(AGGREGATORS)
+
+
+@pytest.mark.parametrize("key", sorted(_enumerated()))
+def test_a_bad_enumerated_value_is_one_line_before_anything_starts(key, tmp_path, monkeypatch):
+    import ray
+    from typer.testing import CliRunner
+
+    from common.cli import app
+
+    monkeypatch.chdir(tmp_path)  # nothing may be prepared or written, here or anywhere
+    result = CliRunner().invoke(
+        app, ["simulate", "--scenario", "hospitals-small", "--set", f'{key}="bogus"']
+    )
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"'{key}' must be one of" in lines[0], result.output
+    assert not ray.is_initialized() and not any(tmp_path.iterdir())

@@ -144,7 +144,7 @@ def test_mixed_ranks_average_each_component_over_the_institutions_that_hold_it()
     np.testing.assert_allclose(result[A][2:], big[A][2:], rtol=1e-5)  # only rank 4 holds these
     np.testing.assert_allclose(result[B][:, :2], (30 * big[B][:, :2] + 10 * small[B]) / 40, 1e-5)
     np.testing.assert_allclose(result[B][:, 2:], big[B][:, 2:], rtol=1e-5)
-    assert strategy.rounds[1].ranks == {"inst-1": 4, "inst-2": 2}
+    assert strategy.log.rounds[1].ranks == {"inst-1": 4, "inst-2": 2}
 
 
 def test_median_and_krum_reject_smaller_ranks_and_mixed_ranks_are_rejected():
@@ -153,11 +153,11 @@ def test_median_and_krum_reject_smaller_ranks_and_mixed_ranks_are_rejected():
     strategy = strategy_for("fedmedian", adapter=current)
     replies = [reply(i, lora_adapter(4, rng)) for i in (1, 2)] + [reply(3, lora_adapter(2, rng))]
     arrays, _ = strategy.aggregate_train(1, replies)
-    assert arrays is not None and "a median or Krum" in strategy.rounds[1].rejected["inst-3"]
+    assert arrays is not None and "a median or Krum" in strategy.log.rounds[1].rejected["inst-3"]
     mixed = {**lora_adapter(4, rng), A: rng.normal(size=(2, 5)).astype(np.float32)}
     fedavg = strategy_for("fedavg", adapter=current)
     fedavg.aggregate_train(1, [reply(1, lora_adapter(4, rng)), reply(2, mixed)])
-    assert "LoRA ranks [2, 4]" in fedavg.rounds[1].rejected["inst-2"]
+    assert "LoRA ranks [2, 4]" in fedavg.log.rounds[1].rejected["inst-2"]
 
 
 def test_exact_mode_only_with_a_weighted_mean():

@@ -19,7 +19,7 @@ from common.adapter import get_trainable
 from common.config import ConfigError, resolve
 from common.data import load_labeled, tokenize
 from common.features import cached_embed, embed
-from common.model import MeanPooler, ModelError, build_model, load_tokenizer, load_trained
+from common.model import MeanPooler, build_model, load_tokenizer, load_trained
 
 CPU = torch.device("cpu")
 
@@ -109,8 +109,8 @@ def test_a_federated_linear_probe_runs_end_to_end(tiny_flat):
 
 
 def test_unknown_pooling_and_trainable_values_are_named(tiny_flat):
-    with pytest.raises(ModelError, match=r"model\.pooling: 'max'"):
-        build_model(resolve({**tiny_flat, "model.pooling": "max"}), CPU)
+    with pytest.raises(ConfigError, match=r"'model\.pooling' must be one of cls, mean"):
+        resolve({**tiny_flat, "model.pooling": "max"})
     with pytest.raises(ConfigError, match=r"'train\.trainable' must be one of adapter, head"):
         resolve({**tiny_flat, "train.trainable": "lora"})
 

@@ -30,6 +30,7 @@ from common.data import tokenize
 from common.ledger import Ledger, LedgerError, read_records, record_hash, spent
 from common.model import build_model, load_tokenizer
 from common.privacy import Mechanism, epsilon, sample_rate, steps_per_epoch
+from server.round_log import RoundLog
 from server.strategy import CentralDP, make_strategy
 from simulations.simulate import preflight
 
@@ -351,7 +352,7 @@ def _central(tmp_path, noise=1e-9, offset=0, strategy="fedavg"):
     }
     cfg = resolve(flat)
     adapter = {"a": np.zeros(4, np.float32)}
-    inner = make_strategy(cfg.federation, cfg.aggregation, adapter, round_offset=offset)
+    inner = make_strategy(cfg.federation, cfg.aggregation, adapter, RoundLog(offset))
     return CentralDP(inner, noise, 1.0, tmp_path / "aggregator.jsonl", "run", 1e-5)
 
 
@@ -380,8 +381,13 @@ def test_central_dp_refuses_strategies_it_cannot_account_and_resumes_in_run_roun
         with pytest.raises(ConfigError, match="central-dp"):
             resolve({"central-dp.enabled": True, **bad})
     dp = _central(tmp_path, noise=1.0, offset=3)
-    dp.aggregate_train(1, [reply(1, {"a": np.ones(4, np.float32)})])
+    dp.aggregate_train(1, [reply(1, {"a": np.ones(4, np.float32)}), reply(2, None, refused=1)])
     assert Ledger(tmp_path / "aggregator.jsonl").records[-1].round == 4
+    # the round log too: refusals, epsilons and train stats all under the run's round 4
+    assert list(dp.adapter.log.rounds) == [4]
+    stats = dp.adapter.log.rounds[4]
+    assert stats.refused == ["inst-2"] and set(stats.epsilon) == {"inst-1", "inst-2"}
+    assert stats.train["epsilon-max"] > 0
     assert audit_ledger(tmp_path / "aggregator.jsonl").ok
 
 

@@ -41,7 +41,7 @@ def test_hostile_update_is_rejected_and_the_adapter_stays_finite(kind):
     result = from_record(arrays)
     assert all(np.all(np.isfinite(v)) for v in result.values())
     assert all(np.allclose(v, 0.3) for v in result.values())  # mean of the two good ones
-    assert list(strategy.rounds[1].rejected) == ["inst-9"]
+    assert list(strategy.log.rounds[1].rejected) == ["inst-9"]
 
 
 def test_too_few_valid_updates_leave_the_adapter_unchanged():
@@ -61,7 +61,7 @@ def test_refusals_and_failures_are_counted_and_the_round_goes_on():
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert all(np.allclose(v, 0.425) for v in from_record(arrays).values())  # weighted 1:3
-    stats = strategy.rounds[1]
+    stats = strategy.log.rounds[1]
     assert stats.refused == ["inst-3"] and stats.epsilon["inst-3"] == 3.9
     assert stats.failed == {"node-7": "data.csv: no rows"}
     assert metrics["epsilon-max"] == 1.0
@@ -92,4 +92,4 @@ def test_central_dp_clips_adds_noise_and_keeps_an_auditable_ledger(tmp_path):
         assert np.all(np.isfinite(values)) and not np.allclose(values, 0.3)  # noised
     (result,) = audit(ledger)
     assert result.ok and result.rounds == 2 and 0 < result.epsilon_claimed < math.inf
-    assert inner.rounds[1].rejected == {"inst-3": inner.rounds[1].rejected["inst-3"]}
+    assert inner.log.rounds[1].rejected == {"inst-3": inner.log.rounds[1].rejected["inst-3"]}

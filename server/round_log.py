@@ -1,0 +1,52 @@
+"""The round log: what the server saw of each round, written by the strategy (and the
+SecAgg+ loop), read by the recorder that writes ``metrics.jsonl``. One object per run, owned
+by the server app and handed to each of them.
+
+Flower's loop counts rounds from 1 at every start; a resumed run has ``offset`` rounds behind
+it. :meth:`RoundLog.run_round` is the one place that turns one numbering into the other:
+writers index the log with Flower's round, clients, ledgers and ``metrics.jsonl`` see the
+run's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from common.protocol import EPSILON, LEDGER_HEAD, LEDGER_RECORDS
+
+
+@dataclass
+class RoundStats:
+    """What happened in one round, as seen by the server."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    epsilon: dict[str, float] = field(default_factory=dict)  # institution -> cumulative eps
+    refused: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)  # institution -> reason
+    failed: dict[str, str] = field(default_factory=dict)  # node -> client error
+    ranks: dict[str, int] = field(default_factory=dict)  # institution -> LoRA rank sent
+    ledger_heads: dict[str, tuple[int, str]] = field(default_factory=dict)  # anchors for audit
+    train: dict[str, float] = field(default_factory=dict)
+    evaluate: dict[str, float] = field(default_factory=dict)
+
+    def note(self, who: str, values: Mapping) -> None:
+        """What every reply carries for the round log: cumulative epsilon, ledger head."""
+        if EPSILON in values:
+            self.epsilon[who] = float(values[EPSILON])
+        if LEDGER_HEAD in values:
+            self.ledger_heads[who] = (int(values[LEDGER_RECORDS]), str(values[LEDGER_HEAD]))
+
+
+@dataclass
+class RoundLog:
+    offset: int = 0  # rounds done before this start (a resumed run)
+    rounds: dict[int, RoundStats] = field(default_factory=dict)  # by the run's round
+
+    def run_round(self, flower_round: int) -> int:
+        return flower_round + self.offset
+
+    def at(self, flower_round: int) -> RoundStats:
+        """The stats of Flower's round ``flower_round``, created on first use."""
+        return self.rounds.setdefault(self.run_round(flower_round), RoundStats())
