@@ -27,9 +27,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from common.adapter import from_record, to_record
-from common.protocol import NUM_EXAMPLES
-
-NAMES_KEY = "adapter-names"
+from common.protocol import NAMES_KEY, NUM_EXAMPLES
 
 
 class _HandlerFailed(Exception):

@@ -1,10 +1,9 @@
-"""One round of local training at an institution: DP-SGD through Opacus, or plain LoRA.
+"""One round of local training at an institution: DP-SGD, or plain training without DP.
 
-Opacus wraps the model, optimizer and loader for this round only (``dp.grad-sample-mode =
-"hooks"``), or its loader and accountant serve our closed-form clipping of the linear layers
-(``"fused"``, client.fused_clipping). Either way the privacy spent is read back from Opacus'
-accountant as (noise multiplier, sample rate, steps) and composed with the institution's
-earlier rounds by the ledger, never reported per round.
+The DP backend (client.dp_backends: Opacus' hooks, or our closed-form clipping of the
+linear layers) wraps the model and optimizer for this round only. Either way the privacy
+spent is read back from Opacus' accountant as (noise multiplier, sample rate, steps) and
+composed with the institution's earlier rounds by the ledger, never reported per round.
 
 The noise and the Poisson sampling draw from generators seeded with 63 bits from the
 operating system's CSPRNG, fresh every round: nothing the server knows or sets (run seed,
@@ -20,12 +19,11 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.fused_clipping import FusedClipping
+from client.dp_backends import backend_for
 from common.config import RunConfig
 from common.features import embed
 from common.model import head_of
@@ -118,35 +116,11 @@ def train_round(
     generator = torch.Generator().manual_seed(os_seed() if seed is None else seed)
     loader = round_loader(data, cfg.train.batch_size, cfg.dp.enabled, poisson_sampling, generator)
     optimizer = make_optimizer(target, cfg, target if head_only else None)
-    engine = None
-    clipping = None
-    module: torch.nn.Module = target
-    if cfg.dp.enabled:
-        engine = PrivacyEngine(accountant=cfg.dp.accountant)
-        noise_generator = torch.Generator(device=device).manual_seed(
-            os_seed() if seed is None else seed + 1
-        )
-        if cfg.dp.grad_sample_mode == "fused":
-            clipping = FusedClipping.attach(
-                target,
-                optimizer,
-                loader,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=cfg.dp.max_grad_norm,
-                generator=noise_generator,
-                accountant=engine.accountant,
-            )
-        else:
-            module, optimizer, loader = engine.make_private(
-                module=target,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=cfg.dp.max_grad_norm,
-                poisson_sampling=False,  # the loader is Poisson already (round_loader)
-                noise_generator=noise_generator,
-                grad_sample_mode=cfg.dp.grad_sample_mode,
-            )
+    noise_generator = torch.Generator(device=device).manual_seed(
+        os_seed() if seed is None else seed + 1
+    )
+    backend = backend_for(cfg, noise_multiplier, noise_generator)
+    module, optimizer, loader = backend.prepare(target, optimizer, loader)
     module.train()
     trainable = [p for p in target.parameters() if p.requires_grad]
     anchor = {p: p.detach().clone() for p in trainable} if proximal_mu > 0 else {}
@@ -159,11 +133,7 @@ def train_round(
                 if len(labels) == 0:
                     # Poisson sampling drew no example. The step still releases noise (and is
                     # accounted), as the analysis of the subsampled Gaussian assumes.
-                    if clipping is not None:
-                        clipping.privatise(0)
-                    else:
-                        for p in trainable:
-                            p.grad_sample = p.new_zeros((0, *p.shape))
+                    backend.after_backward(0)
                     optimizer.step()
                     _proximal_step(optimizer, anchor, proximal_mu)
                     steps += 1
@@ -172,23 +142,15 @@ def train_round(
                     logits = _logits(module, [x.to(device) for x in inputs])
                 loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
                 loss.backward()
-                if clipping is not None:
-                    clipping.privatise(len(labels))
+                backend.after_backward(len(labels))
                 optimizer.step()
                 _proximal_step(optimizer, anchor, proximal_mu)
                 total_loss += loss.item()
                 batches += 1
                 steps += 1
     finally:
-        if clipping is not None:
-            clipping.close()
-        elif engine is not None:
-            module._close()  # remove Opacus' hooks from the peft model
-    mechanism = None
-    if engine is not None:
-        (sigma, rate, n), *rest = engine.accountant.history or [(noise_multiplier, 0.0, 0)]
-        assert not rest, "one round uses one noise multiplier and sample rate"
-        mechanism = Mechanism(float(sigma), float(rate), int(n))
+        backend.close()
+    mechanism = backend.mechanism()
     loss = total_loss / batches if batches else math.nan
     return RoundResult(loss, steps, mechanism)
 

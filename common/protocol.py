@@ -15,6 +15,7 @@ from typing import Any, TypedDict
 RUN_NAME = "run-name"
 SERVER_ROUND = "server-round"  # the run's round number (a resumed run continues it)
 PROXIMAL_MU = "proximal-mu"  # fedprox only
+NAMES_KEY = "adapter-names"  # SecAgg+ rounds: legacy parameters carry no tensor names
 
 # --- replies (client -> server): "metrics" record -------------------------------------------
 NUM_EXAMPLES = "num-examples"  # public (threat model): the aggregation weight

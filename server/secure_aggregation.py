@@ -30,10 +30,9 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
-from client.secure_aggregation import NAMES_KEY
 from common.adapter import to_record
 from common.config import AggregationSettings, ConfigError, FederationSettings, RunConfig
-from common.protocol import INSTITUTION, REFUSED, RUN_NAME, SERVER_ROUND
+from common.protocol import INSTITUTION, NAMES_KEY, REFUSED, RUN_NAME, SERVER_ROUND
 from server.recorder import RoundRecorder
 from server.round_log import RoundLog, RoundStats
 from server.strategy import AdapterRounds, train_summary

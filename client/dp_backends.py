@@ -1,0 +1,133 @@
+"""How DP-SGD is applied to one round, behind one small interface: Opacus' per-sample
+gradient hooks (``dp.grad-sample-mode = "hooks"``), our closed-form clipping of linear layers
+(``"fused"``, :mod:`client.fused_clipping`), or none (``dp.enabled = false``). The training
+loop calls the same four steps whichever runs; the mechanism that ran (noise multiplier,
+sample rate, steps) is read back from Opacus' accountant in both DP cases, never computed
+by us.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader
+
+from client.fused_clipping import FusedClipping
+from common.config import RunConfig
+from common.privacy import Mechanism
+
+Prepared = tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]
+
+
+class DPBackend(Protocol):
+    def prepare(
+        self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader
+    ) -> Prepared:
+        """The module, optimizer and loader the loop uses (wrapped as the backend needs)."""
+
+    def after_backward(self, batch_size: int) -> None:
+        """Between ``backward()`` and ``optimizer.step()``; ``batch_size`` 0 is a Poisson
+        batch that drew no row (no forward pass ran): its step still releases noise."""
+
+    def close(self) -> None:
+        """Remove every hook from the model (it outlives the round)."""
+
+    def mechanism(self) -> Mechanism | None:
+        """What ran, from the accountant; None without DP."""
+
+
+class NoDP:
+    def prepare(self, module, optimizer, loader) -> Prepared:
+        return module, optimizer, loader
+
+    def after_backward(self, batch_size: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def mechanism(self) -> Mechanism | None:
+        return None
+
+
+class _Accounted:
+    """The accountant both DP backends record in (Opacus', as ``make_private`` sets it)."""
+
+    def __init__(self, cfg: RunConfig, noise_multiplier: float, generator: torch.Generator):
+        self.engine = PrivacyEngine(accountant=cfg.dp.accountant)
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = cfg.dp.max_grad_norm
+        self.generator = generator
+
+    def mechanism(self) -> Mechanism | None:
+        history = self.engine.accountant.history or [(self.noise_multiplier, 0.0, 0)]
+        (sigma, rate, steps), *rest = history
+        assert not rest, "one round uses one noise multiplier and sample rate"
+        return Mechanism(float(sigma), float(rate), int(steps))
+
+
+class OpacusHooks(_Accounted):
+    def __init__(self, cfg: RunConfig, noise_multiplier: float, generator: torch.Generator):
+        super().__init__(cfg, noise_multiplier, generator)
+        self.mode = cfg.dp.grad_sample_mode
+        self.module = None
+        self.params: list[torch.nn.Parameter] = []
+
+    def prepare(self, module, optimizer, loader) -> Prepared:
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.module, optimizer, loader = self.engine.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            poisson_sampling=False,  # the loader is Poisson already (train.round_loader)
+            noise_generator=self.generator,
+            grad_sample_mode=self.mode,
+        )
+        return self.module, optimizer, loader
+
+    def after_backward(self, batch_size: int) -> None:
+        if batch_size == 0:  # no forward ran: Opacus' optimizer needs empty per-sample grads
+            for p in self.params:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+
+    def close(self) -> None:
+        if self.module is not None:
+            self.module._close()  # Opacus' own way to remove its hooks
+
+
+class Fused(_Accounted):
+    def __init__(self, cfg: RunConfig, noise_multiplier: float, generator: torch.Generator):
+        super().__init__(cfg, noise_multiplier, generator)
+        self.clipping: FusedClipping | None = None
+
+    def prepare(self, module, optimizer, loader) -> Prepared:
+        self.clipping = FusedClipping.attach(
+            module,
+            optimizer,
+            loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            generator=self.generator,
+            accountant=self.engine.accountant,
+        )
+        return module, optimizer, loader
+
+    def after_backward(self, batch_size: int) -> None:
+        assert self.clipping is not None
+        self.clipping.privatise(batch_size)
+
+    def close(self) -> None:
+        if self.clipping is not None:
+            self.clipping.close()
+
+
+def backend_for(cfg: RunConfig, noise_multiplier: float, generator: torch.Generator) -> DPBackend:
+    if not cfg.dp.enabled:
+        return NoDP()
+    if cfg.dp.grad_sample_mode == "fused":
+        return Fused(cfg, noise_multiplier, generator)
+    return OpacusHooks(cfg, noise_multiplier, generator)
