@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -131,3 +132,33 @@ def test_a_bad_enumerated_value_is_one_line_before_anything_starts(key, tmp_path
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and f"'{key}' must be one of" in lines[0], result.output
     assert not ray.is_initialized() and not any(tmp_path.iterdir())
+
+
+def _documented() -> dict[str, str]:
+    """docs/configuration.md's table: key -> documented default (rows may join keys with
+    " / ", later ones without their section)."""
+    out = {}
+    text = (PROJECT_ROOT / "docs" / "configuration.md").read_text()
+    for keys, defaults in re.findall(r"^\| (`[a-z].*?) \| (.*?) \|", text, re.M):
+        names = [k.strip(" `") for k in keys.split(" / ")]
+        values = [v.strip() for v in defaults.split(" / ")]
+        section = names[0].split(".")[0]
+        for name, value in zip(names, values, strict=True):
+            out[name if "." in name else f"{section}.{name}"] = value
+    return out
+
+
+def _same(documented: str, value) -> bool:
+    shown = re.sub(r"\s*\(.*\)$", "", documented).strip("`")
+    if isinstance(value, bool):
+        return shown == str(value).lower()
+    if isinstance(value, int | float):
+        return float(shown) == float(value)
+    return shown == (value or '""')
+
+
+def test_the_configuration_page_lists_every_key_with_its_default():
+    documented, defaults = _documented(), app_defaults()
+    assert set(documented) == set(defaults), set(documented) ^ set(defaults)
+    wrong = {k: (documented[k], v) for k, v in defaults.items() if not _same(documented[k], v)}
+    assert not wrong
