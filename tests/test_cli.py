@@ -1,0 +1,80 @@
+"""The ``privatune`` commands a user runs by hand, each against an independent expectation."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from common.cli import app
+from common.privacy import Mechanism, epsilon, sample_rate
+from common.protocol import append_line
+
+RUN = CliRunner()
+
+
+def test_plan_meets_the_target_by_an_independent_accountant():
+    args = ["plan", "--target-epsilon", "4", "--rounds", "3", "--data-size", "200"]
+    out = RUN.invoke(app, [*args, "--batch-size", "20", "--local-epochs", "2"])
+    assert out.exit_code == 0, out.output
+    sigma = float(out.output.split("noise multiplier: ")[1].split()[0])
+    q = sample_rate(200, 20)
+    rounds = [float(x.split()[-1]) for x in out.output.splitlines() if x.startswith("round")]
+    assert len(rounds) == 3 and rounds == sorted(rounds)
+    spent = epsilon([Mechanism(sigma, q, 2 * 10)] * 3, 1e-5, "rdp")
+    assert spent <= 4.0 and math.isclose(spent, rounds[-1], rel_tol=1e-3)
+
+
+def test_plan_without_a_sample_rate_is_one_line():
+    out = RUN.invoke(app, ["plan", "--target-epsilon", "4", "--rounds", "3"])
+    assert out.exit_code != 0 and "--data-size" in out.output
+    assert len(out.output.strip().splitlines()) == 1
+
+
+def _line(rnd: int, acc: float | None, seconds: float, sent: int) -> dict:
+    keys = ("train_loss", "eval_loss", "accuracy", "macro_f1", "central_loss")
+    return {
+        "round": rnd,
+        **dict.fromkeys(keys),
+        "central_accuracy": acc,
+        "central_macro_f1": acc,
+        "epsilon_max": 2.5 * rnd or None,
+        "epsilon": {},
+        "refused": [],
+        "rejected": {},
+        "failed": {},
+        "bytes_sent": sent,
+        "bytes_received": sent,
+        "ranks": {},
+        "ledger_heads": {},
+        "truncation_energy_lost": None,
+        "central_eval_seconds": 0.1,
+        "seconds": seconds,
+    }
+
+
+def test_summary_reads_the_metrics_lines(tmp_path):
+    for rnd, acc in ((0, 0.25), (1, 0.5), (2, 0.625)):
+        append_line(tmp_path, _line(rnd, acc, 60.0, 500_000))
+    out = RUN.invoke(app, ["summary", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "| test accuracy | 0.250 | 0.625 |" in out.output
+    assert "| max epsilon (delta from config) | 0 | 5.00 |" in out.output
+    assert "3.0 min" in out.output and "3.0 MB" in out.output
+    missing = RUN.invoke(app, ["summary", str(tmp_path / "nothing")])
+    assert missing.exit_code != 0 and "not found" in missing.output
+
+
+def test_data_check_summarises_a_file_and_names_a_bad_label(tmp_path):
+    path = tmp_path / "site.csv"
+    pd.DataFrame(
+        {"text": ["good drug", "bad side effects", "fine, I guess"], "y": ["pos", "neg", "pos"]}
+    ).to_csv(path, index=False)
+    out = RUN.invoke(
+        app, ["data", "check", str(path), "--label-column", "y", "--labels", "neg,pos"]
+    )
+    assert out.exit_code == 0, out.output
+    assert "3 rows, valid" in out.output and "labels: neg 1, pos 2" in out.output
+    bad = RUN.invoke(app, ["data", "check", str(path), "--label-column", "y", "--labels", "neg"])
+    assert bad.exit_code != 0 and "'pos'" in bad.output and "y" in bad.output
