@@ -183,3 +183,34 @@ def test_a_probe_grid_trains_the_probe_on_the_grids_own_split(tmp_path, name):
     assert cfg.data.dir == str(tmp_path / "data-iid")  # not the scenario's data/<name> files
     assert cfg.data.test_path == str(tmp_path / "data-iid" / "test.csv")
     assert (cfg.train.trainable, cfg.model.pooling) == ("head", "mean")
+
+
+def test_the_utility_table_compares_each_run_with_its_own_split_without_dp(tmp_path):
+    def run(name, f1):
+        return {"setting": name, "accuracy": 0.5, "macro_f1": f1, "epsilon": None, "rounds": 3}
+
+    result = {
+        "scenario": "medical (MedMCQA)",
+        "grid": {"partitions": ("iid", "scenario")},
+        "rounds": 3,
+        "delta": 1e-5,
+        "settings": [
+            run("centralised", 0.6),
+            run("federated iid", 0.5),
+            run("federated iid DP eps 8", 0.45),
+            run("federated scenario", 0.4),
+            run("federated scenario DP eps 1", 0.2),
+            run("federated scenario DP eps 8", 0.3),
+        ],
+        "majority_class": {"accuracy": 0.3, "macro_f1": 0.05},
+        "frequency_guess": {"accuracy": 0.1, "macro_f1": 0.1},
+        "target_share": 0.9,
+    }
+    shares = bench_utility.shares(result)
+    assert shares["federated iid DP eps 8"] == pytest.approx((0.9, 4.5))
+    assert shares["federated scenario DP eps 8"] == pytest.approx((0.75, 3.0))
+    assert "| federated scenario DP eps 1 | 0.500 | 0.200 | 0.50 | 2.0 |" in (
+        bench_utility.table(result)
+    )
+    bench_utility.plot(result, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
