@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.bench import fmt, model_overrides, save_figure, table_head
+from simulations.bench_common import fmt, model_overrides, save_figure, table_head
 from simulations.bench_utility import baselines, federated, make_data, setting_flat
 
 MODES = ("fedavg", "ffa", "exact")

@@ -21,7 +21,7 @@ import torch
 
 from common.config import resolve
 from common.model import DEFAULT_MODEL
-from simulations.bench import (
+from simulations.bench_common import (
     fmt,
     mode_rows,
     model_overrides,

@@ -31,7 +31,7 @@ from client.fused_clipping import FusedClipping
 from client.train import make_optimizer
 from common.config import RunConfig, resolve
 from common.model import build_model
-from simulations.bench import fmt, mode_rows, model_overrides, save_figure, table_head
+from simulations.bench_common import fmt, mode_rows, model_overrides, save_figure, table_head
 
 MODES = ("plain", "hooks", "functorch", "ew", "ghost", "fused")
 FULL = {"batch_sizes": (8, 16), "seq_lens": (64, 128), "reps": 3, "steps": 2}

@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 
 from common.protocol import SERVER_ROUND, read_lines
-from simulations.bench import (
+from simulations.bench_common import (
     bench_flat,
     even_split,
     fmt,

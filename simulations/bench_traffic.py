@@ -27,7 +27,7 @@ from common.adapter import get_trainable, to_record
 from common.config import Scalar, resolve
 from common.model import build_model, resolve_model_path
 from common.protocol import read_lines
-from simulations.bench import (
+from simulations.bench_common import (
     bench_flat,
     even_split,
     fmt,

@@ -31,7 +31,7 @@ from common.evaluation import evaluate, macro_f1
 from common.model import build_model
 from common.privacy import epsilon
 from common.protocol import read_lines
-from simulations.bench import (
+from simulations.bench_common import (
     LABELS,
     bench_flat,
     fmt,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from common.config import resolve
-from simulations.bench import tiny_model
+from simulations.bench_common import tiny_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
