@@ -71,16 +71,25 @@ def random_bert(path: Path, **config: int) -> Path:
     return path
 
 
+# (hidden, layers, heads, intermediate, positions) of the random BERTs the benchmarks build
+BERT_SHAPES = {"tiny": (32, 2, 2, 64, 64), "base": (768, 12, 12, 3072, 512)}
+
+
+def bert_of_shape(path: Path, shape: str) -> Path:
+    hidden, layers, heads, intermediate, positions = BERT_SHAPES[shape]
+    return random_bert(
+        path,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=positions,
+    )
+
+
 def tiny_model(out_dir: Path) -> Path:
     """A tiny random BERT for ``--quick`` runs, at a fraction of MiniLM's cost."""
-    return random_bert(
-        out_dir / "tiny-bert",
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    return bert_of_shape(out_dir / "tiny-bert", "tiny")
 
 
 def model_overrides(quick: bool, out_dir: Path) -> dict[str, Scalar]:

@@ -22,10 +22,10 @@ import torch
 from common.config import resolve
 from common.model import DEFAULT_MODEL
 from simulations.bench_common import (
+    bert_of_shape,
     fmt,
     mode_rows,
     model_overrides,
-    random_bert,
     save_figure,
     table_head,
 )
@@ -42,14 +42,7 @@ TARGET_MINILM_DP = 7000.0  # samples per second
 def _models(quick: bool, out_dir: Path) -> dict[str, dict[str, Any]]:
     if quick:
         return {"tiny BERT (random)": model_overrides(True, out_dir)}
-    base = random_bert(
-        out_dir / "bert-base-random",
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        max_position_embeddings=512,
-    )
+    base = bert_of_shape(out_dir / "bert-base-random", "base")
     return {
         "MiniLM-L6": {"model.name": DEFAULT_MODEL},
         "BERT-base (random)": {"model.name": str(base)},
