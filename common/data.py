@@ -142,21 +142,33 @@ def fingerprint(texts: list[str], labels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def split_local(
-    data: LabeledText, eval_fraction: float, seed: int | None = None
-) -> tuple[LabeledText, LabeledText]:
-    """Split off a local evaluation set (never empty on either side), seeded by the data's
-    own fingerprint unless ``seed`` is given: the server does not choose the split."""
+def record_position(text: str, label: int) -> float:
+    """Where one record falls in [0, 1), from its own content alone (SHA-256)."""
+    digest = hashlib.sha256(f"{int(label)}\x1f{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_local(data: LabeledText, eval_fraction: float) -> tuple[LabeledText, LabeledText]:
+    """Split off a local evaluation set: a record goes to it when its own hash
+    (:func:`record_position`) falls below ``eval_fraction``. Each record's side depends on
+    that record alone, so adding or removing one record changes no other record's side
+    (DP-SGD's guarantee is for training sets that differ in one record; a split seeded by
+    the whole file would reshuffle them all), and the server chooses nothing. Neither side is
+    left empty: on tiny files the lowest or highest record moves."""
     if len(data) < 2:
         raise DataError(
             f"{data.path}: {len(data)} row(s); at least 2 are needed to split",
             public=f"{data.path}: too few rows to split off a local evaluation set",
         )
-    if seed is None:
-        seed = int(data.fingerprint[:15], 16)
-    order = np.random.default_rng(seed).permutation(len(data))
-    n_eval = min(max(1, round(len(data) * eval_fraction)), len(data) - 1)
-    return data.subset(order[n_eval:]), data.subset(order[:n_eval])
+    position = np.array(
+        [record_position(t, y) for t, y in zip(data.texts, data.labels, strict=True)]
+    )
+    held = position < eval_fraction
+    if not held.any():
+        held[position.argmin()] = True
+    if held.all():
+        held[position.argmax()] = False
+    return data.subset(np.flatnonzero(~held)), data.subset(np.flatnonzero(held))
 
 
 def tokenize(data: LabeledText, tokenizer, max_length: int) -> TensorDataset:

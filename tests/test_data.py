@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -74,13 +75,25 @@ def test_empty_text_non_utf8_and_unknown_format(tmp_path):
     assert "not found" in _error(tmp_path / "missing.csv")
 
 
-def test_local_split_is_seeded_and_disjoint(tmp_path):
-    path = tmp_path / "g.csv"
-    pd.concat([ROWS] * 10).to_csv(path, index=False)
-    data = load_labeled(path, "review", "stars", LABELS)
-    a_train, a_eval = split_local(data, 0.2, seed=3)
-    _, b_eval = split_local(data, 0.2, seed=3)
-    assert a_eval.texts == b_eval.texts and len(a_eval) == 6 and len(a_train) == 24
+def test_local_split_moves_no_record_when_one_is_added(tmp_path):
+    """DP-SGD's neighbouring training sets differ in one record: adding a record to the file
+    must change the training split by that record at most."""
+    rng = np.random.default_rng(0)
+    texts = [f"review {i} " + " ".join(rng.choice(["good", "bad", "ok"], 5)) for i in range(400)]
+    frame = pd.DataFrame({"review": texts, "stars": rng.choice(LABELS, 400)})
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    pd.concat([frame, pd.DataFrame({"review": ["one more"], "stars": [LABELS[0]]})]).to_csv(
+        tmp_path / "b.csv", index=False
+    )
+    a_train, a_eval = split_local(load_labeled(tmp_path / "a.csv", "review", "stars", LABELS), 0.2)
+    b_train, b_eval = split_local(load_labeled(tmp_path / "b.csv", "review", "stars", LABELS), 0.2)
+    assert set(a_train.texts) | set(a_eval.texts) == set(texts)
+    assert not set(a_train.texts) & set(a_eval.texts)
+    assert set(b_train.texts) - {"one more"} == set(a_train.texts)
+    assert set(b_eval.texts) - {"one more"} == set(a_eval.texts)
+    assert 0.15 < len(a_eval) / 400 < 0.25  # about eval-fraction
+    tiny = load_labeled(tmp_path / "a.csv", "review", "stars", LABELS).subset(np.arange(2))
+    assert [len(part) for part in split_local(tiny, 0.2)] == [1, 1]  # neither side empty
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
@@ -148,7 +161,8 @@ def test_prepare_medical_specialties(tmp_path):
     manifest, parts, test, cfg = _prepared(tmp_path, "medical")
     assert list(parts) == [f"hospital-{i:02d}" for i in range(8)]
     _check_split(manifest, parts, test, cfg, institutions=8, classes=16, rows=9436)
-    assert (cfg.model.max_length, cfg.train.batch_size, cfg.federation.rounds) == (48, 64, 10)
+    assert (cfg.model.max_length, cfg.train.batch_size, cfg.federation.rounds) == (48, 512, 30)
+    assert cfg.dp.accountant == "prv"  # the recipe of docs/results.md
     assert (cfg.model.pooling, cfg.train.trainable, cfg.train.optimizer) == ("mean", "head", "sgd")
     again, *_ = _prepared(tmp_path / "again", "medical")
     other, *_ = _prepared(tmp_path / "other", "medical", seed=7)
