@@ -162,6 +162,7 @@ def audit(
 
     from common.audit import HEADERS, rows, to_html, to_json
     from common.audit import audit as run_audit
+    from common.empirical import RESULT, above_claim, verdict
 
     results = run_audit(Path(path), Path(anchors) if anchors else None)
     if as_json:
@@ -175,9 +176,46 @@ def audit(
         for r in results:
             for problem in r.problems:
                 typer.secho(f"FAIL: {problem}", fg="red", err=True)
+    empirical = Path(path) / RESULT
+    measured = json.loads(empirical.read_text()) if empirical.is_file() else None
+    if measured:
+        typer.echo(verdict(measured))
     if html_out:
         Path(html_out).write_text(f"<!doctype html><meta charset='utf-8'>{to_html(results)}")
-    if not all(r.ok for r in results):
+    if not all(r.ok for r in results) or (measured and above_claim(measured)):
+        raise typer.Exit(1)
+
+
+@app.command()
+def canary(
+    scenario: str = typer.Option("medical", help="scenario name under simulations/ or a path"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key"),
+    canaries: int = typer.Option(500, help="m: canaries, each included with probability 1/2"),
+    into: int = typer.Option(1, help="how many institutions receive the included canaries"),
+    confidence: float = typer.Option(0.95, help="of the measured lower bound"),
+) -> None:
+    """Empirical privacy audit: plant canaries, run the federation as configured, and measure
+    a lower bound on epsilon (one-run auditing, Steinke et al. 2023) beside the claim."""
+    import json
+
+    from common.empirical import RESULT, above_claim, verdict
+    from common.errors import PrivatuneError
+    from simulations import simulate as sim
+    from simulations.canary import run_canary_audit
+    from simulations.scenario import load_scenario
+
+    if not (canaries >= 2 and into >= 1 and 0 < confidence < 1):
+        _fail("need --canaries >= 2, --into >= 1 and 0 < --confidence < 1")
+    try:
+        run_dir = run_canary_audit(
+            load_scenario(scenario), _parse_overrides(set_), canaries, into, confidence
+        )
+    except (PrivatuneError, sim.SimulationError) as e:
+        _fail(str(e))
+    result = json.loads((run_dir / RESULT).read_text())
+    typer.echo(verdict(result))
+    typer.echo(f"run folder: {run_dir} ({RESULT}, report.html)")
+    if above_claim(result):
         raise typer.Exit(1)
 
 

@@ -13,11 +13,17 @@ proves the mechanism that ran is not the one claimed; a low bound proves nothing
 
 from __future__ import annotations
 
+import html
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
+
+from common.htmltable import html_table
+
+RESULT = "empirical-audit.json"  # in the run folder (privatune canary)
 
 
 def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
@@ -36,7 +42,7 @@ def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
 
 def lower_bound(m: int, r: int, v: int, delta: float, confidence: float = 0.95) -> float:
     """The largest epsilon that v correct of r guesses refute at ``confidence`` (0 when
-    even epsilon 0 is not refuted): bisection on :func:`p_value`, which falls in epsilon."""
+    even epsilon 0 is not refuted): bisection on :func:`p_value`, which rises with epsilon."""
     alpha = 1 - confidence
     if r == 0 or p_value(m, r, v, 0.0, delta) >= alpha:
         return 0.0
@@ -86,3 +92,52 @@ def audit_scores(
         if eps > best.epsilon_lower:
             best = EmpiricalAudit(m, r, v, confidence, delta, eps, tried)
     return best
+
+
+def above_claim(result: Mapping) -> bool:
+    """A measured lower bound above the claimed epsilon: proof of a bug."""
+    claimed = result["claimed_epsilon"]
+    lower = max(result["black_box"]["epsilon_lower"], result["white_box"]["epsilon_lower"])
+    return claimed is not None and lower > claimed
+
+
+def verdict(result: Mapping) -> str:
+    """One line: the measured lower bounds beside the claimed upper bound."""
+    claimed = result["claimed_epsilon"]
+    lower = max(result["black_box"]["epsilon_lower"], result["white_box"]["epsilon_lower"])
+    head = (
+        f"empirical audit: {result['canaries']} canaries, measured epsilon >= {lower:.2f} "
+        f"(black-box {result['black_box']['epsilon_lower']:.2f}, white-box "
+        f"{result['white_box']['epsilon_lower']:.2f}, {result['black_box']['confidence']:.0%} "
+        "confidence)"
+    )
+    if claimed is None:
+        return f"{head}; no DP claimed"
+    if above_claim(result):
+        return (
+            f"{head} ABOVE the claimed {claimed:.2f}: the mechanism that ran is not the one claimed"
+        )
+    return f"{head}, claimed {claimed:.2f}: consistent (a low measurement does not prove privacy)"
+
+
+def to_html(result: Mapping) -> str:
+    """The empirical audit as a report section."""
+    rows = [
+        [
+            name,
+            result[key]["canaries"],
+            result[key]["guesses"],
+            result[key]["correct"],
+            result[key]["epsilon_lower"],
+            result["claimed_epsilon"],
+        ]
+        for key, name in (
+            ("black_box", "black-box (final adapter)"),
+            ("white_box", "white-box (every round's adapter)"),
+        )
+    ]
+    head = ["auditor", "canaries m", "guesses r", "correct v", "measured epsilon >=", "claimed"]
+    return (
+        f"<h2>Empirical privacy audit</h2><p>{html.escape(verdict(result))}</p>"
+        f"{html_table(head, rows)}"
+    )
