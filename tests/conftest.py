@@ -94,5 +94,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker("deployment")
         elif module == "test_bench":
             item.add_marker("benchmark")
-        elif re.search(r"simulate|run_flat|run_simulation", inspect.getsource(item.function)):
+        elif any(
+            re.search(r"\bsimulate\(|run_flat|run_simulation", inspect.getsource(f))
+            for f in [item.function, *_fixture_functions(item)]
+        ):
             item.add_marker("simulation")
+
+
+def _fixture_functions(item: pytest.Item) -> list:
+    """The functions of the fixtures a test uses (a federation may run in one of them)."""
+    defs = getattr(item, "_fixtureinfo", None)
+    if defs is None:
+        return []
+    return [d.func for name in defs.names_closure for d in defs.name2fixturedefs.get(name, ())]

@@ -42,6 +42,7 @@ def user_folder(tmp_path, reviews) -> Path:
     return folder
 
 
+@pytest.mark.simulation
 def test_a_run_on_user_files_leaves_their_folder_byte_identical(
     user_folder, tiny_model_dir, tmp_path, monkeypatch
 ):
