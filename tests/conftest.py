@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers import make_federation_dir, make_tiny_flat
 
 from common.config import resolve
 from simulations.bench_common import tiny_model
@@ -39,44 +40,12 @@ def reviews() -> pd.DataFrame:
 
 @pytest.fixture()
 def federation_dir(tmp_path, reviews) -> Path:
-    """Three institutions of 40 rows each, a test file and a manifest."""
-    import json
-
-    data = tmp_path / "data"
-    data.mkdir()
-    names = ["hospital-a", "hospital-b", "hospital-c"]
-    for i, name in enumerate(names):
-        reviews.iloc[i * 40 : (i + 1) * 40][["text", "label"]].to_csv(
-            data / f"{name}.csv", index=False
-        )
-    reviews.iloc[120:180][["text", "label"]].to_csv(data / "test.csv", index=False)
-    (data / "manifest.json").write_text(json.dumps({"institutions": names}))
-    return data
+    return make_federation_dir(tmp_path, reviews)
 
 
 @pytest.fixture()
 def tiny_flat(tiny_model_dir, federation_dir, tmp_path) -> dict:
-    """A complete flat config for a fast 3-institution federation."""
-    from common.config import app_defaults
-
-    return {
-        **app_defaults(),
-        "run.name": "test-run",
-        "run.output-dir": str(tmp_path / "outputs"),
-        "model.name": str(tiny_model_dir),
-        "model.max-length": 48,
-        "lora.dropout": 0.0,
-        "train.batch-size": 8,
-        "train.learning-rate": 0.01,
-        "train.head-learning-rate": 0.05,
-        "federation.rounds": 2,
-        "federation.min-train-nodes": 3,
-        "federation.min-available-nodes": 3,
-        "data.dir": str(federation_dir),
-        "data.test-path": str(federation_dir / "test.csv"),
-        "data.text-column": "text",
-        "data.label-column": "label",
-    }
+    return make_tiny_flat(tiny_model_dir, federation_dir, tmp_path)
 
 
 @pytest.fixture()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.clientapp.typing import Mod
@@ -72,3 +73,43 @@ def reply(
 
 def good(value: float) -> dict:
     return {k: np.full_like(v, value) for k, v in ADAPTER.items()}
+
+
+def make_federation_dir(root: Path, reviews: pd.DataFrame) -> Path:
+    """Three institutions of 40 rows each, a test file and a manifest."""
+    import json
+
+    data = root / "data"
+    data.mkdir()
+    names = ["hospital-a", "hospital-b", "hospital-c"]
+    for i, name in enumerate(names):
+        reviews.iloc[i * 40 : (i + 1) * 40][["text", "label"]].to_csv(
+            data / f"{name}.csv", index=False
+        )
+    reviews.iloc[120:180][["text", "label"]].to_csv(data / "test.csv", index=False)
+    (data / "manifest.json").write_text(json.dumps({"institutions": names}))
+    return data
+
+
+def make_tiny_flat(model_dir: Path, data: Path, root: Path) -> dict:
+    """A complete flat config for a fast 3-institution federation."""
+    from common.config import app_defaults
+
+    return {
+        **app_defaults(),
+        "run.name": "test-run",
+        "run.output-dir": str(root / "outputs"),
+        "model.name": str(model_dir),
+        "model.max-length": 48,
+        "lora.dropout": 0.0,
+        "train.batch-size": 8,
+        "train.learning-rate": 0.01,
+        "train.head-learning-rate": 0.05,
+        "federation.rounds": 2,
+        "federation.min-train-nodes": 3,
+        "federation.min-available-nodes": 3,
+        "data.dir": str(data),
+        "data.test-path": str(data / "test.csv"),
+        "data.text-column": "text",
+        "data.label-column": "label",
+    }

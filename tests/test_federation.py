@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import simulate
+from helpers import make_federation_dir, make_tiny_flat, simulate
 from opacus.accountants import RDPAccountant
 from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoModelForSequenceClassification
 
 from common.adapter import get_trainable, to_record
+from common.config import resolve
 from common.model import build_model
 
 
@@ -41,11 +42,14 @@ def outgoing_recorder(path: str):
     return record
 
 
-@pytest.fixture()
-def finished_run(tiny_flat, tiny_cfg, tmp_path):
-    sent = tmp_path / "sent.jsonl"
-    simulate(tiny_flat, mods=[outgoing_recorder(str(sent))])
-    return Path(tiny_cfg.run.output_dir) / "test-run", sent
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, reviews, tmp_path_factory):
+    """One federation, read by several tests."""
+    root = tmp_path_factory.mktemp("federation")
+    flat = make_tiny_flat(tiny_model_dir, make_federation_dir(root, reviews), root)
+    sent = root / "sent.jsonl"
+    simulate(flat, mods=[outgoing_recorder(str(sent))])
+    return Path(resolve(flat).run.output_dir) / "test-run", sent
 
 
 def test_federation_end_to_end(finished_run, tiny_cfg):
