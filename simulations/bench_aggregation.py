@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from simulations.bench_common import fmt, model_overrides, save_figure, table_head
-from simulations.bench_utility import baselines, federated, make_data, setting_flat
+from simulations.bench_grid import baselines, federated, make_data, setting_flat
 
 MODES = ("fedavg", "ffa", "exact")
 EPSILONS = (None, 8.0)

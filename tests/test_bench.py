@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.config import resolve
-from simulations import bench, bench_gpu, bench_overhead, bench_utility
+from simulations import bench, bench_gpu, bench_grid, bench_overhead, bench_utility
 from simulations.scenario import load_scenario
 
 
@@ -147,7 +147,7 @@ def test_federated_settings_without_dp_let_clients_train(tmp_path):
     """Without DP a client's epsilon is infinite; a finite budget would make it refuse."""
     scenario = load_scenario("hospitals-small")
     flats = {
-        eps: bench_utility.setting_flat(tmp_path, tmp_path / "run", scenario, eps, 2, False, {})
+        eps: bench_grid.setting_flat(tmp_path, tmp_path / "run", scenario, eps, 2, False, {})
         for eps in (None, 3.0)
     }
     plain, private = (resolve(flats[eps]) for eps in (None, 3.0))
@@ -176,7 +176,7 @@ def test_aggregation_compares_the_three_modes_on_measured_bytes(quick_run):
 
 @pytest.mark.parametrize("name", ["hospitals-small-probe", "banks-small-probe"])
 def test_a_probe_grid_trains_the_probe_on_the_grids_own_split(tmp_path, name):
-    flat = bench_utility.setting_flat(
+    flat = bench_grid.setting_flat(
         tmp_path / "data-iid", tmp_path / "run", load_scenario(name), 8.0, None, False, {}
     )
     cfg = resolve(flat)
