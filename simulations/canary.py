@@ -90,6 +90,7 @@ def plant(
 
 @torch.no_grad()
 def label_log_likelihood(model, cfg: RunConfig, texts: list[str], labels: np.ndarray) -> np.ndarray:
+    """log p(label | text) under ``model``: the attacker's score of each canary."""
     data = LabeledText(Path("canaries"), texts, labels, "")
     ids, mask, y = tokenize(data, load_tokenizer(cfg), cfg.model.max_length).tensors
     logits = model(input_ids=ids, attention_mask=mask).logits.float()
