@@ -131,6 +131,11 @@ def _split_and_epsilon(setting: str) -> tuple[str, float | None]:
     return split, float(eps) if eps else None
 
 
+def _shown(setting: str) -> str:
+    """The grid's name for the scenario's own split, as a reader knows it."""
+    return setting.replace("federated scenario", "federated non-IID (the scenario's split)")
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """The privacy-utility curve: test macro-F1 against epsilon for each split, with the
     same federation without DP, centralised training and the blind guess as lines."""
@@ -147,11 +152,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for split, colour in colours.items():
         runs = [(*_split_and_epsilon(s["setting"]), s["macro_f1"]) for s in result["settings"]]
         dp = sorted((eps, f1) for name, eps, f1 in runs if name == split and eps)
-        if len(dp) > 1:
-            ax.plot(*zip(*dp, strict=True), "o-", color=colour, label=f"{split}, DP")
+        if dp:
+            ax.plot(*zip(*dp, strict=True), "o-", color=colour, label=f"{_shown(split)}, DP")
         for name, eps, f1 in runs:
             if name == split and eps is None:
-                ax.axhline(f1, color=colour, ls="--", label=f"{split}, no DP")
+                ax.axhline(f1, color=colour, ls="--", label=f"{_shown(split)}, no DP")
     if "frequency_guess" in result:
         ax.axhline(result["frequency_guess"]["macro_f1"], color="grey", ls=":", label="blind guess")
     ax.set_xscale("log", base=2)
@@ -190,7 +195,7 @@ def table(result: dict[str, Any]) -> str:
     for s in result["settings"]:
         own, blind = ratio[s["setting"]]
         rows.append(
-            f"| {s['setting']} | {fmt(s['accuracy'], 3)} | {fmt(s['macro_f1'], 3)} "
+            f"| {_shown(s['setting'])} | {fmt(s['accuracy'], 3)} | {fmt(s['macro_f1'], 3)} "
             f"| {fmt(own)} | {fmt(blind, 1)} | {fmt(s['epsilon'])} |"
         )
     for key, name in (

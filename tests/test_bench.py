@@ -209,7 +209,7 @@ def test_the_utility_table_compares_each_run_with_its_own_split_without_dp(tmp_p
     shares = bench_utility.shares(result)
     assert shares["federated iid DP eps 8"] == pytest.approx((0.9, 4.5))
     assert shares["federated scenario DP eps 8"] == pytest.approx((0.75, 3.0))
-    assert "| federated scenario DP eps 1 | 0.500 | 0.200 | 0.50 | 2.0 |" in (
+    assert "| federated non-IID (the scenario's split) DP eps 1 | 0.500 | 0.200 | 0.50 | 2.0 |" in (
         bench_utility.table(result)
     )
     bench_utility.plot(result, tmp_path / "curve.png")
