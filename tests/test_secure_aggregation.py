@@ -20,6 +20,7 @@ from client.secure_aggregation import secure_aggregation_mod
 from common.adapter import from_record, get_trainable
 from common.audit import audit
 from common.config import ConfigError, resolve
+from common.data import load_labeled, split_local
 from common.ledger import read_records
 from common.model import build_model
 from server.resume import load_checkpoint
@@ -122,6 +123,12 @@ def checkpoint(cfg, run_dir: Path, server_round: int) -> dict[str, np.ndarray]:
     return load_checkpoint(model, run_dir / "checkpoints" / f"round-{server_round:03d}")
 
 
+def train_rows(cfg, data_dir: Path, name: str) -> int:
+    """An institution's training rows, split as its client splits them: its weight."""
+    full = load_labeled(data_dir / f"{name}.csv", "text", "label", cfg.data.label_names)
+    return len(split_local(full, cfg.data.eval_fraction)[0])
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert set(a) == set(b)
     return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
@@ -144,7 +151,8 @@ def test_secure_rounds_aggregate_the_weighted_mean_and_hide_each_adapter(
     initial = get_trainable(build_model(cfg, torch.device("cpu")))
     for server_round in (1, 2):
         arrays, weights = plain_replies(inner, server_round)
-        assert sorted(weights) == [32, 32, 64]
+        expected = [train_rows(cfg, federation_dir, f"hospital-{x}") for x in "abc"]
+        assert sorted(weights) == sorted(expected) and max(weights) > 1.5 * min(weights)
         aggregate = checkpoint(cfg, run_dir, server_round)
         bound = quantisation_bound(cfg, weights)
         assert max_diff(aggregate, weighted_mean(arrays, weights)) <= bound
@@ -188,9 +196,9 @@ def test_a_dropout_below_the_threshold_still_yields_the_mean_of_the_others(tiny_
 def test_refusing_institutions_take_part_with_zero_weight(
     tiny_flat, federation_dir, reviews, tmp_path
 ):
-    """Fixed noise: the 32-row institutions would reach epsilon 4.87 > 4.5 and refuse; the
-    64-row one reaches 3.79 and trains. The refusals still finish the protocol (zeros of
-    weight 0), so the aggregate is the one trained adapter."""
+    """Fixed noise: the 32-row institutions would pass epsilon 4.5 and refuse; the one with
+    twice the rows samples at half the rate, stays below it and trains. The refusals still
+    finish the protocol (zeros of weight 0), so the aggregate is the one trained adapter."""
     reviews.iloc[200:280][["text", "label"]].to_csv(federation_dir / "hospital-c.csv", index=False)
     flat = {
         **secure_flat(tiny_flat, rounds=1, min_train_nodes=1),
@@ -203,7 +211,7 @@ def test_refusing_institutions_take_part_with_zero_weight(
     run_dir = simulate(flat, mods=[secure_aggregation_mod, handler_recorder(str(inner))])
 
     (arrays,), weights = plain_replies(inner, 1)
-    assert weights == [64]
+    assert weights == [train_rows(cfg, federation_dir, "hospital-c")]
     assert max_diff(checkpoint(cfg, run_dir, 1), arrays) <= quantisation_bound(cfg, weights)
     line = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
     assert sorted(line["refused"]) == ["hospital-a", "hospital-b"] and not line["failed"]
