@@ -111,6 +111,16 @@ def white_box_scores(
     return total / max(1, len(rounds))
 
 
+def by_label(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each score minus the mean score of the canaries with the same label: a model that
+    favours one class favours all its canaries, in or out; what is left is the canary's own
+    fit. Uses no inclusion bit, so the guesses stay the attacker's."""
+    out = np.asarray(scores, dtype=float).copy()
+    for y in np.unique(labels):
+        out[labels == y] -= out[labels == y].mean()
+    return out
+
+
 def claimed_epsilon(run_dir: Path, institutions: list[str]) -> float:
     """The largest epsilon the planted institutions' ledgers claim (inf without DP)."""
     results = {Path(r.path).stem: r for r in audit(run_dir)}
@@ -139,10 +149,13 @@ def run_canary_audit(
     flat = {**flat, "data.dir": str(work)}
     run_dir = run_flat(flat, scenario.institutions)
     cfg = RunConfig.from_flat(stored_flat(run_dir))
-    final = label_log_likelihood(load_trained(run_dir, torch.device("cpu")), cfg, texts, labels)
+    final = by_label(
+        label_log_likelihood(load_trained(run_dir, torch.device("cpu")), cfg, texts, labels),
+        labels,
+    )
     names = json.loads((work / "manifest.json").read_text())["institutions"][:into]
     claimed = claimed_epsilon(run_dir, names)
-    white = white_box_scores(run_dir, cfg, texts, labels)
+    white = by_label(white_box_scores(run_dir, cfg, texts, labels), labels)
     result = {
         "canaries": canaries,
         "into": names,

@@ -79,7 +79,8 @@ def memorising_run(tmp_path_factory):
 def test_without_dp_the_audit_has_power(memorising_run):
     result = json.loads((memorising_run / RESULT).read_text())
     assert result["claimed_epsilon"] is None
-    assert result["black_box"]["epsilon_lower"] > 0.1
+    measured = max(result["black_box"]["epsilon_lower"], result["white_box"]["epsilon_lower"])
+    assert measured > 0.1  # 0.56-0.66 in the runs watched
     assert "Empirical privacy audit" in (memorising_run / "report.html").read_text()
     # the scenario's own files were copied, never written to
     assert not any("canary" in p.name for p in (memorising_run.parent).glob("*.csv"))
