@@ -61,7 +61,7 @@ def test_perfect_scores_give_the_largest_bound_the_guesses_allow():
 
 
 RUN = CliRunner()
-CANARY = ["canary", "--scenario", "hospitals-small-probe", "--canaries", "200", "--into", "3"]
+CANARY = ["canary", "--scenario", "hospitals-small-probe", "--canaries", "400", "--into", "3"]
 FAST = ["--set", "federation.rounds=2", "--set", "train.local-epochs=15"]
 
 
