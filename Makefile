@@ -42,7 +42,7 @@ test-fast: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not simulation and not deployment and not benchmark and not slow"
 
-# Benchmarks (README "Benchmarks"): JSON, plots and a Markdown table in outputs/bench/.
+# Benchmarks (docs/benchmarks.md): JSON, plots and a Markdown table in outputs/bench/.
 # `make bench BENCH_FLAGS=--quick` for the small run; BENCH_FLAGS="--only overhead,traffic".
 BENCH_FLAGS ?=
 bench: setup

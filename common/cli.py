@@ -327,7 +327,7 @@ def keys(
 
 @app.command()
 def summary(run: str = typer.Argument(..., help="a run folder")) -> None:
-    """The headline numbers of a run as a Markdown table (used for the README)."""
+    """The headline numbers of a run as a Markdown table (used for docs/results.md)."""
     from common.protocol import METRICS_FILE, read_lines
 
     lines = read_lines(run)
