@@ -192,7 +192,6 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     site = Institution.from_context(context, cfg, run_name)
     policy = site.policy
     full, train_set, _ = local_data(site, cfg)
-    # an expected batch above the local rows samples every row every step (rate 1), as planned
     check_request(cfg, policy, site.name, len(train_set))
     with _ledger(site) as ledger:
         if ledger.institution != site.name:

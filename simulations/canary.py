@@ -26,8 +26,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
 
 from common.audit import audit
 from common.audit import to_html as audit_html
@@ -37,9 +35,9 @@ from common.empirical import RESULT, audit_scores
 from common.empirical import to_html as empirical_html
 from common.model import build_model, load_tokenizer, load_trained
 from server.report import write_report
-from simulations.prepare import prepare
+from server.resume import load_checkpoint
 from simulations.scenario import Scenario
-from simulations.simulate import resolve_flat, run_flat
+from simulations.simulate import prepared_dir, resolve_flat, run_flat
 
 WORDS = 8  # per canary
 
@@ -106,7 +104,7 @@ def white_box_scores(
     total = np.zeros(len(texts))
     rounds = sorted((run_dir / "checkpoints").glob("round-*"))
     for folder in rounds:
-        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        load_checkpoint(model, folder)
         total += label_log_likelihood(model, cfg, texts, labels)
     return total / max(1, len(rounds))
 
@@ -135,9 +133,7 @@ def run_canary_audit(
     confidence: float = 0.95,
 ) -> Path:
     flat = resolve_flat(scenario, overrides)
-    data_dir = Path(str(flat["data.dir"]))
-    if not (data_dir / "manifest.json").is_file():
-        prepare(scenario, seed=int(flat["run.seed"]), out_dir=data_dir)
+    data_dir = prepared_dir(scenario, flat)
     cfg = RunConfig.from_flat(flat)
     rng = np.random.default_rng(secrets.randbits(128))  # the auditor's secret
     texts, labels = draw_canaries(cfg, canaries, rng)

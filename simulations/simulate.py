@@ -68,6 +68,13 @@ def simulate(
     (``data/<scenario>``, or the one its TOML names), never into a ``data.dir`` the user
     named: without a manifest that is an error (``--data-dir`` runs on the user's files)."""
     flat = resolve_flat(scenario, overrides)
+    prepared_dir(scenario, flat)
+    return run_flat(flat, num_supernodes or scenario.institutions, mods)
+
+
+def prepared_dir(scenario: Scenario, flat: Mapping[str, Scalar]) -> Path:
+    """``data.dir``, prepared from the scenario if it holds no manifest yet, but only when
+    it is the scenario's own folder: a folder the user named is never written to."""
     data_dir = Path(str(flat["data.dir"]))
     if not (data_dir / "manifest.json").is_file():
         own = Path(str(scenario.config.get("data.dir", scenario.data_dir)))
@@ -78,7 +85,7 @@ def simulate(
                 f"name. To run on your own files: privatune simulate --data-dir {data_dir}"
             )
         prepare(scenario, seed=int(flat["run.seed"]), out_dir=data_dir)
-    return run_flat(flat, num_supernodes or scenario.institutions, mods)
+    return data_dir
 
 
 def resume(run_dir: Path, overrides: Mapping[str, Scalar] | None = None) -> Path:
