@@ -219,6 +219,39 @@ def canary(
         raise typer.Exit(1)
 
 
+@app.command()
+def tune(
+    scenario: str = typer.Option("medical", help="scenario name under simulations/ or a path"),
+    try_: list[str] = typer.Option(
+        [], "--try", help='one recipe: "key=value key=value" (repeat the option to compare)'
+    ),
+    repeats: int = typer.Option(3, help="federations per recipe (DP noise varies)"),
+    holdout: float = typer.Option(0.2, help="share of each institution's file held out"),
+    no_dp_too: bool = typer.Option(False, help="also run each recipe without DP"),
+    out: str = typer.Option("outputs/tune.json", help="all scores, as JSON"),
+) -> None:
+    """Compare linear-probe recipes on the institutions' held-out local splits (never the
+    test set): in-process federations, real DP training, no ledgers."""
+    import json
+    from pathlib import Path
+
+    from common.errors import PrivatuneError
+    from simulations import simulate as sim
+    from simulations.scenario import load_scenario
+    from simulations.tune import tune as run
+
+    if not (repeats >= 1 and 0 < holdout < 1):
+        _fail("need --repeats >= 1 and 0 < --holdout < 1")
+    try:
+        tries = [_parse_overrides(t.split()) for t in try_] or [{}]
+        rows = run(load_scenario(scenario), tries, repeats, holdout, no_dp_too, typer.echo)
+    except (PrivatuneError, sim.SimulationError, typer.BadParameter) as e:
+        _fail(str(e))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"scenario": scenario, "holdout": holdout, "rows": rows}))
+    typer.echo(f"scores: {out}")
+
+
 ledger_app = typer.Typer(help="An institution's privacy ledger.")
 app.add_typer(ledger_app, name="ledger")
 

@@ -206,6 +206,10 @@ class DataSettings:
     test_path: str
     encoding: str  # of CSV, TSV and JSON Lines files, e.g. "latin-1" (Parquet stores its own)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"data.eval-fraction must lie in [0, 1), got {self.eval_fraction!r}")
+
     @property
     def label_names(self) -> list[str]:
         return [x.strip() for x in self.labels.split(",") if x.strip()]

@@ -4,6 +4,10 @@ centralised training with and without DP and for the federation without DP and w
 several epsilons, on an IID split and on the scenario's own non-IID split, with the scenario's
 own recipe (for the large scenarios, a linear probe).
 
+Every federation of the last split is run a second time with canaries planted in all its
+institutions (``simulations.canary``): the measured lower bound on epsilon (one-run auditing,
+black-box and white-box, 95%) stands beside the epsilon the ledgers claim.
+
 The centralised runs train on the union of exactly the rows the institutions train on (each
 institution's file minus its local evaluation split), for as many epochs as the federation
 has rounds times local epochs, with DP noise planned for that whole training: the federated
@@ -13,6 +17,7 @@ runs see the same data, the same number of passes and the same (epsilon, delta).
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from client.institution import Policy
 from client.train import train_round
 from common.config import RunConfig, Scalar
 from common.data import LabeledText, fingerprint, load_labeled, split_local
+from common.empirical import RESULT
 from common.evaluation import evaluate
 from common.model import build_model
 from common.privacy import epsilon
@@ -41,11 +47,17 @@ from simulations.bench_grid import (
     make_data,
     setting_flat,
 )
+from simulations.canary import run_canary_audit
 from simulations.prepare import SOURCES
+from simulations.scenario import Scenario
 
-FULL = {"epsilons": (None, 1.0, 2.0, 4.0, 8.0), "partitions": ("iid", "scenario")}
-# One federation only: the quick run proves the code path, the test suite pays for it.
-QUICK = {"epsilons": (8.0,), "partitions": ("iid",), "rounds": 1}
+FULL = {
+    "epsilons": (None, 1.0, 2.0, 4.0, 8.0),
+    "partitions": ("iid", "scenario"),
+    "canaries": 500,
+}
+# One federation and its audit only: the quick run proves the code path, the suite pays for it.
+QUICK = {"epsilons": (8.0,), "partitions": ("iid",), "rounds": 1, "canaries": 60}
 TARGET_SHARE = 0.90  # of the same federation (split, rounds, recipe) without DP, at eps 8
 TARGET_OVER_BLIND = 3.0  # times the blind guess's macro-F1 (1 / classes)
 
@@ -109,6 +121,9 @@ def run(
                 data, runs / name.replace(" ", "-"), setup, eps, rounds, quick, model
             )
             settings.append({"setting": name, **federated(flat, sites)})
+            if part == grid["partitions"][-1]:
+                canary_flat = {**flat, "run.name": f"{flat['run.name']}-canary"}
+                settings[-1]["measured"] = measured(canary_flat, setup, grid["canaries"])
     result = {
         "benchmark": "utility",
         "quick": quick,
@@ -123,6 +138,17 @@ def run(
     }
     plot(result, out_dir / "utility.png")
     return result
+
+
+def measured(flat: Mapping[str, Scalar], setup: Scenario, canaries: int) -> dict[str, Any]:
+    """The empirical audit of one setting: the same federation with ``canaries`` planted
+    round-robin in all institutions; the larger of the black-box and white-box bounds."""
+    run_dir = Path(str(flat["run.output-dir"])) / str(flat["run.name"])
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir = run_canary_audit(setup, flat, canaries, into=setup.institutions)
+    result = json.loads((run_dir / RESULT).read_text())
+    best = max(result["black_box"], result["white_box"], key=lambda r: r["epsilon_lower"])
+    return {"canaries": canaries, "epsilon_lower": best["epsilon_lower"], **result}
 
 
 def _split_and_epsilon(setting: str) -> tuple[str, float | None]:
@@ -189,14 +215,21 @@ def shares(result: dict[str, Any]) -> dict[str, tuple[float | None, float | None
 
 def table(result: dict[str, Any]) -> str:
     rows = table_head(
-        "setting", "accuracy", "macro-F1", "F1 / same without DP", "F1 / blind", "epsilon spent"
+        "setting",
+        "accuracy",
+        "macro-F1",
+        "F1 / same without DP",
+        "F1 / blind",
+        "epsilon spent",
+        "epsilon measured (95% lower bound)",
     )
     ratio = shares(result)
     for s in result["settings"]:
         own, blind = ratio[s["setting"]]
+        lower = s.get("measured", {}).get("epsilon_lower")
         rows.append(
             f"| {_shown(s['setting'])} | {fmt(s['accuracy'], 3)} | {fmt(s['macro_f1'], 3)} "
-            f"| {fmt(own)} | {fmt(blind, 1)} | {fmt(s['epsilon'])} |"
+            f"| {fmt(own)} | {fmt(blind, 1)} | {fmt(s['epsilon'])} | {fmt(lower)} |"
         )
     for key, name in (
         ("majority_class", "always the majority class"),
@@ -204,7 +237,7 @@ def table(result: dict[str, Any]) -> str:
     ):
         base = result[key]
         scores = f"{fmt(base['accuracy'], 3)} | {fmt(base['macro_f1'], 3)}"
-        rows.append(f"| *{name}* | {scores} | | | |")
+        rows.append(f"| *{name}* | {scores} | | | | |")
     return (
         f"### Privacy-utility ({result['scenario']}, {result['rounds']} rounds, "
         f"delta {result['delta']:g}; targets at eps 8: >= {result['target_share']:.0%} of the "

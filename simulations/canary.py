@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from flwr.clientapp.typing import Mod
 
 from common.audit import audit
 from common.audit import to_html as audit_html
@@ -131,7 +132,11 @@ def run_canary_audit(
     canaries: int = 500,
     into: int = 1,
     confidence: float = 0.95,
+    mods: list[Mod] | None = None,
 ) -> Path:
+    """Plant, train, score; the result JSON and the report land in the run folder. ``mods``
+    are Flower client mods, as in :func:`simulations.simulate.run_flat` (the tests break the
+    mechanism with one, to show that the audit catches it)."""
     flat = resolve_flat(scenario, overrides)
     data_dir = prepared_dir(scenario, flat)
     cfg = RunConfig.from_flat(flat)
@@ -143,7 +148,7 @@ def run_canary_audit(
         data_dir, run_dir.parent / f"{cfg.run.name}-canary-data", cfg, texts, labels, included, into
     )
     flat = {**flat, "data.dir": str(work)}
-    run_dir = run_flat(flat, scenario.institutions)
+    run_dir = run_flat(flat, scenario.institutions, mods)
     cfg = RunConfig.from_flat(stored_flat(run_dir))
     final = by_label(
         label_log_likelihood(load_trained(run_dir, torch.device("cpu")), cfg, texts, labels),

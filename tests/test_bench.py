@@ -141,6 +141,11 @@ def test_utility_reports_accuracy_and_f1_per_setting(quick_run):
     assert guess["macro_f1"] == pytest.approx(1 / 3)  # every class occurs in the test sample
     for s in data["settings"][1:]:
         assert 0 < s["epsilon"] <= 8.0 + 1e-6
+    # the federation's canary twin: a measured lower bound beside the ledgers' claim
+    audit = data["settings"][-1]["measured"]
+    assert audit["canaries"] == bench_utility.QUICK["canaries"]
+    assert 0 < audit["claimed_epsilon"] <= 8.0 + 1e-6
+    assert 0 <= audit["epsilon_lower"] <= audit["claimed_epsilon"]
 
 
 def test_federated_settings_without_dp_let_clients_train(tmp_path):
@@ -199,7 +204,7 @@ def test_the_utility_table_compares_each_run_with_its_own_split_without_dp(tmp_p
             run("federated iid", 0.5),
             run("federated iid DP eps 8", 0.45),
             run("federated scenario", 0.4),
-            run("federated scenario DP eps 1", 0.2),
+            {**run("federated scenario DP eps 1", 0.2), "measured": {"epsilon_lower": 0.12}},
             run("federated scenario DP eps 8", 0.3),
         ],
         "majority_class": {"accuracy": 0.3, "macro_f1": 0.05},
@@ -209,8 +214,11 @@ def test_the_utility_table_compares_each_run_with_its_own_split_without_dp(tmp_p
     shares = bench_utility.shares(result)
     assert shares["federated iid DP eps 8"] == pytest.approx((0.9, 4.5))
     assert shares["federated scenario DP eps 8"] == pytest.approx((0.75, 3.0))
-    assert "| federated non-IID (the scenario's split) DP eps 1 | 0.500 | 0.200 | 0.50 | 2.0 |" in (
-        bench_utility.table(result)
+    shown = bench_utility.table(result)
+    # the last column: the measured epsilon
+    assert (
+        "| federated non-IID (the scenario's split) DP eps 1 "
+        "| 0.500 | 0.200 | 0.50 | 2.0 | - | 0.12 |" in shown
     )
     bench_utility.plot(result, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0

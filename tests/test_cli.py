@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 from typer.testing import CliRunner
@@ -78,3 +79,41 @@ def test_data_check_summarises_a_file_and_names_a_bad_label(tmp_path):
     assert "3 rows, valid" in out.output and "labels: neg 1, pos 2" in out.output
     bad = RUN.invoke(app, ["data", "check", str(path), "--label-column", "y", "--labels", "neg"])
     assert bad.exit_code != 0 and "'pos'" in bad.output and "y" in bad.output
+
+
+def test_tune_scores_recipes_on_held_out_local_rows_never_the_test_set(tmp_path, monkeypatch):
+    import json
+
+    from simulations import tune
+    from simulations.scenario import load_scenario
+
+    seen: dict[str, list[str]] = {}
+    real = tune.model_input
+
+    def recording(cfg, data, part):
+        seen.setdefault(part, []).extend(data.texts)
+        return real(cfg, data, part)
+
+    monkeypatch.setattr(tune, "model_input", recording)
+    out = tmp_path / "tune.json"
+    recipe = "federation.rounds=2 train.head-learning-rate=8.0"
+    args = ["tune", "--scenario", "hospitals-small-probe", "--repeats", "1", "--no-dp-too"]
+    res = RUN.invoke(app, [*args, "--try", recipe, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["dp"] for r in rows] == [True, False]
+    assert rows[0]["try"] == {"federation.rounds": 2, "train.head-learning-rate": 8.0}
+    assert all(0 <= r["macro_f1"][0] <= 1 for r in rows) and "no DP" in res.output
+    # validation = the institutions' own rows that their training splits leave out (the test
+    # file is never read: the drug-review package repeats one test review in its training set)
+    data_dir = Path(str(load_scenario("hospitals-small-probe").config["data.dir"]))
+    files = pd.concat(pd.read_csv(p) for p in data_dir.glob("hospital-*.csv"))["text"]
+    held, trained = seen["tune"], seen["train"]
+    assert held and not set(held) & set(trained)
+    assert sorted(held + trained) == sorted(list(files) * 2)  # each row once a federation
+
+
+def test_tune_refuses_a_recipe_it_cannot_run_in_one_line():
+    res = RUN.invoke(app, ["tune", "--scenario", "hospitals-small", "--repeats", "1"])
+    assert res.exit_code == 2 and "only train.trainable = 'head'" in res.output
+    assert len(res.output.strip().splitlines()) == 1

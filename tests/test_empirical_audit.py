@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from common.cli import app
 from common.empirical import RESULT, above_claim, audit_scores, lower_bound, p_value, verdict
+from simulations.canary import run_canary_audit
+from simulations.scenario import load_scenario
 
 
 def _direct(r: int, v: int, confidence: float) -> float:
@@ -87,12 +89,37 @@ def test_without_dp_the_audit_has_power(memorising_run):
 
 
 @pytest.mark.simulation
-def test_noise_off_while_a_ledger_claims_dp_is_caught(memorising_run):
-    """What a privacy officer sees when the code skipped the noise but its ledger claims
-    epsilon 0.1: the measured bound exceeds the claim, and the verdict says so."""
-    result = json.loads((memorising_run / RESULT).read_text())
-    broken = {**result, "claimed_epsilon": 0.1}
-    assert above_claim(broken) and "ABOVE the claimed 0.10" in verdict(broken)
+def test_noise_off_while_the_ledgers_claim_dp_is_caught(tmp_path):
+    """A broken mechanism in a real federation: a client mod runs every training with
+    Opacus' noise switched off, while the clients plan, record and sign the noise for
+    epsilon 0.25. The ledgers and `privatune audit`'s arithmetic cannot see it; the canaries
+    measure a bound above the claim, and the verdict and exit status say so."""
+
+    def noise_off(msg, context, call_next):  # a closure: Ray ships it by value
+        from unittest import mock
+
+        import opacus.optimizers.optimizer as dp_optimizer
+
+        def zeros(std, reference, *args, **kwargs):
+            return reference.new_zeros(reference.shape)
+
+        with mock.patch.object(dp_optimizer, "_generate_noise", zeros):
+            return call_next(msg, context)
+
+    overrides = {
+        "federation.rounds": 2,  # as FAST
+        "train.local-epochs": 15,
+        "dp.target-epsilon": 0.25,
+        "run.name": "broken",
+        "run.output-dir": str(tmp_path),
+    }
+    scenario = load_scenario("hospitals-small-probe")
+    run_dir = run_canary_audit(scenario, overrides, canaries=400, into=3, mods=[noise_off])
+    measured = json.loads((run_dir / RESULT).read_text())
+    assert 0.2 < measured["claimed_epsilon"] <= 0.25 + 1e-6  # what the ledgers sign
+    assert above_claim(measured) and "ABOVE the claimed" in verdict(measured)  # 1.0 when watched
+    audit = RUN.invoke(app, ["audit", str(run_dir)])
+    assert audit.exit_code == 1 and "ABOVE" in audit.output
 
 
 @pytest.mark.simulation
