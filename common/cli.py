@@ -220,6 +220,31 @@ def canary(
 
 
 @app.command()
+def generate(
+    run: str = typer.Argument(..., help="a run folder of a causal-LM federation"),
+    prompt: str = typer.Option(..., help="the instruction"),
+    max_tokens: int = typer.Option(32, help="the most tokens to answer with"),
+) -> None:
+    """Answer an instruction with the run's final adapter (greedy decoding)."""
+    from pathlib import Path
+
+    from common.causal_lm import generate as answer
+    from common.config import RunConfig, stored_flat
+    from common.errors import PrivatuneError
+    from common.model import load_tokenizer, load_trained
+
+    try:
+        cfg = RunConfig.from_flat(stored_flat(Path(run)))
+        if cfg.model.task != "causal-lm":
+            _fail(f"{run}: model.task is {cfg.model.task!r}; generate needs a causal-lm run")
+        model = load_trained(Path(run))
+        tokenizer = load_tokenizer(cfg)
+        typer.echo(answer(model, tokenizer, prompt, cfg.model.chat_template, max_tokens))
+    except PrivatuneError as e:
+        _fail(str(e))
+
+
+@app.command()
 def tune(
     scenario: str = typer.Option("medical", help="scenario name under simulations/ or a path"),
     try_: list[str] = typer.Option(

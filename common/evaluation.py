@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.causal_lm import class_scores
 from common.model import head_of
 
 
@@ -52,7 +53,7 @@ def predict(
             logits = head(inputs[0].to(device)).float()
         else:
             ids, mask = (x.to(device) for x in inputs)
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = class_scores(model, ids, mask).float()
         loss += torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
         preds.append(logits.argmax(-1).cpu().numpy())
         truth.append(labels.numpy())
