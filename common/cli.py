@@ -220,6 +220,31 @@ def canary(
 
 
 @app.command()
+def generate(
+    run: str = typer.Argument(..., help="a run folder of a causal-LM federation"),
+    prompt: str = typer.Option(..., help="the instruction"),
+    max_tokens: int = typer.Option(32, help="the most tokens to answer with"),
+) -> None:
+    """Answer an instruction with the run's final adapter (greedy decoding)."""
+    from pathlib import Path
+
+    from common.causal_lm import generate as answer
+    from common.config import RunConfig, stored_flat
+    from common.errors import PrivatuneError
+    from common.model import load_tokenizer, load_trained
+
+    try:
+        cfg = RunConfig.from_flat(stored_flat(Path(run)))
+        if cfg.model.task != "causal-lm":
+            _fail(f"{run}: model.task is {cfg.model.task!r}; generate needs a causal-lm run")
+        model = load_trained(Path(run))
+        tokenizer = load_tokenizer(cfg)
+        typer.echo(answer(model, tokenizer, prompt, cfg.model.chat_template, max_tokens))
+    except PrivatuneError as e:
+        _fail(str(e))
+
+
+@app.command()
 def tune(
     scenario: str = typer.Option("medical", help="scenario name under simulations/ or a path"),
     try_: list[str] = typer.Option(
@@ -381,10 +406,41 @@ def summary(run: str = typer.Argument(..., help="a run folder")) -> None:
     ):
         typer.echo(f"| {label} | {num(first.get(key))} | {num(last.get(key))} |")
     typer.echo(f"| max epsilon (delta from config) | 0 | {num(last.get('epsilon_max'), 2)} |")
+    _test_lines(run, first, last)
     seconds = sum(x["seconds"] for x in lines)
     traffic = sum(x["bytes_sent"] + x["bytes_received"] for x in lines)
     typer.echo(f"| federation wall time, all rounds | | {seconds / 60:.1f} min |")
     typer.echo(f"| adapter traffic, all rounds | | {traffic / 1e6:.1f} MB |")
+
+
+def _test_lines(run: str, first: dict, last: dict) -> None:
+    """The test accuracy's 95% interval and the best constant answer's accuracy, when the
+    run's test file is readable (a baseline a model must beat before it has learned)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from common.config import RunConfig, stored_flat
+    from common.data import load_labeled
+    from common.errors import PrivatuneError
+    from common.evaluation import wilson
+
+    try:
+        cfg = RunConfig.from_flat(stored_flat(Path(run)))
+        d = cfg.data
+        test = load_labeled(d.test_path, d.text_column, d.label_column, d.label_names, d.encoding)
+    except (PrivatuneError, OSError):
+        return
+    n = len(test.labels)
+    cells = []
+    for line in (first, last):
+        acc = line.get("central_accuracy")
+        low, high = wilson(round(acc * n), n) if acc is not None else (None, None)
+        cells.append("-" if acc is None else f"{low:.3f}-{high:.3f}")
+    typer.echo(f"| test accuracy, 95% interval (Wilson, n={n}) | {cells[0]} | {cells[1]} |")
+    counts = np.bincount(test.labels, minlength=len(d.label_names))
+    best = d.label_names[int(counts.argmax())]
+    typer.echo(f"| always answering {best!r} (best constant) | | {counts.max() / n:.3f} accuracy |")
 
 
 def main() -> None:

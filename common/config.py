@@ -23,6 +23,7 @@ from common.errors import PrivatuneError
 
 Scalar = bool | int | float | str
 # The enumerated keys: every allowed value is here, checked in one place (_coerce).
+Task = Literal["classify", "causal-lm"]  # a classification head, or answers in words
 Pooling = Literal["cls", "mean"]  # BERT's [CLS] pooler, or the masked mean at unit length
 Trainable = Literal["adapter", "head"]  # LoRA factors and head, or the head alone
 Optimizer = Literal["adamw", "sgd"]
@@ -51,9 +52,11 @@ class RunSettings:
 @dataclass(frozen=True)
 class ModelSettings:
     name: str
+    task: Task
     max_length: int
     bf16: bool
     pooling: Pooling
+    chat_template: bool  # causal-lm: wrap each instruction in the tokenizer's chat template
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,17 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Checks across sections (each section checks its own values)."""
+        if self.model.task == "causal-lm":
+            for key, value, refused in (
+                ("train.trainable", self.train.trainable, "head"),
+                ("model.pooling", self.model.pooling, "mean"),
+                ("dp.grad-sample-mode", self.dp.grad_sample_mode, "fused"),
+            ):
+                if value == refused:
+                    raise ConfigError(
+                        f"{key} {value!r} is not available with model.task 'causal-lm' "
+                        "(a causal LM trains LoRA factors only, under Opacus' hooks)"
+                    )
         if self.aggregation.mode == "exact" and self.aggregation.strategy not in (
             "fedavg",
             "fedprox",

@@ -6,3 +6,7 @@ anything else is a bug and keeps its traceback."""
 
 class PrivatuneError(ValueError):
     """A user error, reported as one line."""
+
+
+class ModelError(PrivatuneError):
+    """The configured model cannot be found locally, or cannot do what the config asks."""

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.causal_lm import class_scores
 from common.model import head_of
 
 
@@ -33,6 +34,17 @@ def scores(matrix: np.ndarray) -> dict[str, float]:
     }
 
 
+def wilson(correct: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval for a proportion (95% by default): the interval a reported
+    test accuracy carries, which matters on test sets of a few hundred questions."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> float:
     return scores(confusion(y_true, y_pred, num_labels))["macro-f1"]
 
@@ -52,7 +64,7 @@ def predict(
             logits = head(inputs[0].to(device)).float()
         else:
             ids, mask = (x.to(device) for x in inputs)
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = class_scores(model, ids, mask).float()
         loss += torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
         preds.append(logits.argmax(-1).cpu().numpy())
         truth.append(labels.numpy())

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import RunConfig
 from common.data import LabeledText, tokenize
-from common.model import ModelError, load_tokenizer, resolve_model_path
+from common.errors import ModelError
+from common.model import load_tokenizer, resolve_model_path
 
 
 def cache_root() -> Path:

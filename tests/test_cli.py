@@ -65,6 +65,26 @@ def test_summary_reads_the_metrics_lines(tmp_path):
     assert "3.0 min" in out.output and "3.0 MB" in out.output
     missing = RUN.invoke(app, ["summary", str(tmp_path / "nothing")])
     assert missing.exit_code != 0 and "not found" in missing.output
+    assert "interval" not in out.output  # no config.toml: no test file to count
+
+
+def test_summary_gives_the_test_accuracy_an_interval_and_a_constant_baseline(tmp_path):
+    from scipy.stats import binomtest
+
+    from common.config import resolve, write_toml
+
+    labels = ["B"] * 60 + ["A"] * 30 + ["C"] * 10
+    pd.DataFrame({"text": [f"q{i}" for i in range(100)], "label": labels}).to_csv(
+        tmp_path / "test.csv", index=False
+    )
+    flat = {"data.labels": "A,B,C", "data.test-path": str(tmp_path / "test.csv")}
+    write_toml(resolve(flat), tmp_path / "config.toml")
+    for rnd, acc in ((0, 0.25), (1, 0.62)):
+        append_line(tmp_path, _line(rnd, acc, 60.0, 500_000))
+    out = RUN.invoke(app, ["summary", str(tmp_path)])
+    ci = binomtest(62, 100).proportion_ci(method="wilson")
+    assert f"| {ci.low:.3f}-{ci.high:.3f} |" in out.output
+    assert "| always answering 'B' (best constant) | | 0.600 accuracy |" in out.output
 
 
 def test_data_check_summarises_a_file_and_names_a_bad_label(tmp_path):
