@@ -270,9 +270,11 @@ def _evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     server_round = int(msg.content["config"].get(SERVER_ROUND, 0))
     site = Institution.from_context(context, cfg, run_name)
     sigma = site.policy.local_eval_noise
-    full, train_set, eval_set = local_data(site, cfg)
-    if sigma <= 0 or len(eval_set.labels) == 0:  # data.eval-fraction 0: nothing to evaluate
+    if sigma <= 0:
         return _reply(msg, site, {EVALUATED: 0})  # the institution releases no evaluation
+    full, train_set, eval_set = local_data(site, cfg)
+    if len(eval_set.labels) == 0:  # data.eval-fraction 0: nothing to evaluate
+        return _reply(msg, site, {EVALUATED: 0})
     check_request(cfg, site.policy, site.name, len(train_set))
     with _ledger(site) as ledger:
         history = spent(ledger.records)

@@ -68,12 +68,11 @@ def encode_prompts(data: LabeledText, tokenizer, max_length: int, chat: bool) ->
         raise ModelError(
             f"model.max-length {max_length}: the prompt template alone takes {overhead}"
         )
-    texts = []
-    for text in data.texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        texts.append(
-            prompt(tokenizer, tokenizer.decode(ids[:budget]) if len(ids) > budget else text, chat)
-        )
+    tokens = tokenizer(data.texts, add_special_tokens=False)["input_ids"]
+    texts = [
+        prompt(tokenizer, tokenizer.decode(ids[:budget]) if len(ids) > budget else text, chat)
+        for text, ids in zip(data.texts, tokens, strict=True)
+    ]
     enc = tokenizer(
         texts, add_special_tokens=False, padding="longest", padding_side="left", return_tensors="pt"
     )

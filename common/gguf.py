@@ -72,9 +72,14 @@ def converted(name: str) -> Path:
     if model.config.pad_token_id is None:  # batches are padded; the classifier needs it
         model.config.pad_token_id = tokenizer.pad_token_id
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent))
+    try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.move(tmp, folder)
-        Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / "config.json").is_file():  # not another process's finished copy
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder

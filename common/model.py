@@ -131,9 +131,8 @@ def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -
     )
     model = get_peft_model(base, lora)
     if causal:
-        labels = cfg.data.label_names
-        model.answers = answer_table(load_tokenizer(cfg), labels, cfg.model.chat_template)
-        model.answers.to(device)
+        table = answer_table(load_tokenizer(cfg), cfg.data.label_names, cfg.model.chat_template)
+        model.answers = table.to(device)
     _seed_lora_a(model, cfg.run.seed, cfg.lora.rank)
     frozen = ("lora_",) if cfg.train.trainable == "head" else ("lora_A",) * cfg.aggregation.freeze_a
     for name, param in model.named_parameters():

