@@ -216,7 +216,19 @@ def test_a_dp_federation_trains_the_adapter_and_plain_peft_reloads_it(llm_run, t
         app, ["generate", str(llm_run), "--prompt", QUESTIONS[0], "--max-tokens", "3"]
     )
     assert answer.exit_code == 0, answer.output
-    assert 0 < len(load_tokenizer(cfg)(answer.output.strip())["input_ids"]) <= 3
+    # the answer is plain PEFT's own greedy decoding of the chat prompt, three new tokens
+    tokenizer = load_tokenizer(cfg)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTIONS[0]}], tokenize=False, add_generation_prompt=True
+    )
+    head = tokenizer(chat, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = plain.generate(
+            input_ids=head, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    assert 0 < out.shape[1] - head.shape[1] <= 3
+    expected = tokenizer.decode(out[0, head.shape[1] :], skip_special_tokens=True)
+    assert answer.output == f"{expected}\n"
 
 
 def test_generate_refuses_a_classifier_run_in_one_line(tmp_path, tiny_cfg):
