@@ -5,6 +5,9 @@ Why: a small model on a GPU is launch-bound, and Opacus' per-module hook bookkee
 per-parameter optimizer passes cost it 2-3x a plain step. A linear layer's per-sample
 gradient is its output gradient times its input, summed over tokens; with LoRA's rank r it
 is an r x d matrix, cheap to form for the whole batch in one batched product per layer.
+On a causal LM the tokens are a left-padded prompt and the answer appended to it; padding
+gets exactly zero output gradient (no real token reads it), so the sum needs no mask
+(tests/test_causal_lm_fused.py checks this against Opacus).
 
 The mechanism is Opacus' own, so that its analysis and its accountant apply unchanged: the
 same clip factor (max_grad_norm / (norm + 1e-6), at most 1) on each sample's whole gradient,

@@ -237,12 +237,11 @@ class RunConfig:
             for key, value, refused in (
                 ("train.trainable", self.train.trainable, "head"),
                 ("model.pooling", self.model.pooling, "mean"),
-                ("dp.grad-sample-mode", self.dp.grad_sample_mode, "fused"),
             ):
                 if value == refused:
                     raise ConfigError(
                         f"{key} {value!r} is not available with model.task 'causal-lm' "
-                        "(a causal LM trains LoRA factors only, under Opacus' hooks)"
+                        "(a causal LM trains its LoRA factors only, through its own LM head)"
                     )
         if self.aggregation.mode == "exact" and self.aggregation.strategy not in (
             "fedavg",

@@ -155,7 +155,6 @@ def test_causal_lm_refuses_what_it_does_not_support_in_one_line(tiny_llama_dir):
     for key, value in (
         ("train.trainable", "head"),
         ("model.pooling", "mean"),
-        ("dp.grad-sample-mode", "fused"),
     ):
         with pytest.raises(ConfigError, match="causal-lm"):
             resolve(llm_flat(tiny_llama_dir, **{key: value}))
