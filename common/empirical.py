@@ -94,22 +94,43 @@ def audit_scores(
     return best
 
 
+AUDITORS = {  # result key: (name, what the attacker sees)
+    "black_box": ("black-box", "the final adapter"),
+    "white_box": ("white-box", "every round's global adapter"),
+    "updates": ("updates", "each planted institution's own update every round: the server's view"),
+}
+
+
+def auditor_confidence(confidence: float) -> float:
+    """Each auditor's confidence, so that the largest of their bounds keeps ``confidence``
+    overall (Bonferroni: reading the best of several attackers must be paid for)."""
+    return 1 - (1 - confidence) / len(AUDITORS)
+
+
+def measured_lower(result: Mapping) -> float:
+    """The largest bound any auditor measured (results written before an auditor existed
+    lack its key)."""
+    return max(result[key]["epsilon_lower"] for key in AUDITORS if key in result)
+
+
 def above_claim(result: Mapping) -> bool:
     """A measured lower bound above the claimed epsilon: proof of a bug."""
     claimed = result["claimed_epsilon"]
-    lower = max(result["black_box"]["epsilon_lower"], result["white_box"]["epsilon_lower"])
-    return claimed is not None and lower > claimed
+    return claimed is not None and measured_lower(result) > claimed
 
 
 def verdict(result: Mapping) -> str:
     """One line: the measured lower bounds beside the claimed upper bound."""
     claimed = result["claimed_epsilon"]
-    lower = max(result["black_box"]["epsilon_lower"], result["white_box"]["epsilon_lower"])
+    each = ", ".join(
+        f"{name} {result[key]['epsilon_lower']:.2f}"
+        for key, (name, _) in AUDITORS.items()
+        if key in result
+    )
+    confidence = result.get("confidence", result["black_box"]["confidence"])
     head = (
-        f"empirical audit: {result['canaries']} canaries, measured epsilon >= {lower:.2f} "
-        f"(black-box {result['black_box']['epsilon_lower']:.2f}, white-box "
-        f"{result['white_box']['epsilon_lower']:.2f}, {result['black_box']['confidence']:.0%} "
-        "confidence)"
+        f"empirical audit: {result['canaries']} canaries, measured epsilon >= "
+        f"{measured_lower(result):.2f} ({each}; {confidence:.0%} confidence)"
     )
     if claimed is None:
         return f"{head}; no DP claimed"
@@ -124,17 +145,15 @@ def to_html(result: Mapping) -> str:
     """The empirical audit as a report section."""
     rows = [
         [
-            name,
+            f"{name} ({sees})",
             result[key]["canaries"],
             result[key]["guesses"],
             result[key]["correct"],
             result[key]["epsilon_lower"],
             result["claimed_epsilon"],
         ]
-        for key, name in (
-            ("black_box", "black-box (final adapter)"),
-            ("white_box", "white-box (every round's adapter)"),
-        )
+        for key, (name, sees) in AUDITORS.items()
+        if key in result
     ]
     head = ["auditor", "canaries m", "guesses r", "correct v", "measured epsilon >=", "claimed"]
     return (

@@ -30,7 +30,7 @@ from client.institution import Policy
 from client.train import train_round
 from common.config import RunConfig, Scalar
 from common.data import LabeledText, fingerprint, load_labeled, split_local
-from common.empirical import RESULT
+from common.empirical import RESULT, measured_lower
 from common.evaluation import evaluate
 from common.model import build_model
 from common.privacy import epsilon
@@ -142,13 +142,12 @@ def run(
 
 def measured(flat: Mapping[str, Scalar], setup: Scenario, canaries: int) -> dict[str, Any]:
     """The empirical audit of one setting: the same federation with ``canaries`` planted
-    round-robin in all institutions; the larger of the black-box and white-box bounds."""
+    round-robin in all institutions; the largest of the auditors' bounds."""
     run_dir = Path(str(flat["run.output-dir"])) / str(flat["run.name"])
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir = run_canary_audit(setup, flat, canaries, into=setup.institutions)
     result = json.loads((run_dir / RESULT).read_text())
-    best = max(result["black_box"], result["white_box"], key=lambda r: r["epsilon_lower"])
-    return {"canaries": canaries, "epsilon_lower": best["epsilon_lower"], **result}
+    return {"canaries": canaries, "epsilon_lower": measured_lower(result), **result}
 
 
 def _split_and_epsilon(setting: str) -> tuple[str, float | None]:

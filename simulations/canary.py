@@ -2,15 +2,19 @@
 canaries, run the federation as configured, and measure a lower bound on epsilon from how
 well the trained adapter fits them (common.empirical), beside the epsilon the ledgers claim.
 
-Each canary is a string of random vocabulary words with a random label; each is included,
-with probability 1/2 drawn from the OS CSPRNG, in the training file of one of the first
-``into`` institutions. Only canaries whose own hash puts them on the training side of the
-local split (common.data.split_local) are drawn, so an included canary is trained on. The
-scenario's files are copied first; nothing is written into the scenario's folder.
+Each canary is a string of random vocabulary words with a random label, assigned to one of
+the first ``into`` institutions (canary i to institution i mod ``into``); each is included,
+with probability 1/2 drawn from the OS CSPRNG, in its institution's training file. Only
+canaries whose own hash puts them on the training side of the local split
+(common.data.split_local) are drawn, so an included canary is trained on. The scenario's
+files are copied first; nothing is written into the scenario's folder.
 
-Two auditors score the canaries: black-box, from the final global adapter (the log-likelihood
-of each canary's label), and white-box, from the global adapter after every round (the mean
-of that log-likelihood over the rounds: the server's view of the training).
+Three auditors score the canaries (common.empirical.AUDITORS), each by the log-likelihood of
+the canary's label: black-box, under the final global adapter; white-box, its mean under the
+global adapter after every round; and updates, its mean under the adapter that the canary's
+own institution sent the server every round (the server's view before averaging dilutes a
+canary: a client mod keeps each planted institution's train replies, as the server
+receives them). The confidence is split over the three, so the largest bound keeps it.
 """
 
 from __future__ import annotations
@@ -26,16 +30,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from flwr.clientapp.typing import Mod
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from common.adapter import from_record, set_trainable
 from common.audit import audit
 from common.audit import to_html as audit_html
 from common.causal_lm import class_scores
 from common.config import RunConfig, Scalar, stored_flat
 from common.data import LabeledText, record_position
-from common.empirical import RESULT, audit_scores
+from common.empirical import RESULT, audit_scores, auditor_confidence
 from common.empirical import to_html as empirical_html
 from common.model import build_model, encode, load_tokenizer, load_trained
+from common.protocol import INSTITUTION, SERVER_ROUND
 from server.report import write_report
 from server.resume import load_checkpoint
 from simulations.scenario import Scenario
@@ -65,27 +72,44 @@ def plant(
     texts: list[str],
     labels: np.ndarray,
     included: np.ndarray,
-    into: int,
+    names: list[str],
 ) -> Path:
-    """A copy of the federation's files with the included canaries appended, round-robin,
-    to the first ``into`` institutions' files."""
+    """A copy of the federation's files with each included canary appended to its
+    institution's file (canary i belongs to ``names[i % len(names)]``)."""
     shutil.copytree(data_dir, work, dirs_exist_ok=True)
-    names = json.loads((work / "manifest.json").read_text())["institutions"][:into]
-    rows = [
-        (t, cfg.data.label_names[y]) for t, y, i in zip(texts, labels, included, strict=True) if i
-    ]
     for j, name in enumerate(names):
         path = work / f"{name}.csv"
-        frame = pd.read_csv(path)
-        mine = rows[j :: len(names)]
+        mine = [i for i in range(j, len(texts), len(names)) if included[i]]
         extra = pd.DataFrame(
             {
-                cfg.data.text_column: [t for t, _ in mine],
-                cfg.data.label_column: [y for _, y in mine],
+                cfg.data.text_column: [texts[i] for i in mine],
+                cfg.data.label_column: [cfg.data.label_names[labels[i]] for i in mine],
             }
         )
-        pd.concat([frame, extra], ignore_index=True).to_csv(path, index=False)
+        pd.concat([pd.read_csv(path), extra], ignore_index=True).to_csv(path, index=False)
     return work
+
+
+def keep_updates(folder: Path, names: list[str]) -> Mod:
+    """A client mod that keeps each train reply of the named institutions as the server
+    receives it (outermost, so after SecAgg+'s masking: a masked reply has no plain arrays
+    and is not kept), one ``<institution>/round-NNN.npz`` each."""
+
+    def keep(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, context)
+        if (
+            msg.metadata.message_type == MessageType.TRAIN
+            and reply.has_content()
+            and "arrays" in reply.content
+            and str(reply.content["info"][INSTITUTION]) in names
+        ):
+            where = folder / str(reply.content["info"][INSTITUTION])
+            where.mkdir(parents=True, exist_ok=True)
+            rnd = int(msg.content["config"][SERVER_ROUND])
+            np.savez(where / f"round-{rnd:03d}.npz", **from_record(reply.content["arrays"]))
+        return reply
+
+    return keep
 
 
 @torch.no_grad()
@@ -97,18 +121,36 @@ def label_log_likelihood(model, cfg: RunConfig, texts: list[str], labels: np.nda
     return torch.log_softmax(logits, -1)[torch.arange(len(y)), y].numpy()
 
 
-def white_box_scores(
-    run_dir: Path, cfg: RunConfig, texts: list[str], labels: np.ndarray
+def mean_over_adapters(
+    cfg: RunConfig, adapters: list, texts: list[str], labels: np.ndarray
 ) -> np.ndarray:
-    """The mean over every round's global adapter (the server's view) of each canary's
-    label log-likelihood."""
+    """Each canary's label log-likelihood averaged over ``adapters`` (checkpoint folders,
+    or .npz files of trainable tensors)."""
     model = build_model(cfg, torch.device("cpu")).eval()
     total = np.zeros(len(texts))
-    rounds = sorted((run_dir / "checkpoints").glob("round-*"))
-    for folder in rounds:
-        load_checkpoint(model, folder)
+    for adapter in adapters:
+        if adapter.suffix == ".npz":
+            with np.load(adapter) as arrays:
+                set_trainable(model, dict(arrays))
+        else:
+            load_checkpoint(model, adapter)
         total += label_log_likelihood(model, cfg, texts, labels)
-    return total / max(1, len(rounds))
+    return total / max(1, len(adapters))
+
+
+def update_scores(
+    folder: Path, cfg: RunConfig, texts: list[str], labels: np.ndarray, names: list[str]
+) -> np.ndarray | None:
+    """Each canary's score under its own institution's kept replies (None: none kept)."""
+    scores = np.zeros(len(texts))
+    for j, name in enumerate(names):
+        mine = list(range(j, len(texts), len(names)))
+        replies = sorted((folder / name).glob("round-*.npz"))
+        if not replies:
+            return None
+        picked = [texts[i] for i in mine]
+        scores[mine] = mean_over_adapters(cfg, replies, picked, labels[mine])
+    return scores
 
 
 def by_label(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -144,26 +186,36 @@ def run_canary_audit(
     rng = np.random.default_rng(secrets.randbits(128))  # the auditor's secret
     texts, labels = draw_canaries(cfg, canaries, rng)
     included = rng.random(canaries) < 0.5
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    names = json.loads((data_dir / "manifest.json").read_text())["institutions"][:into]
+    base = Path(cfg.run.output_dir) / cfg.run.name
     work = plant(
-        data_dir, run_dir.parent / f"{cfg.run.name}-canary-data", cfg, texts, labels, included, into
+        data_dir, base.parent / f"{cfg.run.name}-canary-data", cfg, texts, labels, included, names
     )
+    kept = base.parent / f"{cfg.run.name}-canary-updates"
+    shutil.rmtree(kept, ignore_errors=True)
     flat = {**flat, "data.dir": str(work)}
-    run_dir = run_flat(flat, scenario.institutions, mods)
+    run_dir = run_flat(flat, scenario.institutions, [keep_updates(kept, names), *(mods or [])])
     cfg = RunConfig.from_flat(stored_flat(run_dir))
-    final = by_label(
-        label_log_likelihood(load_trained(run_dir, torch.device("cpu")), cfg, texts, labels),
-        labels,
-    )
-    names = json.loads((work / "manifest.json").read_text())["institutions"][:into]
+    model = load_trained(run_dir, torch.device("cpu"))
+    scores = {
+        "black_box": label_log_likelihood(model, cfg, texts, labels),
+        "white_box": mean_over_adapters(
+            cfg, sorted((run_dir / "checkpoints").glob("round-*")), texts, labels
+        ),
+        "updates": update_scores(kept, cfg, texts, labels, names),
+    }
     claimed = claimed_epsilon(run_dir, names)
-    white = by_label(white_box_scores(run_dir, cfg, texts, labels), labels)
+    each = auditor_confidence(confidence)
     result = {
         "canaries": canaries,
         "into": names,
+        "confidence": confidence,
         "claimed_epsilon": claimed if math.isfinite(claimed) else None,  # None: no DP
-        "black_box": asdict(audit_scores(final, included, cfg.dp.delta, confidence)),
-        "white_box": asdict(audit_scores(white, included, cfg.dp.delta, confidence)),
+        **{
+            key: asdict(audit_scores(by_label(s, labels), included, cfg.dp.delta, each))
+            for key, s in scores.items()
+            if s is not None  # no updates kept under SecAgg+: the server saw masked ones
+        },
     }
     (run_dir / RESULT).write_text(json.dumps(result, indent=2))
     write_report(run_dir, [audit_html(audit(run_dir)), empirical_html(result)])

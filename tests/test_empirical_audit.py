@@ -11,8 +11,18 @@ import pytest
 from scipy import optimize, stats
 from typer.testing import CliRunner
 
+from common.adapter import adapter_fingerprint
 from common.cli import app
-from common.empirical import RESULT, above_claim, audit_scores, lower_bound, p_value, verdict
+from common.empirical import (
+    RESULT,
+    above_claim,
+    audit_scores,
+    lower_bound,
+    measured_lower,
+    p_value,
+    verdict,
+)
+from common.ledger import read_records
 from simulations.canary import run_canary_audit
 from simulations.scenario import load_scenario
 
@@ -81,11 +91,32 @@ def memorising_run(tmp_path_factory):
 def test_without_dp_the_audit_has_power(memorising_run):
     result = json.loads((memorising_run / RESULT).read_text())
     assert result["claimed_epsilon"] is None
-    measured = max(result["black_box"]["epsilon_lower"], result["white_box"]["epsilon_lower"])
+    measured = measured_lower(result)
     assert measured > 0.1  # 0.56-0.66 in the runs watched
     assert "Empirical privacy audit" in (memorising_run / "report.html").read_text()
     # the scenario's own files were copied, never written to
     assert not any("canary" in p.name for p in (memorising_run.parent).glob("*.csv"))
+
+
+@pytest.mark.simulation
+def test_the_updates_auditor_scores_what_each_institution_sent(memorising_run):
+    """The third auditor reads each planted institution's reply of every round as the server
+    received it: the kept tensors are the very adapters the institutions' ledgers signed."""
+    result = json.loads((memorising_run / RESULT).read_text())
+    assert set(result) >= {"black_box", "white_box", "updates"} and len(result["into"]) == 3
+    assert result["updates"]["confidence"] == pytest.approx(1 - 0.05 / 3)  # split three ways
+    kept = memorising_run.parent / "plain-canary-updates"
+    for name in result["into"]:
+        signed = {
+            r.round: r.adapter_fingerprint
+            for r in read_records(memorising_run / "privacy" / f"{name}.jsonl")
+            if r.status == "trained"
+        }
+        files = sorted((kept / name).glob("round-*.npz"))
+        assert [int(f.stem.split("-")[1]) for f in files] == sorted(signed) == [1, 2]
+        for f in files:
+            with np.load(f) as arrays:
+                assert adapter_fingerprint(dict(arrays)) == signed[int(f.stem.split("-")[1])]
 
 
 @pytest.mark.simulation
