@@ -117,6 +117,7 @@ def model_input(cfg: RunConfig, data: LabeledText, part: str) -> TensorDataset:
         cfg.model.pooling,
         cfg.model.task,
         cfg.model.chat_template,
+        cfg.model.instruction,
         cfg.train.trainable,
     )
     if key not in _INPUTS:

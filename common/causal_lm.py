@@ -59,10 +59,14 @@ def prompt(tokenizer, text: str, chat: bool) -> str:
     return tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
 
 
-def encode_prompts(data: LabeledText, tokenizer, max_length: int, chat: bool) -> TensorDataset:
-    """(prompt ids, mask, label), left-padded. A long text is cut at its end to fit
-    ``max_length`` with the template around it, so the cue to answer is always there."""
-    overhead = len(tokenizer(prompt(tokenizer, "", chat), add_special_tokens=False)["input_ids"])
+def encode_prompts(
+    data: LabeledText, tokenizer, max_length: int, chat: bool, instruction: str = "{text}"
+) -> TensorDataset:
+    """(prompt ids, mask, label), left-padded; each text goes into ``instruction`` at
+    ``{text}``. A long text is cut at its end to fit ``max_length`` with the instruction and
+    the template around it, so the question and the cue to answer are always there."""
+    frame = prompt(tokenizer, instruction.replace("{text}", ""), chat)
+    overhead = len(tokenizer(frame, add_special_tokens=False)["input_ids"])
     budget = max_length - overhead
     if budget < 8:
         raise ModelError(
@@ -70,7 +74,13 @@ def encode_prompts(data: LabeledText, tokenizer, max_length: int, chat: bool) ->
         )
     tokens = tokenizer(data.texts, add_special_tokens=False)["input_ids"]
     texts = [
-        prompt(tokenizer, tokenizer.decode(ids[:budget]) if len(ids) > budget else text, chat)
+        prompt(
+            tokenizer,
+            instruction.replace(
+                "{text}", tokenizer.decode(ids[:budget]) if len(ids) > budget else text
+            ),
+            chat,
+        )
         for text, ids in zip(data.texts, tokens, strict=True)
     ]
     enc = tokenizer(
@@ -125,16 +135,44 @@ def label_scores(
         return logp if labels is None else logp.gather(1, labels[:, None]).squeeze(1)
     if labels is not None:
         return _answer_log_likelihood(module, ids, mask, table.ids[labels], table.lengths[labels])
-    rows = len(ids)
-    return torch.stack(
-        [
-            _answer_log_likelihood(
-                module, ids, mask, table.ids[k].expand(rows, -1), table.lengths[k].expand(rows)
-            )
-            for k in range(len(table.ids))
-        ],
-        1,
+    return _every_answer_log_likelihood(module, ids, mask, table)
+
+
+def _every_answer_log_likelihood(
+    module: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, table: AnswerTable
+) -> torch.Tensor:
+    """B x K: every label's multi-token answer after each prompt, for about the cost of one
+    pass: the prompts run once, and all K answers continue from their cached keys and
+    values (the batch repeated K times). For scoring only: the cache keeps no gradient
+    path that per-sample clipping would see."""
+    rows, k = len(ids), len(table.ids)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = module(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
     )
+    first = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(k, 0)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)
+    answer, length = table.ids.repeat(rows, 1), table.lengths.repeat(rows)  # row b*K + label
+    width = answer.shape[1]
+    answer_mask = (torch.arange(width, device=ids.device) < length[:, None]).to(mask.dtype)
+    token = first.gather(-1, answer[:, :1])
+    if width > 1:
+        after = positions[:, -1:].repeat_interleave(k, 0) + 1
+        rest = module(
+            input_ids=answer[:, :-1],
+            attention_mask=torch.cat([mask.repeat_interleave(k, 0), answer_mask[:, :-1]], 1),
+            position_ids=after + torch.arange(width - 1, device=ids.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logp = torch.log_softmax(rest.logits.float(), -1)  # token j predicts token j + 1
+        token = torch.cat([token, logp.gather(-1, answer[:, 1:, None]).squeeze(-1)], 1)
+    return (token * answer_mask).sum(-1).view(rows, k)
 
 
 def class_scores(module: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,13 @@ class ModelSettings:
     bf16: bool
     pooling: Pooling
     chat_template: bool  # causal-lm: wrap each instruction in the tokenizer's chat template
+    instruction: str  # causal-lm: each row's instruction, "{text}" standing for its text
+
+    def __post_init__(self) -> None:
+        if self.instruction.count("{text}") != 1:
+            raise ConfigError(
+                f"model.instruction must hold {{text}} exactly once, got {self.instruction!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from common.cli import app
 from common.config import ConfigError, resolve
 from common.data import LabeledText
 from common.gguf import GGUF_MODELS, gguf_file
-from common.model import build_model, load_tokenizer, load_trained
+from common.model import build_model, encode, load_tokenizer, load_trained
 from common.protocol import read_lines
 
 QUESTIONS = [
@@ -266,3 +266,27 @@ def test_the_real_smollm2_trains_one_dp_round(tmp_path):
     ]
     assert result.mechanism is not None and result.mechanism.noise_multiplier == 1.0
     assert any("lora_B" in n for n in moved)
+
+
+def test_the_instruction_wraps_each_text_and_a_long_text_loses_its_end(tiny_llama_dir):
+    """``model.instruction``: the question before ``{text}`` survives any cut, so the model
+    is always asked; an instruction without ``{text}`` is refused in one line."""
+    question = "Which product is this complaint about?"
+    cfg = resolve(
+        llm_flat(
+            tiny_llama_dir,
+            **{"model.max-length": 60, "model.instruction": f"{question}\nComplaint: {{text}}"},
+        )
+    )
+    tokenizer = load_tokenizer(cfg)
+    long = "my card was charged twice " * 50
+    ids, mask, _ = encode(
+        LabeledText(Path("c"), [long, "short"], np.asarray([0, 1]), ""), cfg
+    ).tensors
+    assert ids.shape[1] <= 60
+    for row in range(2):
+        shown = tokenizer.decode(ids[row][mask[row].bool()])
+        assert f"{question}\nComplaint: " in shown and shown.endswith("<|im_start|>assistant\n")
+    assert "short" in tokenizer.decode(ids[1])
+    with pytest.raises(ConfigError, match=r"model\.instruction"):
+        resolve(llm_flat(tiny_llama_dir, **{"model.instruction": "no placeholder"}))
