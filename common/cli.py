@@ -245,6 +245,61 @@ def generate(
 
 
 @app.command()
+def evaluate(
+    run: str = typer.Argument("", help="a run folder of a causal-LM federation"),
+    zero_shot: bool = typer.Option(
+        False, "--zero-shot", help="score the base model without an adapter instead of a run"
+    ),
+    model: str = typer.Option(
+        "", help="with --zero-shot: the base model (default SmolLM2-135M-Instruct)"
+    ),
+    benchmark: list[str] = typer.Option(
+        [], help="medmcqa (the run's own test file), medqa or pubmedqa; repeat; default: all"
+    ),
+    rows: int = typer.Option(0, help="N questions per benchmark, a fixed-seed subset (0: all)"),
+    batch_size: int = typer.Option(4, help="questions scored together"),
+    out: str = typer.Option(
+        "", help="JSON file (default RUN/benchmarks.json, or outputs/benchmarks-zero-shot.json)"
+    ),
+) -> None:
+    """FlowerTune's medical evaluation (MedMCQA, MedQA, PubMedQA) of a causal-LM run's final
+    adapter, or of the base model (--zero-shot): accuracy with its 95% interval, macro-F1,
+    chance and the best constant answer, as a Markdown table and JSON."""
+    import json
+    from pathlib import Path
+
+    from common.errors import PrivatuneError
+    from common.model import pick_device
+    from simulations.llm_benchmarks import BENCHMARKS, table
+    from simulations.llm_benchmarks import evaluate as score
+
+    if bool(run) == zero_shot:
+        _fail("give a run folder, or --zero-shot (not both)")
+    if model and not zero_shot:
+        _fail("--model goes with --zero-shot (a run uses its own model.name)")
+    try:
+        result = score(
+            Path(run) if run else None,
+            model or "SmolLM2-135M-Instruct",
+            benchmark or list(BENCHMARKS),
+            rows,
+            batch_size,
+            pick_device(),
+            typer.echo,
+        )
+    except PrivatuneError as e:
+        _fail(str(e))
+    for line in table(result):
+        typer.echo(line)
+    path = Path(
+        out or (Path(run) / "benchmarks.json" if run else "outputs/benchmarks-zero-shot.json")
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    typer.echo(f"scores: {path}")
+
+
+@app.command()
 def tune(
     scenario: str = typer.Option("medical", help="scenario name under simulations/ or a path"),
     try_: list[str] = typer.Option(
@@ -418,12 +473,10 @@ def _test_lines(run: str, first: dict, last: dict) -> None:
     run's test file is readable (a baseline a model must beat before it has learned)."""
     from pathlib import Path
 
-    import numpy as np
-
     from common.config import RunConfig, stored_flat
     from common.data import load_labeled
     from common.errors import PrivatuneError
-    from common.evaluation import wilson
+    from common.evaluation import best_constant, wilson
 
     try:
         cfg = RunConfig.from_flat(stored_flat(Path(run)))
@@ -438,9 +491,10 @@ def _test_lines(run: str, first: dict, last: dict) -> None:
         low, high = wilson(round(acc * n), n) if acc is not None else (None, None)
         cells.append("-" if acc is None else f"{low:.3f}-{high:.3f}")
     typer.echo(f"| test accuracy, 95% interval (Wilson, n={n}) | {cells[0]} | {cells[1]} |")
-    counts = np.bincount(test.labels, minlength=len(d.label_names))
-    best = d.label_names[int(counts.argmax())]
-    typer.echo(f"| always answering {best!r} (best constant) | | {counts.max() / n:.3f} accuracy |")
+    best, accuracy = best_constant(test.labels, len(d.label_names))
+    typer.echo(
+        f"| always answering {d.label_names[best]!r} (best constant) | | {accuracy:.3f} accuracy |"
+    )
 
 
 def main() -> None:

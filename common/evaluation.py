@@ -45,6 +45,13 @@ def wilson(correct: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return float(centre - half), float(centre + half)
 
 
+def best_constant(y_true: np.ndarray, num_labels: int) -> tuple[int, float]:
+    """The most frequent true label and the accuracy of always answering it: the baseline a
+    model must beat before it has learned anything from the questions."""
+    counts = np.bincount(y_true, minlength=num_labels)
+    return int(counts.argmax()), float(counts.max() / len(y_true))
+
+
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> float:
     return scores(confusion(y_true, y_pred, num_labels))["macro-f1"]
 

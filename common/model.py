@@ -13,6 +13,7 @@ import importlib.util
 import math
 import warnings
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers import logging as hf_logging
 
 from common.causal_lm import answer_table, encode_prompts
-from common.config import RunConfig, stored_flat
+from common.config import RunConfig, Scalar, stored_flat
 from common.data import LabeledText, tokenize
 from common.errors import ModelError
 
@@ -84,10 +85,14 @@ def _tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_trained(run_dir: Path, device: torch.device | None = None) -> PeftModel:
+def load_trained(
+    run_dir: Path, device: torch.device | None = None, overrides: Mapping[str, Scalar] | None = None
+) -> PeftModel:
     """A run's final model, for inference: built from the run's own ``config.toml`` (its
-    base model, pooling and LoRA shape), with the global adapter of ``adapter/`` loaded."""
-    cfg = RunConfig.from_flat(stored_flat(run_dir))
+    base model, pooling and LoRA shape), with the global adapter of ``adapter/`` loaded.
+    ``overrides`` change what the adapter does not depend on, e.g. a causal LM's
+    ``data.labels`` (its answer table) for a benchmark with other answers."""
+    cfg = RunConfig.from_flat({**stored_flat(run_dir), **(overrides or {})})
     model = build_model(cfg, device or pick_device())
     path = Path(run_dir) / "adapter" / "adapter_model.safetensors"
     if not path.is_file():
