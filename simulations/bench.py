@@ -1,6 +1,6 @@
 """One entry point for the benchmarks (``make bench``), and the helpers they share.
 
-``python -m simulations.bench [--quick] [--only overhead,...,aggregation] [--out DIR]`` runs
+``python -m simulations.bench [--quick] [--only overhead,...,causal-lm] [--out DIR]`` runs
 the chosen benchmarks, writes one JSON per benchmark (and a plot or two) to ``--out``
 and prints, and writes to ``summary.md``, a Markdown table of each benchmark found there.
 ``--quick`` runs every benchmark on the tiny random BERT and tiny data: it exists so that
@@ -26,7 +26,7 @@ from simulations.scenario import SCENARIO_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-BENCHMARKS = ("overhead", "traffic", "scale", "utility", "aggregation", "gpu")
+BENCHMARKS = ("overhead", "traffic", "scale", "utility", "aggregation", "gpu", "causal-lm")
 DEFAULT_OUT = Path("outputs") / "bench"
 QUICK_OUT = Path("outputs") / "bench-quick"
 
@@ -63,13 +63,18 @@ def run(
     are imported here so that one benchmark's imports never slow another."""
     results = {}
     for name in names:
-        module = importlib.import_module(f"simulations.bench_{name}")
+        module = _module(name)
         started = time.monotonic()
         result = module.run(quick=quick, out_dir=out_dir, **(options or {}).get(name, {}))
         result["wall_seconds"] = round(time.monotonic() - started, 1)
         write_json(out_dir, name, result)
         results[name] = result
     return results
+
+
+def _module(name: str):
+    """The benchmark's script: ``simulations.bench_<name>``, a hyphen read as underscore."""
+    return importlib.import_module(f"simulations.bench_{name.replace('-', '_')}")
 
 
 def markdown(out_dir: Path) -> str:
@@ -80,7 +85,7 @@ def markdown(out_dir: Path) -> str:
         path = out_dir / f"{name}.json"
         if path.is_file():
             result = json.loads(path.read_text())
-            tables.append(importlib.import_module(f"simulations.bench_{name}").table(result))
+            tables.append(_module(name).table(result))
     return "\n\n".join(tables)
 
 
@@ -104,13 +109,25 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
         help="privacy-utility: the scenario whose data and settings the grid uses "
         "(medical, the default; complaints; the small ones)",
     )
+    sizes = {"batch": "rows per batch", "length": "tokens per row", "steps": "timed steps"}
+    for size, what in sizes.items():
+        parser.add_argument(
+            f"--causal-lm-{size}", type=int, default=None, help=f"causal-lm: {what}"
+        )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     out_dir = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
-    options = {"utility": {"rounds": args.utility_rounds, "scenario": args.utility_scenario}}
+    options = {
+        "utility": {"rounds": args.utility_rounds, "scenario": args.utility_scenario},
+        "causal-lm": {
+            "batch_size": args.causal_lm_batch,
+            "seq_len": args.causal_lm_length,
+            "steps": args.causal_lm_steps,
+        },
+    }
     run(names, args.quick, out_dir, options)
     table = markdown(out_dir)
     (out_dir / "summary.md").write_text(table + "\n")

@@ -1,5 +1,5 @@
-"""The benchmark scripts work: ``python -m simulations.bench --quick`` runs all six
-benchmarks end to end (tiny BERT, tiny data, real Opacus, peft and Flower simulation) and
+"""The benchmark scripts work: ``python -m simulations.bench --quick`` runs all seven
+benchmarks end to end (tiny BERT and Llama, tiny data, real Opacus, peft and Flower) and
 writes JSON of the expected shape with sane values. The numbers themselves are not checked:
 benchmarks are scripts, not timed tests."""
 
@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from common.config import resolve
-from simulations import bench, bench_gpu, bench_grid, bench_overhead, bench_utility
+from simulations import (
+    bench,
+    bench_causal_lm,
+    bench_gpu,
+    bench_grid,
+    bench_overhead,
+    bench_utility,
+)
 from simulations.scenario import load_scenario
 
 
@@ -47,6 +54,7 @@ def test_writes_every_benchmark_plots_and_a_table(quick_run):
         "Privacy-utility",
         "LoRA-aware",
         "DP-SGD on a GPU",
+        "Causal-LM DP step",
     )
     for heading in headings:
         assert f"### {heading}" in summary
@@ -78,6 +86,39 @@ def test_gpu_benchmark_times_every_mode(quick_run, tmp_path):
     if not torch.cuda.is_available():  # the full run says why it measured nothing
         full = bench_gpu.run(quick=False, out_dir=tmp_path)
         assert full["skipped"] and "Not measured" in bench_gpu.table(full)
+
+
+def test_causal_lm_benchmark_times_plain_hooks_and_fused_steps(tmp_path):
+    """``--only causal-lm`` with its size options, alone: the tiny Llama's step in each
+    mode, and the DP modes really ran DP-SGD (every step is on their accountant)."""
+    printed: list[str] = []
+    flags = ["--causal-lm-batch", "3", "--causal-lm-steps", "1"]
+    argv = ["--quick", "--only", "causal-lm", "--out", str(tmp_path), *flags]
+    assert bench.main(argv, echo=printed.append) == 0
+    data = load(tmp_path, "causal-lm")
+    grid = data["grid"]
+    assert grid == {**bench_causal_lm.QUICK, "batch_size": 3, "steps": 1}
+    (cell,) = data["cells"]  # quick: the CPU, fp32 only
+    modes = cell["modes"]
+    assert set(modes) == set(bench_causal_lm.MODES) and modes["plain"]["time_ratio"] == 1.0
+    for m in modes.values():  # on the CPU, the step's CPU time is there too
+        assert m["samples_per_second"] == pytest.approx(3 / m["step_seconds_median"], rel=1e-2)
+        assert m["tokens_per_second"] == pytest.approx(
+            m["samples_per_second"] * grid["seq_len"], rel=1e-2
+        )
+        assert m["step_cpu_seconds_median"] > 0 and m["cpu_ratio"] > 0
+    assert modes["plain"]["mechanism"] is None
+    steps = grid["warmup"] + grid["steps"]
+    for mode in ("hooks", "fused"):
+        assert modes[mode]["mechanism"] == {
+            "noise_multiplier": 1.0,
+            "sample_rate": 1.0,
+            "steps": steps,
+        }
+    ratio = modes["fused"]["step_seconds_median"] / modes["hooks"]["step_seconds_median"]
+    assert cell["fused_over_hooks"] == pytest.approx(ratio, rel=1e-2)
+    assert data["cpu_torch_threads"] == 1
+    assert "### Causal-LM DP step (tiny random Llama" in "\n".join(printed)
 
 
 def test_traffic_ratio_comes_from_measured_message_bytes(quick_run):
