@@ -76,7 +76,9 @@ def encode(data: LabeledText, cfg: RunConfig) -> TensorDataset:
     LM of left-padded prompts (common.causal_lm)."""
     tokenizer = load_tokenizer(cfg)
     if cfg.model.task == "causal-lm":
-        return encode_prompts(data, tokenizer, cfg.model.max_length, cfg.model.chat_template)
+        return encode_prompts(
+            data, tokenizer, cfg.model.max_length, cfg.model.chat_template, cfg.model.instruction
+        )
     return tokenize(data, tokenizer, cfg.model.max_length)
 
 
