@@ -11,6 +11,7 @@ falling back to a default.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from collections.abc import Mapping
@@ -365,9 +366,9 @@ def write_toml(config: RunConfig, path: Path) -> None:
     for key, value in config.to_flat().items():
         if isinstance(value, bool):
             text = "true" if value else "false"
-        elif isinstance(value, str):
-            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        elif isinstance(value, str):  # JSON's escapes are TOML's (DEL aside)
+            text = json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
         else:
             text = repr(value)
         lines.append(f'"{key}" = {text}')
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")

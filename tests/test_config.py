@@ -24,6 +24,16 @@ def test_defaults_resolve_and_round_trip(tmp_path):
         assert resolve(tomllib.load(f)["config"]) == cfg
 
 
+def test_strings_with_newlines_quotes_and_control_characters_round_trip(tmp_path):
+    """A run's config.toml must load again (summary, evaluate, resume read it): an
+    instruction spans lines and may hold quotes, backslashes, tabs, DEL and any script."""
+    odd = 'Which product?\nSay "one" \\ of:\tA\x7f\x01 é 字 🙂\n\nComplaint: {text}'
+    cfg = resolve({"model.instruction": odd, "run.name": 'a "quoted" run'})
+    write_toml(cfg, tmp_path / "c.toml")
+    with open(tmp_path / "c.toml", "rb") as f:
+        assert resolve(tomllib.load(f)["config"]) == cfg
+
+
 def test_unknown_and_mistyped_keys_fail_loudly():
     with pytest.raises(ConfigError, match=r"unknown config key.*lora\.rnak"):
         resolve({"lora.rnak": 4})
