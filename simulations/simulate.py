@@ -20,6 +20,7 @@ from client.app import check_request
 from client.app import create_app as create_client_app
 from client.institution import Policy
 from common.config import RunConfig, Scalar, app_defaults, stored_flat
+from common.data import DataError
 from server.app import create_app as create_server_app
 from simulations.prepare import prepare
 from simulations.scenario import Scenario
@@ -52,9 +53,12 @@ def resolve_flat(
 
 def preflight(flat: Mapping[str, Scalar]) -> None:
     """Fail with one line before Ray starts: a bad key or value, or a request the simulated
-    institutions' policy (the ``privacy`` section) would refuse."""
+    institutions' policy (the ``privacy`` section) would refuse, or a central test file that
+    is not there (the server would find out only after Ray has started)."""
     cfg = RunConfig.from_flat(flat)
     check_request(cfg, Policy.simulated(cfg.privacy), "privacy")
+    if cfg.data.test_path and not Path(cfg.data.test_path).is_file():
+        raise DataError(f"{cfg.data.test_path}: data.test-path: file not found")
 
 
 def simulate(

@@ -26,7 +26,7 @@ from client.train import train_round
 from common.adapter import from_record, get_trainable, set_trainable, to_record
 from common.audit import audit, audit_ledger
 from common.config import ConfigError, resolve
-from common.data import tokenize
+from common.data import DataError, tokenize
 from common.ledger import Ledger, LedgerError, read_records, record_hash, spent
 from common.model import build_model, load_tokenizer
 from common.privacy import Mechanism, epsilon, sample_rate, steps_per_epoch
@@ -163,6 +163,13 @@ def test_local_evaluation_is_noised_accounted_and_refused_once_the_budget_is_spe
 def test_bad_privacy_values_are_one_line_errors_before_ray_starts(tiny_flat, key, value, message):
     with pytest.raises(ConfigError, match=message) as e:
         preflight({**tiny_flat, key: value})
+    assert "\n" not in str(e.value)
+
+
+def test_a_missing_central_test_file_is_one_line_before_ray_starts(tiny_flat, tmp_path):
+    missing = tmp_path / "nowhere" / "test.csv"
+    with pytest.raises(DataError, match=r"test\.csv: data\.test-path: file not found") as e:
+        preflight({**tiny_flat, "data.test-path": str(missing)})
     assert "\n" not in str(e.value)
 
 
