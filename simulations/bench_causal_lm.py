@@ -41,28 +41,24 @@ QUICK = {"batch_size": 4, "seq_len": 16, "warmup": 1, "steps": 2}
 NOISE_MULTIPLIER = 1.0  # the step's cost does not depend on it
 
 
-def tiny_llama(path: Path) -> Path:
-    """A 2-layer random Llama with MiniLM's tokenizer (installed, loads in a second), saved
-    once: the causal-LM code paths of transformers, peft and Opacus without SmolLM2."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_llama(path: Path, tokenizer) -> Path:
+    """A 2-layer random Llama saved with ``tokenizer``: the causal-LM code paths of
+    transformers, peft and Opacus in seconds (the benchmark's quick mode and the tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from common.model import DEFAULT_MODEL, resolve_model_path
-
-    if not (path / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(DEFAULT_MODEL)))
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-        )
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(path)
-        tokenizer.save_pretrained(path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
@@ -72,7 +68,13 @@ def base_flat(quick: bool, out_dir: Path) -> dict[str, Scalar]:
     flat = load_scenario("medical-llm").config
     if not quick:
         return flat
-    tiny = tiny_llama(out_dir / "tiny-llama")
+    tiny = out_dir / "tiny-llama"
+    if not (tiny / "config.json").is_file():  # MiniLM's tokenizer: installed, loads in a second
+        from transformers import AutoTokenizer
+
+        from common.model import DEFAULT_MODEL, resolve_model_path
+
+        tiny_llama(tiny, AutoTokenizer.from_pretrained(str(resolve_model_path(DEFAULT_MODEL))))
     return {**flat, "model.name": str(tiny), "model.chat-template": False}
 
 

@@ -16,7 +16,7 @@ from helpers import make_tiny_flat, simulate
 from opacus import GradSampleModule
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from common.causal_lm import ANSWER_CUE, encode_prompts, label_scores, prompt
@@ -26,6 +26,7 @@ from common.data import LabeledText
 from common.gguf import GGUF_MODELS, gguf_file
 from common.model import build_model, encode, load_tokenizer, load_trained
 from common.protocol import read_lines
+from simulations.bench_causal_lm import tiny_llama
 
 QUESTIONS = [
     "Which nerve supplies the deltoid?\nA. Axillary\nB. Radial\nC. Ulnar\nD. Median",
@@ -40,21 +41,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (random weights) with SmolLM2's tokenizer, read from the GGUF file."""
     source = gguf_file(GGUF_MODELS["SmolLM2-135M-Instruct"])
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 def llm_flat(model_dir: Path, labels: str = "A,B,C,D", **keys) -> dict:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
 from test_causal_lm import QUESTIONS, batch, llm_flat
 from test_causal_lm import tiny_llama_dir as tiny_llama_dir  # the shared fixture
 from test_fused_clipping import (
@@ -19,10 +17,16 @@ from test_fused_clipping import (
     _relative_error,
     _token_mean_per_sample_gradients,
 )
-from torch.utils.data import DataLoader, TensorDataset
+from test_fused_clipping import (
+    _fused_grads as fused_grads,
+)
+from test_fused_clipping import (
+    _opacus_grads as opacus_grads,
+)
+from torch.utils.data import TensorDataset
 
 from client.fused_clipping import FusedClipping
-from client.train import _loss, make_optimizer, train_round
+from client.train import train_round
 from common.adapter import get_trainable
 from common.config import resolve
 from common.model import build_model
@@ -42,50 +46,13 @@ def _setup(model_dir, labels: str):
     return cfg, batch(cfg, TEXTS, LABELS)
 
 
-def _model(cfg):
-    model = build_model(cfg, CPU)
-    _lora_only(model)  # random LoRA B: A has a gradient, and B's is not small
-    return model
-
-
 def _opacus_grads(cfg, data: TensorDataset, sigma: float, seed: int) -> list[torch.Tensor]:
-    model = _model(cfg)
-    loader = DataLoader(data, batch_size=len(data))
-    module, optimizer, loader = PrivacyEngine().make_private(
-        module=model,
-        optimizer=make_optimizer(model, cfg),
-        data_loader=loader,
-        noise_multiplier=sigma,
-        max_grad_norm=CLIP,
-        poisson_sampling=False,
-        noise_generator=torch.Generator().manual_seed(seed),
-    )
-    optimizer.zero_grad()
-    ids, mask, labels = next(iter(loader))
-    _loss(module, [ids, mask], labels).backward()  # the training loss: -label_scores(...)
-    optimizer.pre_step()  # clip, sum, noise and scale: everything but the parameter update
-    grads = [p.grad.clone() for p in optimizer.params]
-    module._close()
-    return grads
+    """Opacus' hooks on the model with random LoRA B (A has a gradient, B's is not small)."""
+    return opacus_grads(cfg, data, sigma, CLIP, seed, prepare=_lora_only)
 
 
 def _fused_grads(cfg, data: TensorDataset, sigma: float, seed: int) -> list[torch.Tensor]:
-    model = _model(cfg)
-    loader = DataLoader(data, batch_size=len(data))
-    clipping = FusedClipping.attach(
-        model,
-        make_optimizer(model, cfg),
-        loader,
-        noise_multiplier=sigma,
-        max_grad_norm=CLIP,
-        generator=torch.Generator().manual_seed(seed),
-        accountant=RDPAccountant(),
-    )
-    ids, mask, labels = next(iter(loader))
-    _loss(model, [ids, mask], labels).backward()
-    clipping.privatise(len(labels))
-    clipping.close()
-    return [p.grad.clone() for p in clipping.params]
+    return fused_grads(cfg, data, sigma, CLIP, seed, prepare=_lora_only)[0]
 
 
 def _kept_positions_only(keep: int):

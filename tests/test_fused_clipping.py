@@ -11,6 +11,7 @@ from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.fused_clipping import FusedClipping
+from client.train import _loss as training_loss
 from client.train import make_optimizer, train_round
 from common.adapter import get_trainable
 from common.config import ConfigError, resolve
@@ -26,9 +27,9 @@ def _batch(cfg, federation_dir, rows: int = 8) -> TensorDataset:
 
 
 def _loss(module, batch) -> torch.Tensor:
+    """The training loop's own loss: a classifier's cross-entropy, a causal LM's answer NLL."""
     ids, mask, labels = batch
-    logits = module(input_ids=ids, attention_mask=mask).logits
-    return torch.nn.functional.cross_entropy(logits, labels)
+    return training_loss(module, [ids, mask], labels)
 
 
 def _opacus_grads(
