@@ -53,12 +53,9 @@ def resolve_flat(
 
 def preflight(flat: Mapping[str, Scalar]) -> None:
     """Fail with one line before Ray starts: a bad key or value, or a request the simulated
-    institutions' policy (the ``privacy`` section) would refuse, or a central test file that
-    is not there (the server would find out only after Ray has started)."""
+    institutions' policy (the ``privacy`` section) would refuse."""
     cfg = RunConfig.from_flat(flat)
     check_request(cfg, Policy.simulated(cfg.privacy), "privacy")
-    if cfg.data.test_path and not Path(cfg.data.test_path).is_file():
-        raise DataError(f"{cfg.data.test_path}: data.test-path: file not found")
 
 
 def simulate(
@@ -116,6 +113,9 @@ def run_flat(
     """Run a fully resolved configuration in Flower's simulation engine (one CPU per client);
     ``mods`` are Flower client mods, e.g. to record what clients send."""
     preflight(flat)
+    test = str(flat["data.test-path"])  # prepared by now; the server would find out in Ray
+    if test and not Path(test).is_file():
+        raise DataError(f"{test}: data.test-path: file not found")
     cpus = os.cpu_count() or 1
     run_simulation(
         server_app=create_server_app(flat),

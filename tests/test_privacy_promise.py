@@ -32,7 +32,7 @@ from common.model import build_model, load_tokenizer
 from common.privacy import Mechanism, epsilon, sample_rate, steps_per_epoch
 from server.round_log import RoundLog
 from server.strategy import CentralDP, make_strategy
-from simulations.simulate import preflight
+from simulations.simulate import preflight, run_flat
 
 CPU = torch.device("cpu")
 
@@ -169,7 +169,7 @@ def test_bad_privacy_values_are_one_line_errors_before_ray_starts(tiny_flat, key
 def test_a_missing_central_test_file_is_one_line_before_ray_starts(tiny_flat, tmp_path):
     missing = tmp_path / "nowhere" / "test.csv"
     with pytest.raises(DataError, match=r"test\.csv: data\.test-path: file not found") as e:
-        preflight({**tiny_flat, "data.test-path": str(missing)})
+        run_flat({**tiny_flat, "data.test-path": str(missing)}, 2)
     assert "\n" not in str(e.value)
 
 
