@@ -143,8 +143,8 @@ def _every_answer_log_likelihood(
 ) -> torch.Tensor:
     """B x K: every label's multi-token answer after each prompt, for about the cost of one
     pass: the prompts run once, and all K answers continue from their cached keys and
-    values (the batch repeated K times). For scoring only: the cache keeps no gradient
-    path that per-sample clipping would see."""
+    values (the batch repeated K times). Scoring only: training takes each row's own
+    label in one pass (``_answer_log_likelihood``), the path Opacus' hooks clip."""
     rows, k = len(ids), len(table.ids)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = module(
