@@ -65,6 +65,12 @@ def draw_canaries(cfg: RunConfig, m: int, rng: np.random.Generator) -> tuple[lis
     return texts, np.asarray(labels)
 
 
+def canaries_of(j: int, m: int, names: list[str]) -> list[int]:
+    """The canaries (of m) that belong to ``names[j]``: canary i to ``names[i % len(names)]``,
+    whether included or not."""
+    return list(range(j, m, len(names)))
+
+
 def plant(
     data_dir: Path,
     work: Path,
@@ -75,11 +81,11 @@ def plant(
     names: list[str],
 ) -> Path:
     """A copy of the federation's files with each included canary appended to its
-    institution's file (canary i belongs to ``names[i % len(names)]``)."""
+    institution's file (:func:`canaries_of`)."""
     shutil.copytree(data_dir, work, dirs_exist_ok=True)
     for j, name in enumerate(names):
         path = work / f"{name}.csv"
-        mine = [i for i in range(j, len(texts), len(names)) if included[i]]
+        mine = [i for i in canaries_of(j, len(texts), names) if included[i]]
         extra = pd.DataFrame(
             {
                 cfg.data.text_column: [texts[i] for i in mine],
@@ -144,7 +150,7 @@ def update_scores(
     """Each canary's score under its own institution's kept replies (None: none kept)."""
     scores = np.zeros(len(texts))
     for j, name in enumerate(names):
-        mine = list(range(j, len(texts), len(names)))
+        mine = canaries_of(j, len(texts), names)
         replies = sorted((folder / name).glob("round-*.npz"))
         if not replies:
             return None

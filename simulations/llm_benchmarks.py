@@ -28,7 +28,7 @@ from common.data import DataError, LabeledText, fingerprint, load_labeled
 from common.errors import PrivatuneError
 from common.evaluation import best_constant, confusion, scores, wilson
 from common.model import build_model, encode, load_trained, resolve_model_path
-from simulations.prepare import load_medmcqa_qa, package_file
+from simulations.prepare import load_medmcqa_qa, one_line, package_file
 from simulations.scenario import load_scenario
 
 BENCHMARKS = ("medmcqa", "medqa", "pubmedqa")
@@ -63,7 +63,7 @@ def load_medqa() -> Benchmark:
         answer = str(item["answer"]).strip()[:1]
         if [o[:2] for o in options] != [f"{x}." for x in letters] or answer not in letters:
             raise DataError(f"{path}: line {number}: options are not A.-E., or no answer letter")
-        texts.append(f"{_one_line(item['question'])}\n" + "\n".join(options))
+        texts.append(f"{one_line(item['question'])}\n" + "\n".join(options))
         gold.append(letters.index(answer))
     return _benchmark("medqa", path, letters, texts, gold)
 
@@ -117,10 +117,6 @@ def _benchmark(name: str, path: Path, labels: list[str], texts: list[str], gold:
 def _jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
 
 
 def subset(bench: Benchmark, rows: int) -> np.ndarray:

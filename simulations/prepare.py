@@ -139,7 +139,8 @@ def hold_out(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFr
     return frame.drop(index=test.index).reset_index(drop=True), test.reset_index(drop=True)
 
 
-def _one_line(text) -> str:
+def one_line(text) -> str:
+    """Whitespace normalised: a text as one line."""
     return " ".join(str(text).split())
 
 
@@ -160,7 +161,7 @@ def load_medmcqa(seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         for item, subject in medmcqa_items(split)
     ]
     frame = pd.DataFrame(rows, columns=["text", "label"])
-    frame["text"] = frame["text"].map(_one_line)
+    frame["text"] = frame["text"].map(one_line)
     frame = frame[(frame["text"] != "") & (frame["label"] != "Unknown")]
     counts = frame["label"].value_counts()
     frame = frame[frame["label"].isin(counts.index[counts >= MIN_SUBJECT])]
@@ -173,8 +174,8 @@ def load_medmcqa_qa(seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     (partition "by-subject"). HELD_OUT of every letter is the test set."""
     rows = []
     for item, subject in medmcqa_items("MedMCQA-Validation"):
-        options = "\n".join(_one_line(o) for o in str(item["options"]).splitlines())
-        text = f"{_one_line(item['question'])}\n{options}"
+        options = "\n".join(one_line(o) for o in str(item["options"]).splitlines())
+        text = f"{one_line(item['question'])}\n{options}"
         rows.append((text, str(item["answer"]).strip()[:1], subject))
     frame = pd.DataFrame(rows, columns=["text", "label", "group"])
     frame = frame[frame["label"].isin(list("ABCD"))].drop_duplicates("text")
@@ -225,7 +226,7 @@ def load_complaints(seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise DataError(f"complaints: unknown product(s) {sorted(unknown)}")
     frame = pd.DataFrame(
         {
-            "text": raw["Consumer complaint narrative"].map(_one_line),
+            "text": raw["Consumer complaint narrative"].map(one_line),
             "label": raw["Product"].map(PRODUCTS),
         }
     )
