@@ -112,12 +112,7 @@ def model_input(cfg: RunConfig, data: LabeledText, part: str) -> TensorDataset:
         part,
         cfg.data.eval_fraction,
         tuple(cfg.data.label_names),
-        cfg.model.name,
-        cfg.model.max_length,
-        cfg.model.pooling,
-        cfg.model.task,
-        cfg.model.chat_template,
-        cfg.model.instruction,
+        cfg.model,
         cfg.train.trainable,
     )
     if key not in _INPUTS:

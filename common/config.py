@@ -59,11 +59,22 @@ class ModelSettings:
     pooling: Pooling
     chat_template: bool  # causal-lm: wrap each instruction in the tokenizer's chat template
     instruction: str  # causal-lm: each row's instruction, "{text}" standing for its text
+    subspace: str  # mean pooling: public texts whose principal directions the embedding keeps
+    subspace_dim: int
+    feature_norm: float  # mean pooling: the length of the embedding the head sees
 
     def __post_init__(self) -> None:
         if self.instruction.count("{text}") != 1:
             raise ConfigError(
                 f"model.instruction must hold {{text}} exactly once, got {self.instruction!r}"
+            )
+        _positive("model.feature-norm", self.feature_norm)
+        if self.subspace_dim < 1:
+            raise ConfigError(f"model.subspace-dim must be at least 1, got {self.subspace_dim}")
+        if self.pooling != "mean" and (self.subspace or self.feature_norm != 1.0):
+            raise ConfigError(
+                "model.subspace and model.feature-norm shape the mean-pooled embedding: "
+                'they need model.pooling = "mean"'
             )
 
 

