@@ -20,6 +20,7 @@ from pathlib import Path
 from flwr.app import Context
 
 from common.config import ConfigError, PrivacyPolicy, RunConfig, check_policy
+from common.subspace import CORPORA
 
 REQUIRED_IN_DEPLOYMENT = ("ledger-path", "max-epsilon", "max-delta", "accountants")
 NODE_KEYS = {
@@ -101,6 +102,13 @@ class Institution:
             data_path = Path(str(node["data-path"]))
             ledger_path = Path(str(node["ledger-path"]))
             policy = _policy(node, name)
+            if cfg.model.subspace and cfg.model.subspace not in CORPORA:
+                raise ConfigError(
+                    f"{name}: model.subspace {cfg.model.subspace!r}: in deployment only a "
+                    f"built-in public corpus ({', '.join(CORPORA)}); a file the run config "
+                    "names could be this institution's own data, which the projection "
+                    "would then carry outside DP"
+                )
         else:
             pid = int(node.get("partition-id", 0))
             name = simulated_name(Path(cfg.data.dir), pid)

@@ -145,3 +145,29 @@ def test_the_built_in_medical_corpus_holds_no_medmcqa_question():
     }
     assert len(private) > 9000
     assert not {t.lower() for t in public} & private
+
+
+def test_in_deployment_the_run_config_cannot_name_a_file_as_the_public_corpus(
+    tiny_flat, corpus, tmp_path
+):
+    """The server writes the run config: a path it names could be the institution's own
+    data file, and a subspace computed from it would carry that data outside DP."""
+    from flwr.app import Context, RecordDict
+
+    from client.institution import Institution
+
+    flat = {**tiny_flat, "model.pooling": "mean", "model.subspace": str(corpus)}
+    cfg = _probe_cfg(tiny_flat, **{"model.subspace": str(corpus)})
+    node = {
+        "data-path": str(tmp_path / "mine.csv"),
+        "ledger-path": str(tmp_path / "ledger.jsonl"),
+        "max-epsilon": 8.0,
+        "max-delta": 1e-5,
+        "accountants": "rdp,prv",
+        "institution": "hospital-x",
+    }
+    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=flat)
+    with pytest.raises(ConfigError, match=r"hospital-x: model\.subspace .*only a built-in"):
+        Institution.from_context(ctx, cfg, "run")
+    built_in = _probe_cfg(tiny_flat, **{"model.subspace": "medical-public"})
+    assert Institution.from_context(ctx, built_in, "run").name == "hospital-x"
