@@ -190,3 +190,8 @@ def package_file(package: str, relative: str) -> Path:
     if not path.is_file():
         raise DataError(f"{path}: expected data file missing from package '{package}'")
     return path
+
+
+def one_line(text) -> str:
+    """Whitespace normalised: a text as one line."""
+    return " ".join(str(text).split())

