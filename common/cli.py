@@ -3,6 +3,7 @@ privacy officers. Each command imports what it needs only when it runs."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 import tomllib
 
@@ -303,7 +304,7 @@ def evaluate(
 def tune(
     scenario: str = typer.Option("medical", help="scenario name under simulations/ or a path"),
     try_: list[str] = typer.Option(
-        [], "--try", help='one recipe: "key=value key=value" (repeat the option to compare)'
+        [], "--try", help='one recipe: "key=value key=\'a value\'" (repeat the option to compare)'
     ),
     repeats: int = typer.Option(3, help="federations per recipe (DP noise varies)"),
     holdout: float = typer.Option(0.2, help="share of each institution's file held out"),
@@ -323,7 +324,7 @@ def tune(
     if not (repeats >= 1 and 0 < holdout < 1):
         _fail("need --repeats >= 1 and 0 < --holdout < 1")
     try:
-        tries = [_parse_overrides(t.split()) for t in try_] or [{}]
+        tries = [_parse_overrides(shlex.split(t)) for t in try_] or [{}]
         rows = run(load_scenario(scenario), tries, repeats, holdout, no_dp_too, typer.echo)
     except (PrivatuneError, sim.SimulationError, typer.BadParameter) as e:
         _fail(str(e))

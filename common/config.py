@@ -62,6 +62,12 @@ class ModelSettings:
     subspace: str  # mean pooling: public texts whose principal directions the embedding keeps
     subspace_dim: int
     feature_norm: float  # mean pooling: the length of the embedding the head sees
+    label_init: float  # > 0: the head starts from its labels' names' embeddings, rows this long
+    label_texts: str  # model.label-init: one text per label, ";"-separated; "" = the names
+
+    @property
+    def label_texts_list(self) -> list[str]:
+        return [t.strip() for t in self.label_texts.split(";")] if self.label_texts.strip() else []
 
     def __post_init__(self) -> None:
         if self.instruction.count("{text}") != 1:
@@ -69,6 +75,20 @@ class ModelSettings:
                 f"model.instruction must hold {{text}} exactly once, got {self.instruction!r}"
             )
         _positive("model.feature-norm", self.feature_norm)
+        if not (math.isfinite(self.label_init) and self.label_init >= 0):
+            raise ConfigError(
+                f"config key 'model.label-init' must be a finite number of at least 0, "
+                f"got {self.label_init!r}"
+            )
+        if self.label_init and self.task == "causal-lm":
+            raise ConfigError(
+                "model.label-init starts a classification head; a causal LM has none "
+                '(model.task "causal-lm")'
+            )
+        if self.label_texts.strip() and not self.label_init:
+            raise ConfigError(
+                "model.label-texts describes the labels for model.label-init, which is 0"
+            )
         if self.subspace_dim < 1:
             raise ConfigError(f"model.subspace-dim must be at least 1, got {self.subspace_dim}")
         if self.pooling != "mean" and (self.subspace or self.feature_norm != 1.0):
@@ -262,6 +282,12 @@ class RunConfig:
                         f"{key} {value!r} is not available with model.task 'causal-lm' "
                         "(a causal LM trains its LoRA factors only, through its own LM head)"
                     )
+        texts, names = self.model.label_texts_list, self.data.label_names
+        if texts and len(texts) != len(names):
+            raise ConfigError(
+                f"model.label-texts holds {len(texts)} texts for the {len(names)} labels of "
+                "data.labels (one text per label, in its order, separated by ';')"
+            )
         if self.aggregation.mode == "exact" and self.aggregation.strategy not in (
             "fedavg",
             "fedprox",

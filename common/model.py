@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -25,7 +26,7 @@ from transformers import logging as hf_logging
 
 from common.causal_lm import answer_table, encode_prompts
 from common.config import RunConfig, Scalar, stored_flat
-from common.data import LabeledText, tokenize
+from common.data import LabeledText, fingerprint, tokenize
 from common.errors import ModelError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -149,8 +150,38 @@ def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -
         from common.subspace import install  # common.subspace imports this module
 
         install(model, cfg)
+    if cfg.model.label_init:
+        _head_from_labels(model, cfg)
     model.train()  # from_pretrained returns eval mode; Opacus needs train mode to see activations
     return model
+
+
+def label_texts(cfg: RunConfig) -> list[str]:
+    """What ``model.label-init`` embeds for each label: its ``model.label-texts`` entry (an
+    acronym spelled out, say), else its name as words (underscores and hyphens as spaces)."""
+    given = cfg.model.label_texts_list
+    if given:
+        return given
+    return [" ".join(n.replace("_", " ").replace("-", " ").split()) for n in cfg.data.label_names]
+
+
+def _head_from_labels(model: PeftModel, cfg: RunConfig) -> None:
+    """``model.label-init``: each class's row of the head starts as the pooled embedding
+    of its label's text (:func:`label_texts`), scaled to that length, and the bias at zero:
+    a zero-shot classifier (a text scores by its embedding's cosine with each label's)
+    before any round. DP-SGD then corrects a prior instead of building one from noisy
+    steps. The texts are the run config's, public to every party, so the start costs no
+    privacy; every node computes the same one."""
+    from common.features import embed  # common.features imports this module
+
+    texts = label_texts(cfg)
+    ys = np.arange(len(texts))
+    data = LabeledText(Path("model.label-init"), texts, ys, fingerprint(texts, ys))
+    names = embed(model, tokenize(data, load_tokenizer(cfg), cfg.model.max_length)).tensors[0]
+    layer = head_of(model)[-1]
+    with torch.no_grad():
+        layer.weight.copy_(torch.nn.functional.normalize(names, dim=-1) * cfg.model.label_init)
+        layer.bias.zero_()
 
 
 def head_of(model: PeftModel) -> torch.nn.Sequential:
