@@ -116,13 +116,18 @@ def test_tune_scores_recipes_on_held_out_local_rows_never_the_test_set(tmp_path,
 
     monkeypatch.setattr(tune, "model_input", recording)
     out = tmp_path / "tune.json"
-    recipe = "federation.rounds=2 train.head-learning-rate=8.0"
+    texts = "a bad drug;it was so-so;a good drug"  # a quoted value keeps its spaces
+    recipe = f"federation.rounds=2 model.label-init=4.0 'model.label-texts={texts}'"
     args = ["tune", "--scenario", "hospitals-small-probe", "--repeats", "1", "--no-dp-too"]
     res = RUN.invoke(app, [*args, "--try", recipe, "--out", str(out)])
     assert res.exit_code == 0, res.output
     rows = json.loads(out.read_text())["rows"]
     assert [r["dp"] for r in rows] == [True, False]
-    assert rows[0]["try"] == {"federation.rounds": 2, "train.head-learning-rate": 8.0}
+    assert rows[0]["try"] == {
+        "federation.rounds": 2,
+        "model.label-init": 4.0,
+        "model.label-texts": texts,
+    }
     assert all(0 <= r["macro_f1"][0] <= 1 for r in rows) and "no DP" in res.output
     # validation = the institutions' own rows that their training splits leave out (the test
     # file is never read: the drug-review package repeats one test review in its training set)
