@@ -304,7 +304,7 @@ def evaluate(
 def tune(
     scenario: str = typer.Option("medical", help="scenario name under simulations/ or a path"),
     try_: list[str] = typer.Option(
-        [], "--try", help='one recipe: "key=value key=\'a value\'" (repeat the option to compare)'
+        [], "--try", help="one recipe: \"key=value key='a value'\" (repeat the option to compare)"
     ),
     repeats: int = typer.Option(3, help="federations per recipe (DP noise varies)"),
     holdout: float = typer.Option(0.2, help="share of each institution's file held out"),

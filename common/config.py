@@ -283,10 +283,10 @@ class RunConfig:
                         "(a causal LM trains its LoRA factors only, through its own LM head)"
                     )
         texts, names = self.model.label_texts_list, self.data.label_names
-        if texts and len(texts) != len(names):
+        if texts and (len(texts) != len(names) or not all(texts)):
             raise ConfigError(
-                f"model.label-texts holds {len(texts)} texts for the {len(names)} labels of "
-                "data.labels (one text per label, in its order, separated by ';')"
+                f"model.label-texts holds {sum(map(bool, texts))} texts for the {len(names)} "
+                "labels of data.labels (one text per label, in its order, separated by ';')"
             )
         if self.aggregation.mode == "exact" and self.aggregation.strategy not in (
             "fedavg",

@@ -97,6 +97,10 @@ def test_a_dp_round_trains_the_head_from_the_label_start(tiny_flat, federation_d
             {"model.label-init": 5.0, "model.label-texts": "bad; good"},
             r"model\.label-texts holds 2 texts for the 3 labels of data\.labels",
         ),
+        (
+            {"model.label-init": 5.0, "model.label-texts": "bad;; good"},
+            r"model\.label-texts holds 2 texts for the 3 labels",
+        ),
         ({"model.label-texts": "a;b;c"}, r"model\.label-texts describes the labels"),
     ],
 )
