@@ -41,14 +41,24 @@ from server.strategy import CentralDP, make_strategy
 log = logging.getLogger("flwr")
 
 
-def run_dir_for(cfg: RunConfig) -> tuple[str, Path]:
-    """The run's folder: new, or (``run.resume``) the existing one of ``run.name``."""
+def check_run_dir(cfg: RunConfig) -> tuple[str, Path]:
+    """The run's name and folder: new, or (``run.resume``) the existing one of
+    ``run.name``; one line when the folder does not fit, so that a finished run is never
+    overwritten. Also called before a simulation starts (simulations.simulate.preflight)."""
     name = cfg.run.name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run.output_dir) / name
     if cfg.run.resume and not (run_dir / "config.toml").exists():
         raise ResumeError(f"{run_dir}: no run to resume")
     if not cfg.run.resume and (run_dir / "metrics.jsonl").exists():
-        raise FileExistsError(f"{run_dir} already holds a run; choose another run.name")
+        raise ResumeError(
+            f"{run_dir} already holds a run; choose another run.name (or set run.resume=true)"
+        )
+    return name, run_dir
+
+
+def run_dir_for(cfg: RunConfig) -> tuple[str, Path]:
+    """:func:`check_run_dir`, then the folder made."""
+    name, run_dir = check_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     return name, run_dir
 

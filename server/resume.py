@@ -24,7 +24,8 @@ CHECKPOINT = re.compile(r"round-(\d{3,})$")
 
 
 class ResumeError(PrivatuneError):
-    """Nothing to resume from, or the checkpoint does not fit the adapter."""
+    """A run folder that does not fit the request: nothing to resume from, a run already
+    there when none is resumed, or a checkpoint that does not fit the adapter."""
 
 
 def last_checkpoint(run_dir: Path) -> tuple[int, Path] | None:

@@ -21,6 +21,7 @@ from client.app import create_app as create_client_app
 from client.institution import Policy
 from common.config import RunConfig, Scalar, app_defaults, stored_flat
 from common.data import DataError
+from server.app import check_run_dir
 from server.app import create_app as create_server_app
 from simulations.prepare import prepare
 from simulations.scenario import Scenario
@@ -52,10 +53,12 @@ def resolve_flat(
 
 
 def preflight(flat: Mapping[str, Scalar]) -> None:
-    """Fail with one line before Ray starts: a bad key or value, or a request the simulated
-    institutions' policy (the ``privacy`` section) would refuse."""
+    """Fail with one line before Ray starts: a bad key or value, a request the simulated
+    institutions' policy (the ``privacy`` section) would refuse, or a run folder that holds
+    a finished run (or none to resume)."""
     cfg = RunConfig.from_flat(flat)
     check_request(cfg, Policy.simulated(cfg.privacy), "privacy")
+    check_run_dir(cfg)
 
 
 def simulate(

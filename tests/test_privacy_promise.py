@@ -424,3 +424,18 @@ def test_audit_checks_status_refusals_and_delta(tmp_path):
     assert any("record 3" in p and "delta 0.9" in p for p in problems)
     with pytest.raises(LedgerError, match="not a release"):
         ledger.append(**base, round=3, status="bogus", steps=0, delta=1e-5, epsilon=0.0)
+
+
+def test_a_finished_run_is_never_overwritten_one_line_before_ray_starts(tiny_flat):
+    from server.resume import ResumeError
+
+    cfg = resolve(tiny_flat)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"round": 0}\n')
+    with pytest.raises(ResumeError, match=r"already holds a run; choose another run\.name") as e:
+        preflight(tiny_flat)
+    assert "\n" not in str(e.value)
+    assert (run_dir / "metrics.jsonl").read_text() == '{"round": 0}\n'
+    with pytest.raises(ResumeError, match="no run to resume"):
+        preflight({**tiny_flat, "run.resume": True, "run.name": "never-ran"})
