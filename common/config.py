@@ -75,11 +75,7 @@ class ModelSettings:
                 f"model.instruction must hold {{text}} exactly once, got {self.instruction!r}"
             )
         _positive("model.feature-norm", self.feature_norm)
-        if not (math.isfinite(self.label_init) and self.label_init >= 0):
-            raise ConfigError(
-                f"config key 'model.label-init' must be a finite number of at least 0, "
-                f"got {self.label_init!r}"
-            )
+        _zero_or_positive("model.label-init", self.label_init, "a random start")
         if self.label_init and self.task == "causal-lm":
             raise ConfigError(
                 "model.label-init starts a classification head; a causal LM has none "
@@ -186,11 +182,7 @@ class DPSettings:
             raise ConfigError(f"config key 'dp.delta' must lie in (0, 1), got {self.delta!r}")
         _positive("dp.target-epsilon", self.target_epsilon)
         _positive("dp.max-grad-norm", self.max_grad_norm)
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ConfigError(
-                f"config key 'dp.noise-multiplier' must be 0 (planned) or positive, "
-                f"got {self.noise_multiplier!r}"
-            )
+        _zero_or_positive("dp.noise-multiplier", self.noise_multiplier, "planned")
 
 
 @dataclass(frozen=True)
@@ -344,6 +336,11 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def _positive(key: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"config key '{key}' must be a finite number above 0, got {value!r}")
+
+
+def _zero_or_positive(key: str, value: float, zero: str) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"config key '{key}' must be 0 ({zero}) or positive, got {value!r}")
 
 
 def _key(section: str, name: str) -> str:

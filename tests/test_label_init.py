@@ -87,8 +87,8 @@ def test_a_dp_round_trains_the_head_from_the_label_start(tiny_flat, federation_d
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"model.label-init": -1.0}, r"model\.label-init' must be a finite number of at least 0"),
-        ({"model.label-init": math.nan}, r"model\.label-init' must be a finite number"),
+        ({"model.label-init": -1.0}, r"model\.label-init' must be 0 \(a random start\) or pos"),
+        ({"model.label-init": math.nan}, r"model\.label-init' must be 0 \(a random start\) or pos"),
         (
             {"model.label-init": 5.0, "model.task": "causal-lm"},
             r"model\.label-init starts a classification head",
