@@ -63,7 +63,8 @@ class ModelSettings:
     subspace_dim: int
     feature_norm: float  # mean pooling: the length of the embedding the head sees
     label_init: float  # > 0: the head starts from its labels' names' embeddings, rows this long
-    label_texts: str  # model.label-init: one text per label, ";"-separated; "" = the names
+    label_texts: str  # one text per label, ";"-separated, "" = the names: what model.label-init
+    # embeds, or a causal LM's answers
 
     @property
     def label_texts_list(self) -> list[str]:
@@ -81,9 +82,10 @@ class ModelSettings:
                 "model.label-init starts a classification head; a causal LM has none "
                 '(model.task "causal-lm")'
             )
-        if self.label_texts.strip() and not self.label_init:
+        if self.label_texts.strip() and not self.label_init and self.task != "causal-lm":
             raise ConfigError(
-                "model.label-texts describes the labels for model.label-init, which is 0"
+                "model.label-texts describes the labels for model.label-init, which is 0 "
+                '(or a causal LM\'s answers, with model.task "causal-lm")'
             )
         if self.subspace_dim < 1:
             raise ConfigError(f"model.subspace-dim must be at least 1, got {self.subspace_dim}")

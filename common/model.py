@@ -138,7 +138,7 @@ def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -
     )
     model = get_peft_model(base, lora)
     if causal:
-        table = answer_table(load_tokenizer(cfg), cfg.data.label_names, cfg.model.chat_template)
+        table = answer_table(load_tokenizer(cfg), label_texts(cfg), cfg.model.chat_template)
         model.answers = table.to(device)
     _seed_lora_a(model, cfg.run.seed, cfg.lora.rank)
     frozen = ("lora_",) if cfg.train.trainable == "head" else ("lora_A",) * cfg.aggregation.freeze_a
@@ -156,8 +156,9 @@ def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -
 
 
 def label_texts(cfg: RunConfig) -> list[str]:
-    """What ``model.label-init`` embeds for each label: its ``model.label-texts`` entry (an
-    acronym spelled out, say), else its name as words (underscores and hyphens as spaces)."""
+    """Each label in words: its ``model.label-texts`` entry (an acronym spelled out, say),
+    else its name with underscores and hyphens as spaces. ``model.label-init`` embeds these;
+    a causal LM answers with them."""
     given = cfg.model.label_texts_list
     if given:
         return given

@@ -99,11 +99,12 @@ def load_medmcqa(cfg: RunConfig, run_dir: Path | None) -> Benchmark:
 
 
 def overrides(cfg: RunConfig, bench: Benchmark) -> dict[str, Scalar]:
-    """The config keys a benchmark sets: its answers (the answer table), a max-length that
-    cuts none of its prompts, and its own instruction (MedQA's and PubMedQA's texts carry
-    their own; a run's instruction was written for the run's data)."""
+    """The config keys a benchmark sets: its answers (the answer table: its labels as they
+    are), a max-length that cuts none of its prompts, and its own instruction (MedQA's and
+    PubMedQA's texts carry their own; a run's instruction was written for the run's data)."""
     return {
         "data.labels": ",".join(bench.labels),
+        "model.label-texts": "",
         "model.max-length": max(cfg.model.max_length, MAX_LENGTH[bench.name]),
         "model.instruction": bench.instruction,
     }

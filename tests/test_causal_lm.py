@@ -96,6 +96,28 @@ def test_answers_are_scored_as_one_unpadded_row_would_score_them(tiny_llama_dir,
         assert tokenizer.decode(ids[0][mask[0].bool()]).endswith(ANSWER_CUE)
 
 
+def test_label_texts_are_the_answers_and_names_are_said_as_words(tiny_llama_dir):
+    """A causal LM answers with ``model.label-texts`` (the labels' names stay the data's),
+    else with each name as words; a text count that does not fit is refused in one line."""
+    texts = {"model.label-texts": "Credit card; Student loan ;Mortgage;Debt collection"}
+    said = resolve(llm_flat(tiny_llama_dir, "cc,sl,mo,dc", **texts))
+    worded = resolve(llm_flat(tiny_llama_dir, "credit_card,student-loan,mortgage,debt-collection"))
+    ids, mask, _ = batch(said, QUESTIONS, [0, 1, 2]).tensors
+    tokenizer = load_tokenizer(said)
+    for cfg, answers in (
+        (said, ["Credit card", "Student loan", "Mortgage", "Debt collection"]),
+        (worded, ["credit card", "student loan", "mortgage", "debt collection"]),
+    ):
+        model = build_model(cfg, torch.device("cpu")).eval()
+        with torch.no_grad():
+            scores = label_scores(model, ids, mask)
+        for k, answer in enumerate(answers):
+            expected = one_row_log_likelihood(model, tokenizer, QUESTIONS[1], answer, True)
+            assert float(scores[1, k]) == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(ConfigError, match=r"model\.label-texts holds 2 texts for the 4 labels"):
+        resolve(llm_flat(tiny_llama_dir, "cc,sl,mo,dc", **{"model.label-texts": "a;b"}))
+
+
 def test_only_the_answer_carries_loss_and_prompts_are_cut_at_their_end(tiny_llama_dir):
     cfg = resolve(llm_flat(tiny_llama_dir, **{"model.max-length": 40}))
     tokenizer = load_tokenizer(cfg)
