@@ -63,8 +63,7 @@ class ModelSettings:
     subspace_dim: int
     feature_norm: float  # mean pooling: the length of the embedding the head sees
     label_init: float  # > 0: the head starts from its labels' names' embeddings, rows this long
-    label_texts: str  # one text per label, ";"-separated, "" = the names: what model.label-init
-    # embeds, or a causal LM's answers
+    label_texts: str  # each label in words, ";"-separated ("" = the names): label-init, answers
 
     @property
     def label_texts_list(self) -> list[str]:
