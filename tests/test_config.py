@@ -12,7 +12,7 @@ import pytest
 from helpers import PROJECT_ROOT
 
 from common.config import ConfigError, RunConfig, app_defaults, flatten, resolve, write_toml
-from simulations.scenario import load_scenario
+from simulations.scenario import SCENARIO_DIR, load_scenario
 from simulations.simulate import resolve_flat
 
 
@@ -64,6 +64,34 @@ def test_scenarios_resolve(name, data):
     cfg = resolve(flat)
     assert cfg.data.dir.endswith(data) and cfg.data.test_path.startswith(cfg.data.dir)
     assert scenario.institutions >= 5
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
+def test_every_shipped_scenario_resolves(name):
+    resolve(resolve_flat(load_scenario(name)))
+
+
+# what a GPU scenario may change of its CPU scenario's recipe, beside the CPU subset's rows
+GPU_KEYS = {
+    "model.max-length",
+    "model.bf16",
+    "lora.target-modules",
+    "train.batch-size",
+    "federation.rounds",
+}
+
+
+@pytest.mark.parametrize("name", ["medical-llm", "complaints-llm"])
+def test_a_gpu_scenario_is_its_cpu_scenario_on_all_of_the_data(name):
+    cpu, gpu = load_scenario(name), load_scenario(f"{name}-gpu")
+    split = ("dataset", "institutions", "prefix", "partition", "dirichlet_alpha")
+    assert all(getattr(gpu, k) == getattr(cpu, k) for k in split)
+    assert cpu.train_rows and cpu.test_rows and not gpu.train_rows and not gpu.test_rows
+    keys = cpu.config.keys() | gpu.config.keys()
+    assert {k for k in keys if cpu.config.get(k) != gpu.config.get(k)} <= GPU_KEYS
+    cfg = resolve(resolve_flat(gpu))
+    assert cfg.model.bf16 and {"gate_proj", "up_proj", "down_proj"} <= set(cfg.lora.modules)
+    assert cfg.dp.enabled and cfg.dp.target_epsilon == 8.0
 
 
 @pytest.mark.parametrize("name", ["hospitals-small", "banks-small"])
