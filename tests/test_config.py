@@ -66,6 +66,10 @@ def test_scenarios_resolve(name, data):
     assert scenario.institutions >= 5
 
 
+# the Scenario fields that decide which institution holds which records
+SPLIT = ("dataset", "institutions", "prefix", "partition", "dirichlet_alpha")
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
 def test_every_shipped_scenario_resolves(name):
     resolve(resolve_flat(load_scenario(name)))
@@ -84,8 +88,7 @@ GPU_KEYS = {
 @pytest.mark.parametrize("name", ["medical-llm", "complaints-llm"])
 def test_a_gpu_scenario_is_its_cpu_scenario_on_all_of_the_data(name):
     cpu, gpu = load_scenario(name), load_scenario(f"{name}-gpu")
-    split = ("dataset", "institutions", "prefix", "partition", "dirichlet_alpha")
-    assert all(getattr(gpu, k) == getattr(cpu, k) for k in split)
+    assert all(getattr(gpu, k) == getattr(cpu, k) for k in SPLIT)
     assert cpu.train_rows and cpu.test_rows and not gpu.train_rows and not gpu.test_rows
     keys = cpu.config.keys() | gpu.config.keys()
     assert {k for k in keys if cpu.config.get(k) != gpu.config.get(k)} <= GPU_KEYS
@@ -97,8 +100,7 @@ def test_a_gpu_scenario_is_its_cpu_scenario_on_all_of_the_data(name):
 @pytest.mark.parametrize("name", ["hospitals-small", "banks-small"])
 def test_a_probe_scenario_is_its_federation_with_a_linear_probe(name):
     base, probe = (load_scenario(n) for n in (name, f"{name}-probe"))
-    split = ("dataset", "institutions", "prefix", "partition", "dirichlet_alpha")
-    assert all(getattr(probe, k) == getattr(base, k) for k in split)  # same data, same split
+    assert all(getattr(probe, k) == getattr(base, k) for k in SPLIT)  # same data, same split
     assert resolve_flat(probe)["data.dir"] == str(base.data_dir)  # the same prepared files
     cfg = resolve(resolve_flat(probe))
     assert (cfg.model.pooling, cfg.train.trainable, cfg.dp.enabled) == ("mean", "head", True)
