@@ -34,6 +34,22 @@ LEDGER_HEAD = "ledger-head"
 
 METRICS_FILE = "metrics.jsonl"
 
+# --- error replies: fixed text, never derived from the data (docs/threat-model.md) ---------
+REASON_SEPARATOR = ": "
+
+
+def error_reason(institution: str, text: str) -> str:
+    """An error reply's reason: the institution's (public) name and a fixed sentence."""
+    return f"{institution}{REASON_SEPARATOR}{text}"
+
+
+def reason_parts(reason: str) -> tuple[str | None, str]:
+    """(institution, text) of an error reason; None when it names no institution."""
+    name, sep, text = reason.partition(REASON_SEPARATOR)
+    if not sep or not name or " " in name:
+        return None, reason
+    return name, text
+
 
 class MetricsLine(TypedDict):
     """One line of ``metrics.jsonl``: round 0 is the starting point, then one per round."""
