@@ -1,20 +1,26 @@
 """The ClientApp: one institution's side of a round.
 
 train: load the global adapter into a fresh local model, check the request against this
-institution's own policy and its lifetime budget under the ledger's lock (fail closed), run
-DP-SGD on local data, append the release to the signed ledger, reply with the trainable
-tensors and only the values the threat model (docs/threat-model.md) lists.
+institution's own policy, schema and lifetime budget under the ledger's lock (fail closed),
+release the DP count of its training rows once per data version (the size it plans, samples
+and is weighted by), run DP-SGD on local data, append the release to the signed ledger,
+reply with the trainable tensors and only the values the threat model
+(docs/threat-model.md) lists.
 evaluate: off unless the institution sets ``local-eval-noise``; then a noised confusion
 matrix of the global adapter on the local evaluation split, accounted in the same ledger.
-A bad data file or config becomes an error reply with one line that names the file and field
-(never a row, a label value or a count); the full message stays in the node's own log.
+Any failure becomes an error reply with the institution's name and a fixed sentence that no
+row, count or value of the data can change; the full message stays in the node's own log.
+A request the node refuses (its policy, schema or budget) is a ledger record; after
+``max-refusals`` of them in a row the node stops answering.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import logging
+import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -24,7 +30,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from torch.utils.data import TensorDataset
 
-from client.institution import Institution, Policy
+from client.institution import Institution, Policy, simulated_name
 from client.secure_aggregation import secure_aggregation_mod
 from client.train import os_seed, train_round
 from common.adapter import (
@@ -37,16 +43,16 @@ from common.adapter import (
 )
 from common.config import ConfigError, RunConfig, Scalar
 from common.data import DataError, LabeledText, load_labeled, split_local
-from common.errors import PrivatuneError
 from common.evaluation import noised_confusion
 from common.features import cached_embed
-from common.ledger import NOISE_FROM_OS, Ledger, LedgerError, spent
+from common.ledger import COUNT_MECHANISM, NOISE_FROM_OS, Ledger, LedgerError, spent
 from common.model import build_model, encode, pick_device
 from common.privacy import (
     Mechanism,
+    count_release,
     epsilon,
-    evaluation_release,
     plan,
+    public_size,
     sample_rate,
     steps_per_epoch,
 )
@@ -58,6 +64,7 @@ from common.protocol import (
     INSTITUTION,
     LEDGER_HEAD,
     LEDGER_RECORDS,
+    LEDGER_SEEN,
     NOISE_MULTIPLIER,
     NUM_EXAMPLES,
     PROXIMAL_MU,
@@ -66,11 +73,29 @@ from common.protocol import (
     SERVER_ROUND,
     STEPS,
     TRAIN_LOSS,
+    error_reason,
 )
 
 log = logging.getLogger("flwr")
 CLIENT_ERROR = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 EVALUATION = "gaussian (noised confusion matrix, L2 sensitivity 1)"
+# The only reasons an error reply gives, after the institution's name: fixed text that no row,
+# count or value of the data can change (docs/threat-model.md). A refusal of the run's
+# request states the rule, which depends on the run config and the policy only.
+DATA_FAILED = "its data file cannot be used (details in the node's own log)"
+LEDGER_FAILED = "its privacy ledger failed a check; it trains no more (details in its log)"
+CONFIG_FAILED = "its node config or the run config is invalid (details in the node's own log)"
+FAILED = "the request failed at this node (details in the node's own log)"
+STOPPED = "it refused too many requests in a row and stops answering (max-refusals)"
+
+
+class RequestRefused(ConfigError):
+    """The run asks what this institution does not allow: its policy or its schema. The
+    message depends on the run config and the node config only; it is sent as it is."""
+
+
+class Stopped(LedgerError):
+    """The node refused ``max-refusals`` requests in a row and answers no more."""
 
 
 @functools.lru_cache(maxsize=32)
@@ -80,20 +105,21 @@ def _local_split(
     label_col: str,
     labels: tuple[str, ...],
     frac: float,
-    encoding: str = "utf-8",
+    encoding: str,
 ) -> tuple[LabeledText, LabeledText, LabeledText]:
     full = load_labeled(path, text_col, label_col, list(labels), encoding)
     return (full, *split_local(full, frac))
 
 
-def local_data(site: Institution, cfg: RunConfig) -> tuple[LabeledText, LabeledText, LabeledText]:
-    """(full, train, eval) of the institution's file; read once per process."""
+def local_data(site: Institution) -> tuple[LabeledText, LabeledText, LabeledText]:
+    """(full, train, eval) of the institution's file, read with its own schema and split;
+    read once per process."""
     return _local_split(
         site.data_path,
         site.text_column,
         site.label_column,
-        tuple(cfg.data.label_names),
-        cfg.data.eval_fraction,
+        site.labels,
+        site.eval_fraction,
         site.encoding,
     )
 
@@ -101,16 +127,18 @@ def local_data(site: Institution, cfg: RunConfig) -> tuple[LabeledText, LabeledT
 _INPUTS: dict[tuple, TensorDataset] = {}
 
 
-def model_input(cfg: RunConfig, data: LabeledText, part: str) -> TensorDataset:
+def model_input(
+    cfg: RunConfig, data: LabeledText, part: str, frac: float | None = None
+) -> TensorDataset:
     """A local split as the model's input: token ids, or (``train.trainable = "head"``) the
     frozen encoder's pooled embeddings, which no round changes (kept in the node's disk
-    cache, common.features). Kept per process, keyed by the data and by everything in the
-    config that shapes them."""
+    cache, common.features). Kept per process, keyed by the data, its split ``frac``
+    (default ``data.eval-fraction``) and everything in the config that shapes them."""
     key = (
         data.path,
         data.fingerprint,
         part,
-        cfg.data.eval_fraction,
+        cfg.data.eval_fraction if frac is None else frac,
         tuple(cfg.data.label_names),
         cfg.model,
         cfg.train.trainable,
@@ -125,10 +153,10 @@ def model_input(cfg: RunConfig, data: LabeledText, part: str) -> TensorDataset:
     return _INPUTS[key]
 
 
-def noise_for(cfg: RunConfig, policy: Policy, num_train: int) -> float:
+def noise_for(cfg: RunConfig, policy: Policy, size: int) -> float:
     """The configured noise multiplier, or one planned so that taking part in every round of
-    the run (with its local evaluation, when the institution releases one) spends exactly
-    ``dp.target-epsilon``."""
+    the run (with its local evaluation, when the institution releases one, and the DP count
+    of its rows) spends exactly ``dp.target-epsilon``. ``size`` is that DP count."""
     if cfg.dp.noise_multiplier > 0:
         return cfg.dp.noise_multiplier
     return plan(
@@ -136,39 +164,57 @@ def noise_for(cfg: RunConfig, policy: Policy, num_train: int) -> float:
         cfg.dp.delta,
         cfg.federation.rounds,
         cfg.train.local_epochs,
-        sample_rate(num_train, cfg.train.batch_size),
+        sample_rate(size, cfg.train.batch_size),
         cfg.dp.accountant,
         eval_noise=policy.local_eval_noise,
+        count_noise=policy.count_noise,
     ).noise_multiplier
 
 
-def check_request(cfg: RunConfig, policy: Policy, who: str, num_train: int | None = None) -> None:
-    """What the run asks against what the institution allows; one line on refusal."""
+def check_request(cfg: RunConfig, policy: Policy, who: str, size: int | None = None) -> None:
+    """What the run asks against what the institution allows; one line on refusal. ``size``
+    is the DP count of the training rows (never the exact count)."""
     if cfg.dp.delta > policy.max_delta:
-        raise ConfigError(
+        raise RequestRefused(
             f"{who}: dp.delta {cfg.dp.delta:g} exceeds max-delta {policy.max_delta:g}"
         )
-    if num_train is not None and cfg.dp.delta >= 1 / num_train:
-        raise ConfigError(
+    if size is not None and cfg.dp.delta >= 1 / size:
+        raise RequestRefused(
             f"{who}: dp.delta {cfg.dp.delta:g} must be below 1/n of the training rows"
         )
     if cfg.dp.accountant not in policy.accountants:
-        raise ConfigError(
+        raise RequestRefused(
             f"{who}: dp.accountant {cfg.dp.accountant!r} is not one this institution accepts "
             f"({', '.join(policy.accountants)})"
         )
     if not cfg.dp.enabled and not policy.allow_non_private:
-        raise ConfigError(f"{who}: dp.enabled = false, and this institution requires DP")
+        raise RequestRefused(f"{who}: dp.enabled = false, and this institution requires DP")
 
 
-def _ledger(site: Institution):
+def check_schema(cfg: RunConfig, site: Institution) -> None:
+    """In deployment the node owns its data schema: a run whose labels differ is refused
+    with one line that no row changes (the node never reads its file against the run's)."""
+    if site.simulated:
+        return
+    if tuple(cfg.data.label_names) != site.labels:
+        raise RequestRefused(
+            f"{site.name}: data.labels of the run differs from this institution's labels "
+            "(node config labels)"
+        )
+
+
+def _ledger(site: Institution, seen: int = 0):
     """The institution's ledger under its lock; a simulation creates it on first use."""
     return Ledger.locked(
-        site.ledger_path, site.signing_key, create_for=site.name if site.simulated else ""
+        site.ledger_path,
+        site.signing_key,
+        site.anchor_path,
+        create_for=site.name if site.simulated else "",
+        seen=seen,
     )
 
 
-def _record_fields(site: Institution, cfg: RunConfig, run_name: str, rnd: int, full) -> dict:
+def _record_fields(site: Institution, cfg: RunConfig, run_name: str, rnd: int, data) -> dict:
     seeded = site.policy.insecure_seed is not None
     return {
         "institution": site.name,
@@ -180,8 +226,94 @@ def _record_fields(site: Institution, cfg: RunConfig, run_name: str, rnd: int, f
         "accountant": cfg.dp.accountant,
         "max_epsilon": site.policy.max_epsilon,
         "noise_source": "fixed seed (testing)" if seeded else NOISE_FROM_OS,
-        "data_fingerprint": full.fingerprint,
+        "data_fingerprint": data.fingerprint,
+        "adapter_fingerprint": "",
     }
+
+
+def _refused_in_a_row(ledger: Ledger) -> int:
+    n = 0
+    for rec in reversed(ledger.records):
+        if rec.status != "refused":
+            break
+        n += 1
+    return n
+
+
+def _checked(ledger: Ledger, site: Institution, checks: Callable[[], None], fields: dict) -> None:
+    """Run the request's checks; a refusal is a ledger record, and past ``max-refusals`` in
+    a row the node stops answering (the server could otherwise probe without limit)."""
+    if _refused_in_a_row(ledger) >= site.policy.max_refusals:
+        raise Stopped(f"{ledger.path}: {site.name} {STOPPED}")
+    try:
+        checks()
+    except RequestRefused:
+        history = spent(ledger.records)
+        ledger.append(
+            **fields,
+            status="refused",
+            noise_multiplier=0.0,
+            sample_rate=0.0,
+            steps=0,
+            epsilon=epsilon(history, fields["delta"], fields["accountant"]),
+        )
+        raise
+
+
+def _count_rng(policy: Policy, salt: int) -> random.Random:
+    seed = policy.insecure_seed
+    return random.SystemRandom() if seed is None else random.Random(seed * 7919 + salt)
+
+
+def dp_size(
+    ledger: Ledger, site: Institution, cfg: RunConfig, train_set: LabeledText, fields: dict
+) -> int | None:
+    """The DP count of the training rows: released once per version of the training set
+    (a ``counted`` ledger record, a Gaussian mechanism of sensitivity 1), then reused
+    (post-processing). None when the budget cannot pay for it."""
+    key = _split_fingerprint(train_set, site.eval_fraction)
+    known = ledger.count_for(key)
+    if known is not None:
+        return known
+    release = count_release(site.policy.count_noise)
+    history = spent(ledger.records)
+    would_reach = epsilon([*history, release], cfg.dp.delta, cfg.dp.accountant)
+    if not would_reach <= site.policy.max_epsilon:
+        return None
+    size = public_size(len(train_set), site.policy.count_noise, _count_rng(site.policy, 0))
+    ledger.append(
+        **{**fields, "data_fingerprint": key, "mechanism": COUNT_MECHANISM},
+        status="counted",
+        noise_multiplier=release.noise_multiplier,
+        sample_rate=release.sample_rate,
+        steps=release.steps,
+        epsilon=would_reach,
+        count=size,
+    )
+    return size
+
+
+def _split_fingerprint(train_set: LabeledText, frac: float) -> str:
+    return hashlib.sha256(f"{train_set.fingerprint}|{frac!r}".encode()).hexdigest()
+
+
+def _refuse_budget(ledger, site, fields, sigma, rate, history, cfg, rnd) -> dict:
+    spent_so_far = epsilon(history, cfg.dp.delta, cfg.dp.accountant)
+    ledger.append(
+        **fields,
+        status="refused",
+        noise_multiplier=sigma,
+        sample_rate=rate,
+        steps=0,
+        epsilon=spent_so_far,
+    )
+    log.warning(
+        "%s refuses round %d: the budget %.3f would be crossed",
+        site.name,
+        rnd,
+        site.policy.max_epsilon,
+    )
+    return {REFUSED: 1, EPSILON: spent_so_far, NUM_EXAMPLES: 0}
 
 
 def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -189,68 +321,63 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     run_name, server_round = str(config[RUN_NAME]), int(config[SERVER_ROUND])
     site = Institution.from_context(context, cfg, run_name)
     policy = site.policy
-    full, train_set, _ = local_data(site, cfg)
-    check_request(cfg, policy, site.name, len(train_set))
-    with _ledger(site) as ledger:
+    full, train_set, _ = local_data(site)
+    with _ledger(site, int(config.get(LEDGER_SEEN, 0))) as ledger:
         if ledger.institution != site.name:
             raise LedgerError(f"{site.ledger_path}: the ledger of {ledger.institution!r}")
-        history = spent(ledger.records)
         acc, delta = cfg.dp.accountant, cfg.dp.delta
         fields = _record_fields(site, cfg, run_name, server_round, full)
+
+        def checks() -> None:
+            check_schema(cfg, site)
+            check_request(cfg, policy, site.name)
+
+        _checked(ledger, site, checks, fields)
+        size = dp_size(ledger, site, cfg, train_set, fields)
+        if size is None:  # the budget cannot pay even for the count
+            metrics = _refuse_budget(
+                ledger, site, fields, 0.0, 0.0, spent(ledger.records), cfg, server_round
+            )
+            return _reply(msg, site, metrics, ledger)
+        _checked(ledger, site, lambda: check_request(cfg, policy, site.name, size), fields)
+        history = spent(ledger.records)
+        rate = sample_rate(size, cfg.train.batch_size)
         if cfg.dp.enabled:
-            sigma = noise_for(cfg, policy, len(train_set))
+            sigma = noise_for(cfg, policy, size)
             planned = Mechanism(
-                sigma,
-                sample_rate(len(train_set), cfg.train.batch_size),
-                cfg.train.local_epochs * steps_per_epoch(len(train_set), cfg.train.batch_size),
+                sigma, rate, cfg.train.local_epochs * steps_per_epoch(size, cfg.train.batch_size)
             )
             would_reach = epsilon([*history, planned], delta, acc)
             if not would_reach <= policy.max_epsilon:  # NaN refuses too
-                spent_so_far = epsilon(history, delta, acc)
-                ledger.append(
-                    **fields,
-                    status="refused",
-                    noise_multiplier=sigma,
-                    sample_rate=planned.sample_rate,
-                    steps=0,
-                    epsilon=spent_so_far,
-                    adapter_fingerprint="",
+                metrics = _refuse_budget(
+                    ledger, site, fields, sigma, rate, history, cfg, server_round
                 )
-                log.warning(
-                    "%s refuses round %d: epsilon would reach %.3f > budget %.3f",
-                    site.name,
-                    server_round,
-                    would_reach,
-                    policy.max_epsilon,
-                )
-                metrics = {REFUSED: 1, EPSILON: spent_so_far, NUM_EXAMPLES: 0}
                 return _reply(msg, site, metrics, ledger)
         else:
             sigma, planned = 0.0, None  # check_request: the institution allows it
         device = pick_device(site.device)
         model = build_model(cfg, device, site.rank)
         set_trainable(model, fit_rank(from_record(msg.content["arrays"]), site.rank))
-        data = model_input(cfg, train_set, "train")
+        data = model_input(cfg, train_set, "train", site.eval_fraction)
         seed = None if policy.insecure_seed is None else policy.insecure_seed + server_round
         mu = float(config.get(PROXIMAL_MU, 0.0))  # sent by the fedprox strategy
-        result = train_round(model, data, cfg, sigma, device, seed, proximal_mu=mu)
+        result = train_round(model, data, cfg, sigma, device, seed, proximal_mu=mu, size=size)
         arrays = get_trainable(model)
         used = result.mechanism or Mechanism(0.0, 1.0, result.steps)
         eps = epsilon([*history, used], delta, acc)  # infinite without DP
         ledger.append(
-            **fields,
+            **{**fields, "adapter_fingerprint": adapter_fingerprint(arrays)},
             status="trained",
             noise_multiplier=used.noise_multiplier,
             sample_rate=used.sample_rate,
             steps=used.steps,
             epsilon=eps,
-            adapter_fingerprint=adapter_fingerprint(arrays),
         )
         if planned is not None and used != planned:
             raise LedgerError(f"{site.ledger_path}: round ran {used}, planned {planned}; stopped")
         metrics = {
             REFUSED: 0,
-            NUM_EXAMPLES: len(train_set),  # public: docs/threat-model.md
+            NUM_EXAMPLES: size,  # the DP count: docs/threat-model.md
             EPSILON: eps,
             DELTA: delta,
             NOISE_MULTIPLIER: used.noise_multiplier,
@@ -262,35 +389,39 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
 
 def _evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    run_name = str(msg.content["config"].get(RUN_NAME, ""))
-    server_round = int(msg.content["config"].get(SERVER_ROUND, 0))
+    config = msg.content["config"]
+    run_name = str(config.get(RUN_NAME, ""))
+    server_round = int(config.get(SERVER_ROUND, 0))
     site = Institution.from_context(context, cfg, run_name)
     sigma = site.policy.local_eval_noise
     if sigma <= 0:
         return _reply(msg, site, {EVALUATED: 0})  # the institution releases no evaluation
-    full, train_set, eval_set = local_data(site, cfg)
-    if len(eval_set.labels) == 0:  # data.eval-fraction 0: nothing to evaluate
-        return _reply(msg, site, {EVALUATED: 0})
-    check_request(cfg, site.policy, site.name, len(train_set))
-    with _ledger(site) as ledger:
-        history = spent(ledger.records)
+    full, _, eval_set = local_data(site)
+    with _ledger(site, int(config.get(LEDGER_SEEN, 0))) as ledger:
         acc, delta = cfg.dp.accountant, cfg.dp.delta
-        release = evaluation_release(sigma)
         fields = {
             **_record_fields(site, cfg, run_name, server_round, full),
             "mechanism": EVALUATION,
-            "noise_multiplier": sigma,
-            "sample_rate": release.sample_rate,
-            "adapter_fingerprint": "",
         }
+
+        def checks() -> None:
+            check_schema(cfg, site)
+            check_request(cfg, site.policy, site.name)
+
+        _checked(ledger, site, checks, fields)
+        history = spent(ledger.records)
+        release = count_release(sigma)
         would_reach = epsilon([*history, release], delta, acc)
+        fields = {**fields, "noise_multiplier": sigma, "sample_rate": release.sample_rate}
         if not would_reach <= site.policy.max_epsilon:
             ledger.append(**fields, status="refused", steps=0, epsilon=epsilon(history, delta, acc))
             return _reply(msg, site, {EVALUATED: 0, REFUSED: 1}, ledger)
         device = pick_device(site.device)
         model = build_model(cfg, device)
         set_trainable(model, from_record(msg.content["arrays"]))
-        data = model_input(cfg, eval_set, "eval")
+        # An empty evaluation split still releases a (noise-only) matrix: whether it is empty
+        # is a fact about the rows.
+        data = model_input(cfg, eval_set, "eval", site.eval_fraction) if len(eval_set) else None
         seed = site.policy.insecure_seed
         generator = torch.Generator().manual_seed(os_seed() if seed is None else seed)
         matrix = noised_confusion(model, data, len(cfg.data.label_names), device, sigma, generator)
@@ -306,8 +437,9 @@ def _reply(
     ledger: Ledger | None = None,
     arrays: ArrayRecord | None = None,
 ) -> Message:
-    """The reply; with a ledger, its head (count and last hash) travels as the anchor the
-    server records for ``privatune audit RUN``."""
+    """The reply; with a ledger, its head (count and last hash: a hiding commitment, each
+    record holds a secret nonce) travels as the anchor the server records for
+    ``privatune audit RUN``."""
     info: dict[str, Scalar] = {INSTITUTION: site.name}
     if ledger is not None:
         info[LEDGER_RECORDS], info[LEDGER_HEAD] = ledger.head
@@ -321,22 +453,53 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+def public_reason(error: BaseException) -> str:
+    """What an error reply may say: the rule a refused request broke (run config and policy
+    only), else a fixed sentence per kind of failure; never the exception's own text, which
+    may carry a row, a count or a tensor size."""
+    if isinstance(error, RequestRefused):
+        return str(error).partition(": ")[2] or str(error)
+    if isinstance(error, Stopped):
+        return STOPPED
+    if isinstance(error, LedgerError):
+        return LEDGER_FAILED
+    if isinstance(error, DataError):
+        return DATA_FAILED
+    if isinstance(error, ConfigError):
+        return CONFIG_FAILED
+    return FAILED
+
+
 def _guarded(
     handler: Callable[[Message, Context, RunConfig], Message], overrides: Mapping[str, Scalar]
 ) -> Callable[[Message, Context], Message]:
-    """Turn expected failures (bad data, bad config, broken ledger) into a one-line error
-    reply that the server logs with this node's id."""
+    """Turn every failure into an error reply with the institution's name and fixed text
+    (:func:`public_reason`); the whole message, and the traceback of anything unexpected,
+    stay in the node's own log."""
 
     def run(msg: Message, context: Context) -> Message:
         try:
             cfg = RunConfig.from_flat({**context.run_config, **overrides})
             return handler(msg, context, cfg)
-        except PrivatuneError as e:
-            log.error("client error: %s", e)  # the whole message stays in the node's log
-            reason = e.public if isinstance(e, DataError) else str(e)
+        except Exception as e:  # nothing unexpected may reach the server as it is
+            if isinstance(e, ConfigError | DataError | LedgerError):
+                log.error("client error: %s", e)
+            else:
+                log.exception("client error")
+            who = str(context.node_config.get("institution", "")) or _simulated_name(context)
+            reason = error_reason(who, public_reason(e))
             return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=msg)
 
     return run
+
+
+def _simulated_name(context: Context) -> str:
+    """The institution's public name for an error reply, without reading any data."""
+    try:
+        cfg = RunConfig.from_flat({**context.run_config})
+        return simulated_name(Path(cfg.data.dir), int(context.node_config.get("partition-id", 0)))
+    except Exception:  # a name is a courtesy; the reply goes out regardless
+        return f"node-{context.node_id}"
 
 
 def create_app(

@@ -28,7 +28,7 @@ from common.causal_lm import answers_of, class_scores, label_scores
 from common.config import RunConfig
 from common.features import embed
 from common.model import head_of
-from common.privacy import Mechanism, steps_per_epoch
+from common.privacy import Mechanism, sample_rate, steps_per_epoch
 
 # Our generators are CSPRNG-seeded (Opacus' secure mode needs torchcsprng, not built for
 # this torch); the second warning is expected with frozen embeddings. Both would otherwise
@@ -68,18 +68,26 @@ def os_seed() -> int:
 
 
 def round_loader(
-    data: TensorDataset, batch_size: int, dp: bool, poisson: bool, generator: torch.Generator
+    data: TensorDataset,
+    batch_size: int,
+    dp: bool,
+    poisson: bool,
+    generator: torch.Generator,
+    size: int | None = None,
 ) -> DataLoader:
-    """The round's batches: Opacus' Poisson loader under DP (whose length is the schedule
-    that :func:`common.privacy.steps_per_epoch` plans and the accountant records), else a
-    shuffled one."""
+    """The round's batches: Opacus' Poisson loader under DP, else a shuffled one. The Poisson
+    loader's sample rate comes from ``size``, the DP count of the rows (default: their exact
+    number, for tests and tools that release nothing), never from the rows themselves: its
+    length is the schedule that :func:`common.privacy.steps_per_epoch` plans and the
+    accountant records, and it must not differ between neighbouring data sets."""
     plain = DataLoader(
         data, batch_size=batch_size, shuffle=not (dp and poisson), generator=generator
     )
     if not (dp and poisson):
         return plain
-    loader = DPDataLoader.from_data_loader(plain, generator=generator)
-    if len(loader) != steps_per_epoch(len(data), batch_size):
+    planned = len(data) if size is None else size
+    loader = DPDataLoader(data, sample_rate=sample_rate(planned, batch_size), generator=generator)
+    if len(loader) != steps_per_epoch(planned, batch_size):
         raise RuntimeError("Poisson loader and privacy plan disagree on the steps per epoch")
     return loader
 
@@ -93,11 +101,13 @@ def train_round(
     seed: int | None = None,
     poisson_sampling: bool = True,
     proximal_mu: float = 0.0,
+    size: int | None = None,
 ) -> RoundResult:
     """Train ``cfg.train.local_epochs`` epochs in place. ``seed`` fixes noise, sampling and
     dropout for tests (never in production: None draws from the OS CSPRNG).
     ``poisson_sampling=False`` exists so that tests can compare DP-SGD and plain SGD on
-    identical batches.
+    identical batches. ``size`` is the DP count of the rows the sample rate is planned from
+    (:func:`round_loader`).
 
     ``proximal_mu`` > 0 adds FedProx's pull towards the starting (global) adapter. It is
     applied after each optimizer step rather than through the loss: Opacus computes
@@ -115,7 +125,9 @@ def train_round(
     if seed is not None:  # after embed, whose loader draws from the global generator
         torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(os_seed() if seed is None else seed)
-    loader = round_loader(data, cfg.train.batch_size, cfg.dp.enabled, poisson_sampling, generator)
+    loader = round_loader(
+        data, cfg.train.batch_size, cfg.dp.enabled, poisson_sampling, generator, size
+    )
     optimizer = make_optimizer(target, cfg, target if head_only else None)
     noise_generator = torch.Generator(device=device).manual_seed(
         os_seed() if seed is None else seed + 1

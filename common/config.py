@@ -36,6 +36,12 @@ Strategy = Literal[  # server.strategy.AGGREGATORS: Flower's strategies
 Accountant = Literal["rdp", "prv"]  # Opacus accountants with an independent check in the audit
 GradSampleMode = Literal["hooks", "fused"]
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
+# Bounds on the run config's values that size tensors at a node: a value the server picks
+# must never make a node's memory, or an error, depend on its rows (docs/threat-model.md).
+MAX_LENGTH = 4096  # model.max-length, tokens
+MAX_BATCH = 65536  # train.batch-size
+MAX_RANK = 256  # lora.rank
+MAX_EVAL_FRACTION = 0.5  # data.eval-fraction (node config eval-fraction in deployment)
 
 
 class ConfigError(PrivatuneError):
@@ -70,6 +76,7 @@ class ModelSettings:
         return [t.strip() for t in self.label_texts.split(";")] if self.label_texts.strip() else []
 
     def __post_init__(self) -> None:
+        _within("model.max-length", self.max_length, 1, MAX_LENGTH)
         if self.instruction.count("{text}") != 1:
             raise ConfigError(
                 f"model.instruction must hold {{text}} exactly once, got {self.instruction!r}"
@@ -103,6 +110,9 @@ class LoraSettings:
     target_modules: str
     client_ranks: str  # simulation: ranks by partition id, cycled ("8,4,2"); "" = all lora.rank
 
+    def __post_init__(self) -> None:
+        _within("lora.rank", self.rank, 1, MAX_RANK)
+
     @property
     def ranks(self) -> list[int]:
         return [int(r) for r in self.client_ranks.split(",") if r.strip()]
@@ -120,6 +130,10 @@ class TrainSettings:
     head_learning_rate: float
     optimizer: Optimizer
     trainable: Trainable
+
+    def __post_init__(self) -> None:
+        _within("train.batch-size", self.batch_size, 1, MAX_BATCH)
+        _within("train.local-epochs", self.local_epochs, 1, 1000)
 
 
 @dataclass(frozen=True)
@@ -196,6 +210,7 @@ class PrivacyPolicy:
     max_delta: float  # the largest dp.delta the institution accepts (also below 1/n)
     accountants: str  # accountants the institution accepts for dp.accountant
     local_eval_noise: float  # noise multiplier of local evaluation's confusion matrix; 0 = off
+    count_noise: float  # std (rows) of the DP count of the training rows
     allow_non_private: bool  # whether dp.enabled = false may train on this data at all
     insecure_seed: int  # testing only, -1 = off: noise and sampling from this fixed seed
 
@@ -206,6 +221,7 @@ class PrivacyPolicy:
             self.max_delta,
             self.accountant_list,
             self.local_eval_noise,
+            self.count_noise,
         )
 
     @property
@@ -214,7 +230,12 @@ class PrivacyPolicy:
 
 
 def check_policy(
-    prefix: str, max_epsilon: float, max_delta: float, accountants: list[str], eval_noise: float
+    prefix: str,
+    max_epsilon: float,
+    max_delta: float,
+    accountants: list[str],
+    eval_noise: float,
+    count_noise: float,
 ) -> None:
     """An institution's policy values, from a node config or the ``privacy`` section."""
     if not (math.isfinite(max_epsilon) and max_epsilon > 0):
@@ -229,6 +250,11 @@ def check_policy(
         _one_of(f"{prefix}accountants", name, ACCOUNTANTS)
     if not (math.isfinite(eval_noise) and eval_noise >= 0):
         raise ConfigError(f"{prefix}local-eval-noise must be 0 (off) or positive")
+    if not (math.isfinite(count_noise) and count_noise > 0):
+        raise ConfigError(
+            f"{prefix}count-noise must be above 0 (the training-row count is released "
+            "under DP only)"
+        )
 
 
 @dataclass(frozen=True)
@@ -242,8 +268,7 @@ class DataSettings:
     encoding: str  # of CSV, TSV and JSON Lines files, e.g. "latin-1" (Parquet stores its own)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.eval_fraction < 1:
-            raise ConfigError(f"data.eval-fraction must lie in [0, 1), got {self.eval_fraction!r}")
+        check_eval_fraction("data.eval-fraction", self.eval_fraction)
 
     @property
     def label_names(self) -> list[str]:
@@ -327,6 +352,18 @@ class RunConfig:
             for key, value in dataclasses.asdict(getattr(self, section.name)).items():
                 out[_key(section.name, key)] = value
         return out
+
+
+def check_eval_fraction(key: str, value: float) -> None:
+    """The local evaluation split's share, from the run config (simulation) or the node
+    config (deployment): at most half, so that training keeps most rows."""
+    if not 0 <= value <= MAX_EVAL_FRACTION:
+        raise ConfigError(f"{key} must lie in [0, {MAX_EVAL_FRACTION}], got {value!r}")
+
+
+def _within(key: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"config key '{key}' must lie in [{low}, {high}], got {value!r}")
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -152,23 +152,15 @@ def record_position(text: str, label: int) -> float:
 def split_local(data: LabeledText, eval_fraction: float) -> tuple[LabeledText, LabeledText]:
     """Split off a local evaluation set: a record goes to it when its own hash
     (:func:`record_position`) falls below ``eval_fraction``. Each record's side depends on
-    that record alone, so adding or removing one record changes no other record's side
-    (DP-SGD's guarantee is for training sets that differ in one record; a split seeded by
-    the whole file would reshuffle them all), and the server chooses nothing. Neither side is
-    left empty: on tiny files the lowest or highest record moves."""
-    if len(data) < 2:
-        raise DataError(
-            f"{data.path}: {len(data)} row(s); at least 2 are needed to split",
-            public=f"{data.path}: too few rows to split off a local evaluation set",
-        )
+    that record alone, never on the others, so adding or removing one record changes the
+    training set by that record only (DP-SGD's neighbouring relation), and the server chooses
+    nothing. Either side may be empty; an empty training side is an error."""
     position = np.array(
         [record_position(t, y) for t, y in zip(data.texts, data.labels, strict=True)]
     )
     held = position < eval_fraction
-    if not held.any():
-        held[position.argmin()] = True
     if held.all():
-        held[position.argmax()] = False
+        raise DataError(f"{data.path}: no training rows left after the local evaluation split")
     return data.subset(np.flatnonzero(~held)), data.subset(np.flatnonzero(held))
 
 

@@ -97,7 +97,7 @@ def evaluate(
 
 def noised_confusion(
     model: torch.nn.Module,
-    data: TensorDataset,
+    data: TensorDataset | None,
     num_labels: int,
     device: torch.device,
     noise_multiplier: float,
@@ -105,8 +105,10 @@ def noised_confusion(
 ) -> np.ndarray:
     """The confusion matrix plus Gaussian noise of std ``noise_multiplier`` on every cell:
     one record moves one cell by one (L2 sensitivity 1), so this is the Gaussian mechanism
-    that :func:`common.privacy.evaluation_release` accounts."""
-    _, y_pred, y_true = predict(model, data, device)
-    matrix = confusion(y_true, y_pred, num_labels)
+    that :func:`common.privacy.count_release` accounts. ``data`` None: no rows, noise only."""
+    matrix = np.zeros((num_labels, num_labels))
+    if data is not None:
+        _, y_pred, y_true = predict(model, data, device)
+        matrix = confusion(y_true, y_pred, num_labels)
     noise = torch.normal(0.0, noise_multiplier, matrix.shape, generator=generator)
     return matrix + noise.double().numpy()

@@ -3,15 +3,20 @@
 With ``train.trainable = "head"`` the encoder and its (zero) adapter never change, so a text's
 embedding is the same in every round and every run that uses the same model, length and
 pooling. It is computed once and kept on the node's own disk, one file per batch of new texts,
-keyed by a hash of the text: re-splitting the data, another run or another process reuses it.
+keyed by an HMAC of the text under a node-local secret (so that nobody can test a candidate
+text against the keys): re-splitting the data, another run or another process reuses it.
 The cache holds data derived from the institution's texts; it lives beside the node's other
-private files (``PRIVATUNE_CACHE``, default ``~/.cache/privatune``) and never leaves the node.
+private files (``PRIVATUNE_CACHE``, default ``~/.cache/privatune``), readable by its owner
+only (folders 0700, files 0600, as the ledger), and never leaves the node.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import hmac
 import os
+import secrets
 import uuid
 from pathlib import Path
 
@@ -23,11 +28,46 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.config import RunConfig
 from common.data import LabeledText, tokenize
 from common.errors import ModelError
+from common.ledger import state_root
 from common.model import load_tokenizer, resolve_model_path
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("PRIVATUNE_CACHE") or Path.home() / ".cache" / "privatune")
+
+
+def private_dir(folder: Path) -> Path:
+    """``folder`` and every folder of it below the cache root, readable by the owner only."""
+    root = cache_root()
+    chain = [folder, *folder.parents]
+    for path in reversed(chain[: chain.index(root) + 1] if root in chain else [folder]):
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)  # a folder made before this rule
+    return folder
+
+
+@functools.cache
+def _secret(path: Path) -> bytes:
+    """The node-local HMAC key of the cache's text keys, made once (0600)."""
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+def private_save(obj: object, folder: Path) -> None:
+    """``torch.save`` into a new 0600 file of ``folder``, atomically (readers never see a
+    part)."""
+    tmp = folder / f".{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        torch.save(obj, f)
+    tmp.rename(folder / f"{uuid.uuid4().hex}.pt")
 
 
 @torch.no_grad()
@@ -96,7 +136,8 @@ def _known(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _key(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    secret = _secret(state_root() / "cache.secret")
+    return hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()
 
 
 def cached_embed(model: PeftModel, data: LabeledText, cfg: RunConfig) -> TensorDataset:
@@ -110,9 +151,6 @@ def cached_embed(model: PeftModel, data: LabeledText, cfg: RunConfig) -> TensorD
         tokens = tokenize(new, load_tokenizer(cfg), cfg.model.max_length)
         features = embed(model, tokens).tensors[0]
         shard = {"keys": [keys[i] for i in missing], "features": features}
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{uuid.uuid4().hex}.tmp"
-        torch.save(shard, tmp)
-        tmp.rename(folder / f"{uuid.uuid4().hex}.pt")  # atomic: readers never see a part
+        private_save(shard, private_dir(folder))
         known.update(zip(shard["keys"], features, strict=True))
     return TensorDataset(torch.stack([known[k] for k in keys]), torch.from_numpy(data.labels))

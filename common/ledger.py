@@ -1,21 +1,31 @@
 """The privacy ledger: an institution's own append-only, hash-chained, signed record of every
-release its data took part in (training rounds, local evaluations) and every refusal.
+release its data took part in (training rounds, local evaluations, the DP count of its
+training rows) and every refusal.
 
 One JSON object per line. The first record is the genesis: it names the institution and
 holds the public half of the node-local signing key. Every record holds the SHA-256 of the
 previous one, its own hash over its canonical JSON, and a signature of that hash, so editing,
 deleting or reordering a record breaks the chain at a record :func:`verify_chain` names, and
-rebuilding the chain needs the institution's private key.
+rebuilding the chain needs the institution's private key. Every record also holds a fresh
+256-bit secret ``nonce`` from the OS CSPRNG: the head that travels to the server is then a
+hiding commitment, which the server cannot recompute from candidate data files, times and
+budgets (the data fingerprint in a record stays on the node).
 
 Three anchors keep a ledger from failing open:
-- a node-local anchor file (``<ledger>.anchor``: record count and head hash after the last
-  append): a ledger found missing, shorter, or different at that record is refused;
-- every training reply carries the ledger's count and head to the server, which records
-  them per round; ``privatune audit RUN`` checks each ledger against them;
+- a node-local anchor file (record count and head hash after the last append), kept outside
+  the ledger's folder (the node config's ``anchor-path``, by default under
+  :func:`state_root`), so that restoring a backup of the ledger's folder does not bring an old
+  anchor back; a ledger whose anchor is missing once it holds a release is refused, as is
+  one found shorter, or different at that record;
+- every reply carries the ledger's count and head to the server, which records them per
+  round (``privatune audit RUN``) and sends the last count back with every request: a
+  ledger shorter than what the node already reported is refused;
 - an exclusive lock (``<ledger>.lock``) is held from the budget check to the append, so two
   processes never both spend the same remaining budget.
-Appends write a uniquely named temporary sibling, fsync it and rename it over the original:
-a crash leaves either the old or the new ledger, never a torn line.
+The signing key lives outside the ledger's folder too (``signing-key``, by default under
+:func:`state_root`), so that whoever holds a copy of the folder cannot re-sign a rewritten
+chain. Appends write a uniquely named temporary sibling, fsync it and rename it over the
+original: a crash leaves either the old or the new ledger, never a torn line.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -39,10 +50,12 @@ from common.errors import PrivatuneError
 from common.privacy import Mechanism
 
 GENESIS = "0" * 64
-FORMAT = "privatune-ledger/2"
+FORMAT = "privatune-ledger/3"
+OLD_FORMAT = "privatune-ledger/2"  # before nonces and counts: still read and audited
 MECHANISM = "poisson-subsampled-gaussian (DP-SGD)"
-STATUSES = ("genesis", "trained", "evaluated", "refused")
-SPENDING = ("trained", "evaluated")  # records whose mechanism counts against the budget
+COUNT_MECHANISM = "gaussian (training-row count, L2 sensitivity 1)"
+STATUSES = ("genesis", "trained", "evaluated", "counted", "refused")
+SPENDING = ("trained", "evaluated", "counted")  # records whose mechanism counts against the budget
 NOISE_FROM_OS = "os-csprng"
 
 
@@ -75,6 +88,8 @@ class LedgerRecord:
     adapter_fingerprint: str
     public_key: str  # genesis only: the OpenSSH public key that signs every record
     prev_hash: str
+    count: int = 0  # status "counted": the released DP count of the training rows
+    nonce: str = ""  # 256 secret bits (OS CSPRNG): the head is a hiding commitment
     hash: str = ""
     signature: str = ""
 
@@ -83,8 +98,15 @@ class LedgerRecord:
         return Mechanism(self.noise_multiplier, self.sample_rate, self.steps)
 
 
+def _fields(fmt: object) -> set[str]:
+    """The fields a record of this format holds (format 2 had no count and no nonce)."""
+    names = set(LedgerRecord.__dataclass_fields__)
+    return names - {"count", "nonce"} if fmt == OLD_FORMAT else names
+
+
 def record_hash(fields: dict) -> str:
-    body = {k: v for k, v in fields.items() if k not in ("hash", "signature")}
+    keep = _fields(fields.get("format")) - {"hash", "signature"}
+    body = {k: v for k, v in fields.items() if k in keep}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -94,12 +116,12 @@ def read_records(path: Path) -> list[LedgerRecord]:
     if not path.exists():
         return []
     records = []
-    names = set(LedgerRecord.__dataclass_fields__)
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as e:
             raise LedgerError(f"{path}: record {lineno}: not valid JSON ({e.msg})") from e
+        names = _fields(raw.get("format") if isinstance(raw, dict) else None)
         if not isinstance(raw, dict) or set(raw) != names:
             got = set(raw) if isinstance(raw, dict) else set()
             raise LedgerError(
@@ -164,7 +186,7 @@ def new_key(path: Path) -> SigningKey:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
@@ -211,13 +233,42 @@ def sibling(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
+def state_root() -> Path:
+    """The node's own state outside any ledger or run folder: signing keys, anchors and the
+    cache secret (``PRIVATUNE_STATE``, default ``~/.local/state/privatune``)."""
+    default = Path.home() / ".local" / "state" / "privatune"
+    return Path(os.environ.get("PRIVATUNE_STATE") or default)
+
+
+def _state_file(path: Path, kind: str, suffix: str) -> Path:
+    """A per-ledger file under :func:`state_root`, named after the ledger's absolute path."""
+    digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    return state_root() / kind / f"{Path(path).stem}-{digest}{suffix}"
+
+
+def default_key(path: Path) -> Path:
+    return _state_file(path, "keys", ".key")
+
+
+def default_anchor(path: Path) -> Path:
+    return _state_file(path, "anchors", ".anchor")
+
+
 class Ledger:
     """An institution's ledger file, verified on open (chain, signatures, anchor), so a
-    tampered, truncated or missing ledger stops training."""
+    tampered, truncated, restored or missing ledger stops training. ``seen`` is the record
+    count the server last received from this node: a ledger shorter than that is refused."""
 
-    def __init__(self, path: Path, key_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        key_path: Path | None = None,
+        anchor_path: Path | None = None,
+        seen: int = 0,
+    ) -> None:
         self.path = Path(path)
-        self.key_path = Path(key_path) if key_path else sibling(self.path, ".key")
+        self.key_path = Path(key_path) if key_path else default_key(self.path)
+        self.anchor_path = Path(anchor_path) if anchor_path else default_anchor(self.path)
         if not self.path.exists():
             raise LedgerError(
                 f"{self.path}: no ledger; create it once with `privatune ledger init "
@@ -227,19 +278,33 @@ class Ledger:
         verify_chain(self.path, self.records)
         if not self.records:
             raise LedgerError(f"{self.path}: empty ledger (no genesis record)")
+        if len(self.records) < seen:
+            raise LedgerError(
+                f"{self.path}: {len(self.records)} records, fewer than the {seen} this node "
+                "already reported to the server: an old copy of the ledger was restored"
+            )
         self._check_anchor()
 
     @classmethod
-    def create(cls, path: Path, institution: str, key_path: Path | None = None) -> Ledger:
+    def create(
+        cls,
+        path: Path,
+        institution: str,
+        key_path: Path | None = None,
+        anchor_path: Path | None = None,
+    ) -> Ledger:
         """A new ledger holding its genesis record, signed with the node's key (created
-        beside the ledger when the institution names none). Refuses to replace anything."""
+        under :func:`state_root` when the institution names none). Refuses to replace
+        anything."""
         path = Path(path)
-        key_path = Path(key_path) if key_path else sibling(path, ".key")
-        if path.exists() or sibling(path, ".anchor").exists():
+        key_path = Path(key_path) if key_path else default_key(path)
+        anchor_path = Path(anchor_path) if anchor_path else default_anchor(path)
+        if path.exists() or anchor_path.exists():
             raise LedgerError(f"{path}: a ledger (or its anchor) already exists; not replaced")
         key = load_key(key_path) if key_path.exists() else new_key(key_path)
         ledger = cls.__new__(cls)
-        ledger.path, ledger.key_path, ledger.records = path, key_path, []
+        ledger.path, ledger.key_path, ledger.anchor_path = path, key_path, anchor_path
+        ledger.records = []
         ledger._write(
             key,
             institution=institution,
@@ -266,20 +331,26 @@ class Ledger:
     @classmethod
     @contextlib.contextmanager
     def locked(
-        cls, path: Path, key_path: Path | None = None, create_for: str = ""
+        cls,
+        path: Path,
+        key_path: Path | None = None,
+        anchor_path: Path | None = None,
+        create_for: str = "",
+        seen: int = 0,
     ) -> Iterator[Ledger]:
         """The ledger under an exclusive lock, held until the block ends (from the budget
         check to the append). ``create_for`` names the institution of a ledger to create
         when there is none and never was (no anchor): simulations only."""
         path = Path(path)
+        anchor = Path(anchor_path) if anchor_path else default_anchor(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(sibling(path, ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if create_for and not path.exists() and not sibling(path, ".anchor").exists():
-                    yield cls.create(path, create_for, key_path)
+                if create_for and not path.exists() and not anchor.exists() and not seen:
+                    yield cls.create(path, create_for, key_path, anchor)
                 else:
-                    yield cls(path, key_path)
+                    yield cls(path, key_path, anchor, seen)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -293,8 +364,14 @@ class Ledger:
         return len(self.records), self.records[-1].hash
 
     def _check_anchor(self) -> None:
-        anchor = sibling(self.path, ".anchor")
+        anchor = self.anchor_path
         if not anchor.exists():
+            if len(self.records) > 1:  # a new ledger (genesis only) has nothing to reset
+                raise LedgerError(
+                    f"{self.path}: its anchor ({anchor}) is missing although the ledger holds "
+                    "releases: a restored or copied ledger could reset the budget; refusing "
+                    "(name the anchor's path in the node config's anchor-path)"
+                )
             return
         try:
             known = json.loads(anchor.read_text())
@@ -320,9 +397,24 @@ class Ledger:
             raise LedgerError(f"{self.path}: epsilon is NaN; refusing to write")
         return self._write(load_key(self.key_path), **{"public_key": "", **fields})
 
+    def count_for(self, fingerprint: str) -> int | None:
+        """The DP count this ledger already released for a training set, if any (reusing it
+        is post-processing: no new cost)."""
+        for rec in reversed(self.records):
+            if rec.status == "counted" and rec.data_fingerprint == fingerprint:
+                return rec.count
+        return None
+
     def _write(self, key: SigningKey, **fields) -> LedgerRecord:
         prev = self.records[-1].hash if self.records else GENESIS
-        body = {"format": FORMAT, "mechanism": MECHANISM, **fields, "prev_hash": prev}
+        body = {
+            "format": FORMAT,
+            "mechanism": MECHANISM,
+            "count": 0,
+            **fields,
+            "prev_hash": prev,
+            "nonce": secrets.token_hex(32),
+        }
         body["hash"] = record_hash(body)
         body["signature"] = _sign(key, body["hash"])
         record = LedgerRecord(**body)
@@ -331,15 +423,13 @@ class Ledger:
         _atomic_write(self.path, old + line)
         self.records.append(record)
         count, head = self.head
-        _atomic_write(
-            sibling(self.path, ".anchor"), json.dumps({"records": count, "head": head}).encode()
-        )
+        _atomic_write(self.anchor_path, json.dumps({"records": count, "head": head}).encode())
         return record
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write a uniquely named temporary sibling, fsync, rename over ``path``, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

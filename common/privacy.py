@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,10 +107,26 @@ def independent_epsilon(history: Sequence[Mechanism], delta: float, method: str 
     return float(acc.get_epsilon(delta))
 
 
-def evaluation_release(noise_multiplier: float) -> Mechanism:
-    """One noised confusion matrix of a local evaluation: a Gaussian mechanism on counts of
-    L2 sensitivity 1 (adding or removing one record moves one cell by one), no sampling."""
+NEIGHBOURING = (
+    "add/remove one record (one row of the institution's file); the training-set size each "
+    "node uses is itself a DP count"
+)
+
+
+def count_release(noise_multiplier: float) -> Mechanism:
+    """A Gaussian mechanism on counts of L2 sensitivity 1, no sampling: adding or removing
+    one record moves one count by one. A local evaluation's noised confusion matrix is one
+    (one cell moves), and so is the DP count of an institution's training rows, from which
+    its sample rate, steps and aggregation weight follow (:func:`public_size`)."""
     return Mechanism(noise_multiplier, 1.0, 1)
+
+
+def public_size(true_count: int, noise_multiplier: float, rng: random.Random) -> int:
+    """The training-set size a node plans with and reports: the true count plus Gaussian
+    noise of std ``noise_multiplier`` (``rng``: ``random.SystemRandom()`` but in tests),
+    rounded and at least 1 (post-processing). Under add/remove neighbours the exact count
+    differs by one; this one is DP."""
+    return max(1, round(true_count + rng.gauss(0.0, noise_multiplier)))
 
 
 @dataclass(frozen=True)
@@ -132,35 +149,38 @@ def plan(
     sample_rate_: float,
     accountant: str = "rdp",
     eval_noise: float = 0.0,
+    count_noise: float = 0.0,
 ) -> Plan:
     """Noise for a client that takes part in every one of ``rounds`` rounds (and, with
-    ``eval_noise`` > 0, releases a noised local evaluation after each); a client that is
-    sampled less often spends less. Used by the client and by ``privatune plan``."""
+    ``eval_noise`` > 0, releases a noised local evaluation after each; with ``count_noise``
+    > 0, releases the DP count of its training rows once); a client that is sampled less
+    often spends less. Used by the client and by ``privatune plan``."""
     if not (target_epsilon > 0 and 0 < delta < 1 and rounds > 0 and 0 < sample_rate_ <= 1):
         raise ValueError("need target epsilon > 0, 0 < delta < 1, rounds > 0, 0 < rate <= 1")
     per_round = local_epochs * round(1 / sample_rate_)
-    extra = [evaluation_release(eval_noise)] if eval_noise > 0 else []
+    extra = [count_release(eval_noise)] if eval_noise > 0 else []
+    once = [count_release(count_noise)] if count_noise > 0 else []
 
     def history(sigma: float, r: int) -> list[Mechanism]:
-        return [Mechanism(sigma, sample_rate_, per_round), *extra] * r
+        return [*once, *[Mechanism(sigma, sample_rate_, per_round), *extra] * r]
 
-    if not extra:
-        sigma = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate_,
-            steps=per_round * rounds,
-            accountant=accountant,
-        )
-    else:
-        if epsilon(extra * rounds, delta, accountant) >= target_epsilon:
+    sigma = get_noise_multiplier(
+        target_epsilon=target_epsilon,
+        target_delta=delta,
+        sample_rate=sample_rate_,
+        steps=per_round * rounds,
+        accountant=accountant,
+    )
+    if extra or once:  # the training alone at target: more noise makes room for the rest
+        if epsilon([*once, *extra * rounds], delta, accountant) >= target_epsilon:
             raise ValueError(
-                f"the local evaluations alone (noise {eval_noise}) spend epsilon "
-                f"{target_epsilon} or more over {rounds} rounds; raise the evaluation noise"
+                f"the local evaluations (noise {eval_noise}) and the row count (noise "
+                f"{count_noise}) alone spend epsilon {target_epsilon} or more over {rounds} "
+                "rounds; raise their noise"
             )
-        low, high = 0.0, 1.0
+        low, high = sigma, sigma * 1.02
         while epsilon(history(high, rounds), delta, accountant) > target_epsilon:
-            low, high = high, 2 * high
+            low, high = high, high + 2 * (high - low)
         while high - low > 1e-3 * high:
             mid = (low + high) / 2
             if epsilon(history(mid, rounds), delta, accountant) > target_epsilon:

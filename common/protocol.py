@@ -16,9 +16,10 @@ RUN_NAME = "run-name"
 SERVER_ROUND = "server-round"  # the run's round number (a resumed run continues it)
 PROXIMAL_MU = "proximal-mu"  # fedprox only
 NAMES_KEY = "adapter-names"  # SecAgg+ rounds: legacy parameters carry no tensor names
+LEDGER_SEEN = "ledger-seen"  # the record count this node last reported: a shorter ledger is refused
 
 # --- replies (client -> server): "metrics" record -------------------------------------------
-NUM_EXAMPLES = "num-examples"  # public (threat model): the aggregation weight
+NUM_EXAMPLES = "num-examples"  # the DP count of the training rows: the aggregation weight
 REFUSED = "refused"  # 1: the institution's budget or policy refused the round
 EPSILON = "epsilon"  # cumulative, from the institution's ledger
 DELTA = "delta"

@@ -47,6 +47,8 @@ from common.protocol import (
     EPSILON,
     EVALUATED,
     INSTITUTION,
+    LEDGER_RECORDS,
+    LEDGER_SEEN,
     NUM_EXAMPLES,
     REFUSED,
     TRAIN_LOSS,
@@ -154,6 +156,7 @@ class AdapterRounds(FedAvg):
         self.global_arrays = {k: np.asarray(v) for k, v in expected.items()}
         self.max_update_norm = max_update_norm
         self._accepted: set[str] = set()  # message ids already validated and counted
+        self._seen: dict[int, int] = {}  # node id -> ledger records it last reported
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -177,14 +180,24 @@ class AdapterRounds(FedAvg):
         return messages
 
     def _on_the_wire(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
-        """The instructions with the adapter in the transport precision, cast once for all;
-        the strategy's own state (a server optimiser's current arrays) keeps float32."""
+        """The instructions with the adapter in the transport precision, cast once for all
+        (the strategy's own state, a server optimiser's current arrays, keeps float32), and
+        with the ledger length each node last reported, below which its ledger is refused."""
         messages = list(messages)
         if self.transport_dtype != "float32" and messages:
             wire = to_record(from_record(arrays), self.transport_dtype)
             for msg in messages:
                 _replace_arrays(msg, wire)
+        for msg in messages:
+            config = ConfigRecord(dict(msg.content["config"]))
+            config[LEDGER_SEEN] = self._seen.get(msg.metadata.dst_node_id, 0)
+            msg.content["config"] = config
         return messages
+
+    def _note_ledger(self, msg: Message) -> None:
+        info = msg.content.config_records.get("info", {})
+        if LEDGER_RECORDS in info:
+            self._seen[msg.metadata.src_node_id] = int(info[LEDGER_RECORDS])
 
     def accept(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The replies that may be aggregated; everything else is logged and counted.
@@ -202,6 +215,7 @@ class AdapterRounds(FedAvg):
                 log.warning("node %d failed: %s", node, msg.error.reason)
                 continue
             stats.bytes_received += _message_bytes(msg.content)
+            self._note_ledger(msg)
             who = _institution(msg)
             metrics = next(iter(msg.content.metric_records.values()), {})
             stats.note(who, {**metrics, **msg.content.config_records.get("info", {})})
@@ -287,6 +301,7 @@ class AdapterRounds(FedAvg):
                 stats.failed[f"node-{msg.metadata.src_node_id}"] = str(msg.error.reason)
                 continue
             stats.bytes_received += _message_bytes(msg.content)
+            self._note_ledger(msg)
             metrics = _metrics(msg)
             stats.note(_institution(msg), {**metrics, **msg.content.config_records.get("info", {})})
             if metrics.get(EVALUATED):

@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from flwr.simulation import run_simulation
 
 from client.app import check_request
 from client.app import create_app as create_client_app
-from client.institution import Policy
+from client.institution import Policy, simulated_state
 from common.config import RunConfig, Scalar, app_defaults, stored_flat
 from common.data import DataError
 from server.app import check_run_dir
@@ -116,6 +117,11 @@ def run_flat(
     """Run a fully resolved configuration in Flower's simulation engine (one CPU per client);
     ``mods`` are Flower client mods, e.g. to record what clients send."""
     preflight(flat)
+    if not flat["run.resume"]:  # preflight found no run there: its node state is stale
+        shutil.rmtree(
+            simulated_state(Path(str(flat["run.output-dir"])), str(flat["run.name"])),
+            ignore_errors=True,
+        )
     test = str(flat["data.test-path"])  # prepared by now; the server would find out in Ray
     if test and not Path(test).is_file():
         raise DataError(f"{test}: data.test-path: file not found")

@@ -21,6 +21,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # The embedding cache (common.features) of this test session only; Ray workers inherit it.
 os.environ["PRIVATUNE_CACHE"] = tempfile.mkdtemp(prefix="privatune-test-cache-")
+# The nodes' state (signing keys, anchors, the cache secret) of this test session only.
+os.environ["PRIVATUNE_STATE"] = tempfile.mkdtemp(prefix="privatune-test-state-")
 torch.set_num_threads(1)
 
 

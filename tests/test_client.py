@@ -10,15 +10,17 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from helpers import metadata
 
-from client.app import create_app
+from client.app import DATA_FAILED, create_app
 from client.train import train_round
 from common.adapter import get_trainable, to_record
 from common.config import resolve
 from common.data import load_labeled, tokenize
-from common.ledger import Ledger
+from common.ledger import Ledger, read_records
+from common.protocol import error_reason
 from common.model import build_model, load_tokenizer
 
-POLICY = {"max-delta": 1e-5, "accountants": "rdp"}  # a deployed node's own policy
+# a deployed node's own policy and schema
+POLICY = {"max-delta": 1e-5, "accountants": "rdp", "labels": "negative,neutral,positive"}
 
 
 def _message(cfg, kind: str, server_round: int = 1, arrays=None) -> Message:
@@ -30,6 +32,10 @@ def _message(cfg, kind: str, server_round: int = 1, arrays=None) -> Message:
         }
     )
     return Message(content=content, metadata=metadata(1, kind, src=0))
+
+
+def ledger_of(cfg, name: str):
+    return cfg.run.output_dir + f"/{cfg.run.name}/privacy/{name}.jsonl"
 
 
 def _context(flat, partition_id=0, **node) -> Context:
@@ -62,7 +68,10 @@ def test_reply_holds_exactly_the_trainable_tensors_and_scalars(tiny_flat, tiny_c
         "noise-multiplier",
         "steps",
     }
-    assert 0 < metrics["epsilon"] < math.inf and metrics["num-examples"] == 32
+    assert 0 < metrics["epsilon"] < math.inf
+    # the weight is the DP count of the 32 training rows, which the ledger records
+    counted = [r for r in read_records(ledger_of(tiny_cfg, "hospital-a")) if r.status == "counted"]
+    assert [r.count for r in counted] == [metrics["num-examples"]] and counted[0].count >= 1
     assert set(reply.content["info"]) == {"institution", "ledger-records", "ledger-head"}
     plain = app(
         _message(tiny_cfg, "train"),
@@ -88,9 +97,8 @@ def test_bad_data_is_a_one_line_error_reply_without_data(tiny_flat, tiny_cfg, fe
     )
     reply = create_app()(_message(tiny_cfg, "train"), _context(tiny_flat))
     assert reply.has_error()
-    reason = reply.error.reason
-    assert "hospital-a.csv" in reason and "'label'" in reason and "\n" not in reason
-    assert "excellent" not in reason and "row" not in reason  # no value, no row number
+    # fixed text: no file name, value, row or column the data could change
+    assert reply.error.reason == error_reason("hospital-a", DATA_FAILED)
 
 
 def _dataset(cfg, path, rows):
@@ -136,7 +144,6 @@ def test_small_budget_refuses_the_round_that_would_cross_it(
 ):
     """Node config sets the institution's own budget; the ledger never exceeds it."""
     from common.audit import audit
-    from common.ledger import read_records
 
     ledger = tmp_path / "ledger" / "a.jsonl"
     Ledger.create(ledger, "hospital-a")
@@ -162,7 +169,8 @@ def test_small_budget_refuses_the_round_that_would_cross_it(
     refused = [r.content["metrics"]["refused"] for r in replies]
     assert refused == [0, 1, 1]  # planned for 8 over 2 rounds: round 2 would cross 7
     assert all("arrays" not in r.content for r, x in zip(replies, refused, strict=True) if x)
-    _, *records = read_records(ledger)
+    _, counted, *records = read_records(ledger)
+    assert counted.status == "counted"  # the DP count of its rows, once
     assert [r.status for r in records] == ["trained" if not x else "refused" for x in refused]
     assert max(r.epsilon for r in records) <= 7.0
     (result,) = audit(ledger)
@@ -187,7 +195,9 @@ def test_lifetime_budget_composes_across_runs(tiny_flat, federation_dir, tmp_pat
         eps.append(create_app()(msg, ctx).content["metrics"]["epsilon"])
     from opacus.accountants import RDPAccountant
 
+    _, counted, first, second = read_records(ledger)  # one count for both runs: same data
+    assert counted.status == "counted" and first.sample_rate == second.sample_rate
     acc = RDPAccountant()
-    acc.history = [(1.5, 1 / 4, 8)]  # 32 training rows, batch 8: q = 1/4, 4 steps x 2 runs
+    acc.history = [(1.5, first.sample_rate, first.steps * 2), (20.0, 1.0, 1)]
     assert eps[1] > eps[0]
     assert eps[1] == pytest.approx(acc.get_epsilon(tiny_flat["dp.delta"]), rel=1e-9)

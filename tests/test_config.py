@@ -44,7 +44,7 @@ def test_unknown_and_mistyped_keys_fail_loudly():
     with pytest.raises(ConfigError, match=r"dp\.delta.*missing"):
         RunConfig.from_flat(flat)
     for share in (-0.1, 1.0):
-        with pytest.raises(ConfigError, match=r"data\.eval-fraction must lie in \[0, 1\)"):
+        with pytest.raises(ConfigError, match=r"data\.eval-fraction must lie in \[0, 0.5\]"):
             resolve({"data.eval-fraction": share})
     assert resolve({"data.eval-fraction": 0.0}).data.eval_fraction == 0.0
 

@@ -20,7 +20,7 @@ from helpers import metadata, reply
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.app import create_app, local_data
+from client.app import CONFIG_FAILED, LEDGER_FAILED, create_app, local_data
 from client.institution import Institution
 from client.train import train_round
 from common.adapter import from_record, get_trainable, set_trainable, to_record
@@ -30,6 +30,7 @@ from common.data import DataError, tokenize
 from common.ledger import Ledger, LedgerError, read_records, record_hash, spent
 from common.model import build_model, load_tokenizer
 from common.privacy import Mechanism, epsilon, sample_rate, steps_per_epoch
+from common.protocol import error_reason
 from server.round_log import RoundLog
 from server.strategy import CentralDP, make_strategy
 from simulations.simulate import preflight, run_flat
@@ -78,7 +79,7 @@ def test_server_replaying_every_seed_it_knows_cannot_remove_the_noise(tiny_flat)
     assert diff > 0  # identical request, different release
 
     site = Institution.from_context(_ctx(flat), cfg, cfg.run.name)
-    _, train_set, _ = local_data(site, cfg)
+    _, train_set, _ = local_data(site)
     data = tokenize(train_set, load_tokenizer(cfg), cfg.model.max_length)
     old_seed = cfg.run.seed * 1_000_003 + 1 * 1009 + zlib.crc32(b"hospital-a") % 997
     for seed in (old_seed, cfg.run.seed, 0):
@@ -191,12 +192,16 @@ def test_deployed_node_without_its_own_policy_refuses(tiny_flat, federation_dir,
     cfg = resolve(tiny_flat)
     node = {"institution": "hospital-a", "data-path": str(federation_dir / "hospital-a.csv")}
     out = create_app()(_train_msg(cfg), _ctx(tiny_flat, **node))
-    assert out.has_error() and "lacks ledger-path, max-epsilon, max-delta" in out.error.reason
+    assert out.has_error() and out.error.reason == error_reason("hospital-a", CONFIG_FAILED)
+    with pytest.raises(ConfigError, match="lacks ledger-path, max-epsilon, max-delta"):
+        Institution.from_context(_ctx(tiny_flat, **node), cfg, "r")  # in the node's log
     ledger = tmp_path / "l.jsonl"
     node.update({"ledger-path": str(ledger), "max-epsilon": 8.0, "max-delta": 1e-5})
-    node["accountants"] = "rdp"
+    node.update(accountants="rdp", labels=tiny_flat["data.labels"])
     out = create_app()(_train_msg(cfg), _ctx(tiny_flat, **node))
-    assert out.has_error() and "privatune ledger init" in out.error.reason  # never silently new
+    assert out.has_error() and out.error.reason == error_reason("hospital-a", LEDGER_FAILED)
+    with pytest.raises(LedgerError, match="privatune ledger init"):  # never silently new
+        Ledger(ledger)
     Ledger.create(ledger, "hospital-a")
     # the server asks for delta 1e-3 and the PRV accountant: the node's policy says no
     for key, value in (("dp.delta", 1e-3), ("dp.accountant", "prv")):
@@ -261,13 +266,18 @@ def _trained_ledger(tiny_flat, rounds=2):
 
 def test_truncated_or_deleted_ledger_makes_the_node_refuse(tiny_flat):
     flat, cfg, path, _ = _trained_ledger(tiny_flat)
+    site = Institution.from_context(_ctx(flat), cfg, cfg.run.name)
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-1]))  # the last round deleted: chain still valid
     out = create_app()(_train_msg(cfg, 3), _ctx(flat))
-    assert out.has_error() and "shorter than the last known head" in out.error.reason
+    assert out.has_error() and out.error.reason == error_reason("hospital-a", LEDGER_FAILED)
+    with pytest.raises(LedgerError, match="shorter than the last known head"):
+        Ledger(path, site.signing_key, site.anchor_path)
     path.unlink()  # the whole ledger gone: no silent fresh budget
     out = create_app()(_train_msg(cfg, 3), _ctx(flat))
-    assert out.has_error() and "no ledger" in out.error.reason
+    assert out.has_error() and out.error.reason == error_reason("hospital-a", LEDGER_FAILED)
+    with pytest.raises(LedgerError, match="no ledger"):
+        Ledger(path, site.signing_key, site.anchor_path)
 
 
 def test_rewritten_and_rehashed_ledger_is_caught(tiny_flat):
@@ -282,21 +292,21 @@ def test_rewritten_and_rehashed_ledger_is_caught(tiny_flat):
         rec.update(steps=1, epsilon=epsilon(history, rec["delta"]), prev_hash=prev)
         rec["hash"] = prev = record_hash(rec)
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    with pytest.raises(LedgerError, match=r"record 2 .*signature does not verify"):
+    with pytest.raises(LedgerError, match=r"record \d+ .*signature does not verify"):
         Ledger(path)
     assert not audit_ledger(path, anchors).ok
 
     # The institution itself re-signs a rewritten ledger from scratch and rewrites its anchor.
-    key = path.with_name(path.name + ".key")
+    site = Institution.from_context(_ctx(_flat(tiny_flat)), resolve(tiny_flat), "test-run")
     path.unlink()
-    path.with_name(path.name + ".anchor").unlink()
-    forged = Ledger.create(path, "hospital-a", key)
+    site.anchor_path.unlink()
+    forged = Ledger.create(path, "hospital-a", site.signing_key, site.anchor_path)
     for rec in records[1:]:
         fields = {k: v for k, v in rec.items() if k not in ("format", "prev_hash", "hash")}
         fields.pop("signature")
         fields.pop("public_key")
         forged.append(**fields)
-    assert Ledger(path).head[0] == len(records)  # the node itself cannot tell
+    assert Ledger(path, site.signing_key, site.anchor_path).head[0] == len(records)  # no tell
     assert audit_ledger(path).ok  # nor can an audit of the ledger alone
     result = audit_ledger(path, anchors)
     assert not result.ok and any("the server recorded head" in p for p in result.problems)
