@@ -478,26 +478,27 @@ def _guarded(
     stay in the node's own log."""
 
     def run(msg: Message, context: Context) -> Message:
+        flat = {**context.run_config, **overrides}
         try:
-            cfg = RunConfig.from_flat({**context.run_config, **overrides})
-            return handler(msg, context, cfg)
+            return handler(msg, context, RunConfig.from_flat(flat))
         except Exception as e:  # nothing unexpected may reach the server as it is
             if isinstance(e, ConfigError | DataError | LedgerError):
                 log.error("client error: %s", e)
             else:
                 log.exception("client error")
-            who = str(context.node_config.get("institution", "")) or _simulated_name(context)
-            reason = error_reason(who, public_reason(e))
+            reason = error_reason(_public_name(context, flat), public_reason(e))
             return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=msg)
 
     return run
 
 
-def _simulated_name(context: Context) -> str:
+def _public_name(context: Context, flat: Mapping[str, Scalar]) -> str:
     """The institution's public name for an error reply, without reading any data."""
+    if "institution" in context.node_config:
+        return str(context.node_config["institution"])
     try:
-        cfg = RunConfig.from_flat({**context.run_config})
-        return simulated_name(Path(cfg.data.dir), int(context.node_config.get("partition-id", 0)))
+        data_dir = Path(str(flat["data.dir"]))
+        return simulated_name(data_dir, int(context.node_config.get("partition-id", 0)))
     except Exception:  # a name is a courtesy; the reply goes out regardless
         return f"node-{context.node_id}"
 

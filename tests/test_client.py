@@ -16,8 +16,8 @@ from common.adapter import get_trainable, to_record
 from common.config import resolve
 from common.data import load_labeled, tokenize
 from common.ledger import Ledger, read_records
-from common.protocol import error_reason
 from common.model import build_model, load_tokenizer
+from common.protocol import error_reason
 
 # a deployed node's own policy and schema
 POLICY = {"max-delta": 1e-5, "accountants": "rdp", "labels": "negative,neutral,positive"}
