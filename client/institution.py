@@ -128,11 +128,6 @@ class Institution:
             ledger_path = Path(str(node["ledger-path"]))
             policy = _policy(node, name)
             labels = tuple(x.strip() for x in str(node["labels"]).split(",") if x.strip())
-            if labels != tuple(cfg.data.label_names):
-                raise ConfigError(
-                    f"{name}: data.labels of the run differs from this institution's labels "
-                    "(node config labels); refused"
-                )
             if cfg.model.subspace and cfg.model.subspace not in CORPORA:
                 raise ConfigError(
                     f"{name}: model.subspace {cfg.model.subspace!r}: in deployment only a "

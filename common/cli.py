@@ -343,22 +343,33 @@ def ledger_init(
     institution: str = typer.Option(..., help="the institution's name (node config)"),
     signing_key: str = typer.Option(
         "",
-        help="private key that signs every record (e.g. the SuperNode key); default: a "
-        "new Ed25519 key beside the ledger",
+        help="private key that signs every record (e.g. the SuperNode key; node config "
+        "signing-key); default: a new Ed25519 key under the node's state folder "
+        "(PRIVATUNE_STATE), outside the ledger's folder",
+    ),
+    anchor_path: str = typer.Option(
+        "",
+        help="where the node keeps the ledger's anchor (node config anchor-path), outside "
+        "the ledger's folder; default: under the node's state folder",
     ),
 ) -> None:
     """Create a ledger with its genesis record. A node never starts one silently: a missing
     ledger stops training, so that a lost ledger cannot reset a budget."""
     from pathlib import Path
 
-    from common.ledger import Ledger, LedgerError, sibling
+    from common.ledger import Ledger, LedgerError
 
     try:
-        ledger = Ledger.create(Path(path), institution, Path(signing_key) if signing_key else None)
+        ledger = Ledger.create(
+            Path(path),
+            institution,
+            Path(signing_key) if signing_key else None,
+            Path(anchor_path) if anchor_path else None,
+        )
     except (LedgerError, OSError) as e:
         _fail(str(e))
-    key = signing_key or sibling(Path(path), ".key")
-    typer.echo(f"{path}: ledger of {institution}, records signed with {key}")
+    typer.echo(f"{path}: ledger of {institution}, records signed with {ledger.key_path}")
+    typer.echo(f"anchor: {ledger.anchor_path} (keep it apart from the ledger's backups)")
     typer.echo(f"public key: {ledger.records[0].public_key}")
 
 

@@ -266,6 +266,8 @@ def running_federation(root: Path, reviews, network: Network) -> Iterator[Federa
         "data-path": str(a / "data" / "notes.csv"),
         "ledger-path": str(a / "ledger" / "privacy-ledger.jsonl"),
         "signing-key": str(root / "keys" / "hospital-a"),  # records signed with its SuperNode key
+        "anchor-path": str(a / "state" / "privacy-ledger.anchor"),  # apart from the ledger
+        "labels": "negative,neutral,positive",
         "max-epsilon": BUDGETS["hospital-a"],
         "max-delta": 1e-5,
         "accountants": "rdp,prv",
@@ -273,9 +275,11 @@ def running_federation(root: Path, reviews, network: Network) -> Iterator[Federa
     }
     (a / "node.toml").write_text(tomli_w.dumps(node_a))
     init = ["ledger", "init", node_a["ledger-path"], "--institution", "hospital-a"]
-    result = runner.invoke(cli, [*init, "--signing-key", node_a["signing-key"]])
+    keys = ["--signing-key", node_a["signing-key"], "--anchor-path", node_a["anchor-path"]]
+    result = runner.invoke(cli, [*init, *keys])
     assert result.exit_code == 0, result.output
-    # hospital-b: inline node config, its own column names, default ledger next to its data.
+    # hospital-b: inline node config, its own column names, ledger next to its data, its key
+    # and anchor in the node's state folder (the defaults).
     b = root / "hospital-b"
     (b / "data").mkdir(parents=True)
     reviews.iloc[40:80][["text", "label"]].rename(
@@ -285,7 +289,8 @@ def running_federation(root: Path, reviews, network: Network) -> Iterator[Federa
     node_b = (
         f'institution="hospital-b" data-path="{b / "data" / "notes.csv"}" text-column="note" '
         f'label-column="sentiment" max-epsilon={BUDGETS["hospital-b"]} device="cpu" '
-        f'ledger-path="{ledger_b}" max-delta=1e-5 accountants="rdp"'
+        f'ledger-path="{ledger_b}" max-delta=1e-5 accountants="rdp" '
+        'labels="negative,neutral,positive"'
     )
     result = runner.invoke(cli, ["ledger", "init", str(ledger_b), "--institution", "hospital-b"])
     assert result.exit_code == 0, result.output
@@ -399,8 +404,9 @@ def check_ledgers(root: Path, rounds: int) -> None:
     found = sorted(p for p in root.rglob("*.jsonl") if "ledger" in p.name)
     assert found == sorted(ledgers.values())
     for name, path in ledgers.items():
-        genesis, *records = [json.loads(x) for x in path.read_text().splitlines()]
+        genesis, counted, *records = [json.loads(x) for x in path.read_text().splitlines()]
         assert genesis["status"] == "genesis" and genesis["institution"] == name
+        assert counted["status"] == "counted" and counted["count"] >= 1  # the DP row count
         assert [r["round"] for r in records] == list(range(1, rounds + 1))
         assert {r["institution"] for r in records} == {name}
         assert {r["max_epsilon"] for r in records} == {BUDGETS[name]}  # the node's own budget

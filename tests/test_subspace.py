@@ -165,6 +165,7 @@ def test_in_deployment_the_run_config_cannot_name_a_file_as_the_public_corpus(
         "max-epsilon": 8.0,
         "max-delta": 1e-5,
         "accountants": "rdp,prv",
+        "labels": tiny_flat["data.labels"],
         "institution": "hospital-x",
     }
     ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=flat)
