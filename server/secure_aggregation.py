@@ -32,7 +32,15 @@ from flwr.serverapp import Grid
 
 from common.adapter import to_record
 from common.config import AggregationSettings, ConfigError, FederationSettings, RunConfig
-from common.protocol import INSTITUTION, NAMES_KEY, REFUSED, RUN_NAME, SERVER_ROUND
+from common.protocol import (
+    INSTITUTION,
+    LEDGER_RECORDS,
+    LEDGER_SEEN,
+    NAMES_KEY,
+    REFUSED,
+    RUN_NAME,
+    SERVER_ROUND,
+)
 from server.recorder import RoundRecorder
 from server.round_log import RoundLog, RoundStats
 from server.strategy import AdapterRounds, train_summary
@@ -100,6 +108,7 @@ class SecureRounds(LegacyFedAvg):
         self.names = names
         self.log = log
         self._sampled: set[int] = set()
+        self._seen: dict[int, int] = {}  # node id -> ledger records it last reported
 
     def _fit_config(self, server_round: int) -> dict[str, str | int]:
         return {
@@ -111,7 +120,15 @@ class SecureRounds(LegacyFedAvg):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        instructions = super().configure_fit(server_round, parameters, client_manager)
+        instructions = [  # each with the ledger length its node last reported (ledger-seen)
+            (
+                proxy,
+                FitIns(
+                    ins.parameters, {**ins.config, LEDGER_SEEN: self._seen.get(proxy.node_id, 0)}
+                ),
+            )
+            for proxy, ins in super().configure_fit(server_round, parameters, client_manager)
+        ]
         self._sampled = {proxy.node_id for proxy, _ in instructions}
         return instructions
 
@@ -126,7 +143,9 @@ class SecureRounds(LegacyFedAvg):
         for node in sorted(self._sampled - {proxy.node_id for proxy, _ in results}):
             stats.failed[f"node-{node}"] = "dropped out of secure aggregation"
         trained = []
-        for _, res in results:
+        for proxy, res in results:
+            if LEDGER_RECORDS in res.metrics:
+                self._seen[proxy.node_id] = int(res.metrics[LEDGER_RECORDS])
             who = str(res.metrics.get(INSTITUTION, "?"))
             stats.note(who, res.metrics)
             if res.metrics.get(REFUSED):
