@@ -75,6 +75,7 @@ from common.protocol import (
     TRAIN_LOSS,
     error_reason,
 )
+from common.top_layers import cached_lower_states, uses_top_layers
 
 log = logging.getLogger("flwr")
 CLIENT_ERROR = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -130,9 +131,10 @@ _INPUTS: dict[tuple, TensorDataset] = {}
 def model_input(
     cfg: RunConfig, data: LabeledText, part: str, frac: float | None = None
 ) -> TensorDataset:
-    """A local split as the model's input: token ids, or (``train.trainable = "head"``) the
-    frozen encoder's pooled embeddings, which no round changes (kept in the node's disk
-    cache, common.features). Kept per process, keyed by the data, its split ``frac``
+    """A local split as the model's input: token ids, or what no round changes, kept in the
+    node's private disk cache: the frozen encoder's pooled embeddings (``train.trainable =
+    "head"``, common.features) or, to train, the frozen lower layers' output (``lora.layers``,
+    common.top_layers). Kept per process, keyed by the data, its split ``frac``
     (default ``data.eval-fraction``) and everything in the config that shapes them."""
     key = (
         data.path,
@@ -148,6 +150,8 @@ def model_input(
             _INPUTS.pop(next(iter(_INPUTS)))
         if cfg.train.trainable == "head":
             _INPUTS[key] = cached_embed(build_model(cfg, pick_device()), data, cfg)
+        elif uses_top_layers(cfg) and part == "train":
+            _INPUTS[key] = cached_lower_states(build_model(cfg, pick_device()), data, cfg)
         else:
             _INPUTS[key] = encode(data, cfg)
     return _INPUTS[key]

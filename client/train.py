@@ -29,6 +29,7 @@ from common.config import RunConfig
 from common.features import embed
 from common.model import head_of
 from common.privacy import Mechanism, sample_rate, steps_per_epoch
+from common.top_layers import TopLayers, lower_dataset, split_point, uses_top_layers
 
 # Our generators are CSPRNG-seeded (Opacus' secure mode needs torchcsprng, not built for
 # this torch); the second warning is expected with frozen embeddings. Both would otherwise
@@ -116,19 +117,28 @@ def train_round(
 
     With ``train.trainable = "head"`` only the head trains, on the frozen encoder's pooled
     embeddings: ``data`` may hold them already (:func:`common.features.embed`, cached by the
-    client), else they are computed here. The mechanism is the same; only the frozen forward
-    pass is done once instead of every step."""
+    client), else they are computed here. With ``lora.layers`` > 0 (an encoder) only the
+    top layers run, on the frozen layers' output (:mod:`common.top_layers`), likewise
+    cached or computed here. The mechanism is the same; only the frozen forward pass is
+    done once instead of every step."""
     head_only = cfg.train.trainable == "head"
-    target: torch.nn.Module = head_of(model) if head_only else model
-    if head_only and len(data.tensors) != 2:
-        data = embed(model, data)
+    top = uses_top_layers(cfg)
+    target: torch.nn.Module = model
+    if head_only:
+        target = head_of(model)
+        if len(data.tensors) != 2:
+            data = embed(model, data)
+    elif top:  # common.top_layers: the frozen layers' output, computed once
+        target = TopLayers(model, split_point(model, cfg))
+        if not data.tensors[0].is_floating_point():
+            data = lower_dataset(model, data, cfg)
     if seed is not None:  # after embed, whose loader draws from the global generator
         torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(os_seed() if seed is None else seed)
     loader = round_loader(
         data, cfg.train.batch_size, cfg.dp.enabled, poisson_sampling, generator, size
     )
-    optimizer = make_optimizer(target, cfg, target if head_only else None)
+    optimizer = make_optimizer(target, cfg, target if head_only else getattr(target, "head", None))
     noise_generator = torch.Generator(device=device).manual_seed(
         os_seed() if seed is None else seed + 1
     )
@@ -170,10 +180,11 @@ def train_round(
 def _loss(
     module: torch.nn.Module, inputs: list[torch.Tensor], labels: torch.Tensor
 ) -> torch.Tensor:
-    """Cross-entropy of the head on embeddings or of the model on (ids, mask); for a causal
-    LM the negative log-likelihood of each row's answer tokens (the prompt carries none)."""
-    if len(inputs) == 1:
-        logits = module(inputs[0])
+    """Cross-entropy of the head on embeddings, of the top layers on the frozen layers'
+    output (hidden states, mask) or of the model on (ids, mask); for a causal LM the
+    negative log-likelihood of each row's answer tokens (the prompt carries none)."""
+    if inputs[0].is_floating_point():
+        logits = module(*inputs)
     elif answers_of(module) is not None:
         return -label_scores(module, *inputs, labels).mean()
     else:

@@ -109,9 +109,11 @@ class LoraSettings:
     dropout: float
     target_modules: str
     client_ranks: str  # simulation: ranks by partition id, cycled ("8,4,2"); "" = all lora.rank
+    layers: int  # adapt the top this many transformer layers only (0 = all); common.top_layers
 
     def __post_init__(self) -> None:
         _within("lora.rank", self.rank, 1, MAX_RANK)
+        _within("lora.layers", self.layers, 0, 1000)
 
     @property
     def ranks(self) -> list[int]:

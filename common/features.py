@@ -18,6 +18,7 @@ import hmac
 import os
 import secrets
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ from common.data import LabeledText, tokenize
 from common.errors import ModelError
 from common.ledger import state_root
 from common.model import load_tokenizer, resolve_model_path
+
+CACHE_FORMAT = "hmac-keys/1"
 
 
 def cache_root() -> Path:
@@ -108,29 +111,36 @@ def model_stamp(cfg: RunConfig) -> list[str]:
     return stamp
 
 
+def cache_folder(kind: str, cfg: RunConfig, *shape: str) -> Path:
+    """One folder per kind of value, encoder (its files), length and whatever else
+    (``shape``) makes other values: a change of any gives a new folder. ``CACHE_FORMAT``
+    keeps shards of an older layout (keys in the clear) from being read."""
+    key = "\n".join([CACHE_FORMAT, *model_stamp(cfg), str(cfg.model.max_length), *shape])
+    return cache_root() / kind / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
 def _folder(cfg: RunConfig) -> Path:
-    """One folder per encoder, length, pooling and, for mean pooling, public subspace and
-    length (common.subspace): anything else gives other embeddings."""
+    """Embeddings: per pooling and, for mean pooling, public subspace and length
+    (common.subspace)."""
     from common.subspace import stamp  # common.subspace imports this module
 
-    shape = [str(cfg.model.max_length), cfg.model.pooling]
+    shape = [cfg.model.pooling]
     if cfg.model.pooling == "mean":
         shape.append(stamp(cfg))
-    key = "\n".join([*model_stamp(cfg), *shape])
-    return cache_root() / "embeddings" / hashlib.sha256(key.encode()).hexdigest()[:24]
+    return cache_folder("embeddings", cfg, *shape)
 
 
 _READ: dict[Path, set[str]] = {}  # per folder: the files this process has read
-_KNOWN: dict[Path, dict[str, torch.Tensor]] = {}  # per folder: text hash -> embedding
+_KNOWN: dict[Path, dict[str, torch.Tensor]] = {}  # per folder: text key -> value
 
 
 def _known(folder: Path) -> dict[str, torch.Tensor]:
-    """Every embedding in ``folder``, reading only the files this process has not read."""
+    """Every value in ``folder``, reading only the files this process has not read."""
     read, known = _READ.setdefault(folder, set()), _KNOWN.setdefault(folder, {})
     files = {f.name for f in folder.glob("*.pt")} if folder.is_dir() else set()
     for name in sorted(files - read):
         shard = torch.load(folder / name, weights_only=True)
-        known.update(zip(shard["keys"], shard["features"], strict=True))
+        known.update(zip(shard["keys"], shard["values"], strict=True))
         read.add(name)
     return known
 
@@ -140,17 +150,29 @@ def _key(text: str) -> str:
     return hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()
 
 
-def cached_embed(model: PeftModel, data: LabeledText, cfg: RunConfig) -> TensorDataset:
-    """:func:`embed` of ``data``'s texts through the node's disk cache."""
-    folder = _folder(cfg)
+def cached_per_text(
+    folder: Path, data: LabeledText, compute: Callable[[LabeledText], list[torch.Tensor]]
+) -> list[torch.Tensor]:
+    """One value per text of ``data`` through the node's disk cache in ``folder``:
+    ``compute`` runs on the texts the cache does not hold yet (each once), and its values
+    are written as one private shard."""
     known = _known(folder)
     keys = [_key(t) for t in data.texts]
     missing = sorted({k: i for i, k in enumerate(keys) if k not in known}.values())
     if missing:
-        new = data.subset(np.asarray(missing))
-        tokens = tokenize(new, load_tokenizer(cfg), cfg.model.max_length)
-        features = embed(model, tokens).tensors[0]
-        shard = {"keys": [keys[i] for i in missing], "features": features}
+        values = compute(data.subset(np.asarray(missing)))
+        shard = {"keys": [keys[i] for i in missing], "values": values}
         private_save(shard, private_dir(folder))
-        known.update(zip(shard["keys"], features, strict=True))
-    return TensorDataset(torch.stack([known[k] for k in keys]), torch.from_numpy(data.labels))
+        known.update(zip(shard["keys"], values, strict=True))
+    return [known[k] for k in keys]
+
+
+def cached_embed(model: PeftModel, data: LabeledText, cfg: RunConfig) -> TensorDataset:
+    """:func:`embed` of ``data``'s texts through the node's disk cache."""
+
+    def compute(new: LabeledText) -> list[torch.Tensor]:
+        tokens = tokenize(new, load_tokenizer(cfg), cfg.model.max_length)
+        return list(embed(model, tokens).tensors[0])
+
+    values = cached_per_text(_folder(cfg), data, compute)
+    return TensorDataset(torch.stack(values), torch.from_numpy(data.labels))

@@ -135,6 +135,7 @@ def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -
         lora_alpha=cfg.lora.alpha * rank / cfg.lora.rank,
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.modules,
+        layers_to_transform=adapted_layers(cfg, base.config.num_hidden_layers),
     )
     model = get_peft_model(base, lora)
     if causal:
@@ -153,6 +154,15 @@ def build_model(cfg: RunConfig, device: torch.device, rank: int | None = None) -
         _head_from_labels(model, cfg)
     model.train()  # from_pretrained returns eval mode; Opacus needs train mode to see activations
     return model
+
+
+def adapted_layers(cfg: RunConfig, num_layers: int) -> list[int] | None:
+    """The transformer layers LoRA adapts: the top ``lora.layers`` (None: all)."""
+    if not cfg.lora.layers:
+        return None
+    if cfg.lora.layers > num_layers:
+        raise ModelError(f"lora.layers {cfg.lora.layers}: the model has {num_layers} layers")
+    return list(range(num_layers - cfg.lora.layers, num_layers))
 
 
 def label_texts(cfg: RunConfig) -> list[str]:

@@ -4,6 +4,7 @@ simulation of a tiny federation."""
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from pathlib import Path
 
@@ -77,8 +78,6 @@ def good(value: float) -> dict:
 
 def make_federation_dir(root: Path, reviews: pd.DataFrame) -> Path:
     """Three institutions of 40 rows each, a test file and a manifest."""
-    import json
-
     data = root / "data"
     data.mkdir()
     names = ["hospital-a", "hospital-b", "hospital-c"]
@@ -113,3 +112,25 @@ def make_tiny_flat(model_dir: Path, data: Path, root: Path) -> dict:
         "data.text-column": "text",
         "data.label-column": "label",
     }
+
+
+def outgoing_recorder(path: str):
+    """A Flower client mod that logs what every reply a client sends contains."""
+
+    def record(msg, context, call_next):
+        reply = call_next(msg, context)
+        if not reply.has_error():
+            content = reply.content
+            entry = {
+                "records": sorted(content.keys()),
+                "arrays": {
+                    k: list(a.shape) for r in content.array_records.values() for k, a in r.items()
+                },
+                "metrics": {k: v for r in content.metric_records.values() for k, v in r.items()},
+                "configs": {k: v for r in content.config_records.values() for k, v in r.items()},
+            }
+            with open(path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        return reply
+
+    return record

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_federation_dir, make_tiny_flat, simulate
+from helpers import make_federation_dir, make_tiny_flat, outgoing_recorder, simulate
 from opacus.accountants import RDPAccountant
 from peft import PeftModel
 from safetensors.numpy import load_file
@@ -18,28 +18,6 @@ from transformers import AutoModelForSequenceClassification
 from common.adapter import get_trainable, to_record
 from common.config import resolve
 from common.model import build_model
-
-
-def outgoing_recorder(path: str):
-    """A Flower client mod that logs what every reply a client sends contains."""
-
-    def record(msg, context, call_next):
-        reply = call_next(msg, context)
-        if not reply.has_error():
-            content = reply.content
-            entry = {
-                "records": sorted(content.keys()),
-                "arrays": {
-                    k: list(a.shape) for r in content.array_records.values() for k, a in r.items()
-                },
-                "metrics": {k: v for r in content.metric_records.values() for k, v in r.items()},
-                "configs": {k: v for r in content.config_records.values() for k, v in r.items()},
-            }
-            with open(path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-        return reply
-
-    return record
 
 
 @pytest.fixture(scope="module")
