@@ -1,6 +1,6 @@
 """One entry point for the benchmarks (``make bench``), and the helpers they share.
 
-``python -m simulations.bench [--quick] [--only overhead,...,causal-lm] [--out DIR]`` runs
+``python -m simulations.bench [--quick] [--only overhead,...,lora] [--out DIR]`` runs
 the chosen benchmarks, writes one JSON per benchmark (and a plot or two) to ``--out``
 and prints, and writes to ``summary.md``, a Markdown table of each benchmark found there.
 ``--quick`` runs every benchmark on the tiny random BERT and tiny data: it exists so that
@@ -26,7 +26,7 @@ from simulations.scenario import SCENARIO_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-BENCHMARKS = ("overhead", "traffic", "scale", "utility", "aggregation", "gpu", "causal-lm")
+BENCHMARKS = ("overhead", "traffic", "scale", "utility", "aggregation", "gpu", "causal-lm", "lora")
 DEFAULT_OUT = Path("outputs") / "bench"
 QUICK_OUT = Path("outputs") / "bench-quick"
 

@@ -1,4 +1,4 @@
-"""The benchmark scripts work: ``python -m simulations.bench --quick`` runs all seven
+"""The benchmark scripts work: ``python -m simulations.bench --quick`` runs all eight
 benchmarks end to end (tiny BERT and Llama, tiny data, real Opacus, peft and Flower) and
 writes JSON of the expected shape with sane values. The numbers themselves are not checked:
 benchmarks are scripts, not timed tests."""
@@ -17,6 +17,7 @@ from simulations import (
     bench_causal_lm,
     bench_gpu,
     bench_grid,
+    bench_lora,
     bench_overhead,
     bench_utility,
 )
@@ -55,9 +56,20 @@ def test_writes_every_benchmark_plots_and_a_table(quick_run):
         "LoRA-aware",
         "DP-SGD on a GPU",
         "Causal-LM DP step",
+        "LoRA on the top layers",
     )
     for heading in headings:
         assert f"### {heading}" in summary
+
+
+def test_lora_times_the_top_layers_against_all_layers_in_one_run(quick_run):
+    data = load(quick_run[0], "lora")
+    assert set(data["paths"]) == set(bench_lora.PATHS)
+    reference = data["paths"]["all layers"]
+    assert reference["epoch_ratio_to_all_layers"] == 1.0
+    for cell in data["paths"].values():
+        assert all(t > 0 for t in cell["epoch_seconds"]) and cell["input_seconds"] > 0
+    assert (quick_run[0] / "lora.png").stat().st_size > 0
 
 
 def test_overhead_compares_dp_modes_to_plain_steps(quick_run):
