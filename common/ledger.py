@@ -2,8 +2,9 @@
 release its data took part in (training rounds, local evaluations, the DP count of its
 training rows) and every refusal.
 
-One JSON object per line. The first record is the genesis: it names the institution and
-holds the public half of the node-local signing key. Every record holds the SHA-256 of the
+One JSON object per line. The first record is the genesis: it names the institution, the
+neighbouring relation every epsilon in the ledger is about (:data:`common.privacy.NEIGHBOURING`)
+and holds the public half of the node-local signing key. Every record holds the SHA-256 of the
 previous one, its own hash over its canonical JSON, and a signature of that hash, so editing,
 deleting or reordering a record breaks the chain at a record :func:`verify_chain` names, and
 rebuilding the chain needs the institution's private key. Every record also holds a fresh
@@ -47,7 +48,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from common.errors import PrivatuneError
-from common.privacy import Mechanism
+from common.privacy import NEIGHBOURING, Mechanism
 
 GENESIS = "0" * 64
 FORMAT = "privatune-ledger/3"
@@ -312,7 +313,7 @@ class Ledger:
             round=0,
             time="",
             status="genesis",
-            mechanism="",
+            mechanism=f"neighbouring relation: {NEIGHBOURING}",
             noise_multiplier=0.0,
             sample_rate=0.0,
             steps=0,
