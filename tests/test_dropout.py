@@ -27,3 +27,8 @@ def test_a_failing_institution_does_not_stop_the_run(tiny_flat, federation_dir):
         assert sorted(line["epsilon"]) == ["hospital-a", "hospital-b"]
     assert not (run_dir / "privacy" / "hospital-c.jsonl").exists()  # never trained
     assert all(r.ok for r in audit(run_dir))
+    # The signing keys and anchors stay beside the run folder an auditor receives, never in it.
+    assert not [p for p in run_dir.rglob("*") if p.suffix in (".key", ".anchor")]
+    keys = sorted((run_dir.parent / ".node-state" / "test-run").glob("*.key"))
+    assert [k.stem for k in keys] == ["hospital-a", "hospital-b"]
+    assert all(k.stat().st_mode & 0o777 == 0o600 for k in keys)
