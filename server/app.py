@@ -1,4 +1,4 @@
-"""The ServerApp: builds the initial adapter, runs AdapterFedAvg for the configured rounds
+"""The ServerApp: builds the initial adapter, runs AdapterRounds for the configured rounds
 and leaves a complete run folder::
 
     outputs/<run-name>/

@@ -7,7 +7,7 @@ adapter. Clients that drop out after sharing their keys are tolerated as long as
 client keeps ``aggregation.secure-threshold`` live neighbours.
 
 Everything around the aggregation stays as in the plain loop: the same round statistics
-(:class:`server.strategy.RoundStats`), federated evaluation through the plain strategy, and
+(:class:`server.round_log.RoundStats`), federated evaluation through the plain strategy, and
 central evaluation, checkpoints and ``metrics.jsonl`` through :class:`RoundRecorder`.
 """
 

@@ -1,6 +1,6 @@
 """Scenario files: which real data set, how many simulated institutions, how it is split,
 and which ``[tool.flwr.app.config]`` keys to override. One flag selects one:
-``privatune simulate --scenario banks`` (a name under simulations/ or a path)."""
+``privatune simulate --scenario banks-small`` (a name under simulations/ or a path)."""
 
 from __future__ import annotations
 
