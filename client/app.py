@@ -51,7 +51,7 @@ from common.privacy import (
     Mechanism,
     count_release,
     epsilon,
-    plan,
+    planned_noise,
     public_size,
     sample_rate,
     steps_per_epoch,
@@ -163,7 +163,7 @@ def noise_for(cfg: RunConfig, policy: Policy, size: int) -> float:
     of its rows) spends exactly ``dp.target-epsilon``. ``size`` is that DP count."""
     if cfg.dp.noise_multiplier > 0:
         return cfg.dp.noise_multiplier
-    return plan(
+    return planned_noise(
         cfg.dp.target_epsilon,
         cfg.dp.delta,
         cfg.federation.rounds,
@@ -172,7 +172,7 @@ def noise_for(cfg: RunConfig, policy: Policy, size: int) -> float:
         cfg.dp.accountant,
         eval_noise=policy.local_eval_noise,
         count_noise=policy.count_noise,
-    ).noise_multiplier
+    )
 
 
 def check_request(cfg: RunConfig, policy: Policy, who: str, size: int | None = None) -> None:

@@ -140,7 +140,67 @@ class Plan:
     epsilon_per_round: list[float]  # cumulative epsilon after each round
 
 
+def _planned(
+    sigma: float, rate: float, per_round: int, rounds: int, eval_noise: float, count_noise: float
+) -> list[Mechanism]:
+    """A client's history after ``rounds`` planned rounds: the DP count of its rows once, then
+    each round's DP-SGD steps and (``eval_noise`` > 0) its local evaluation."""
+    once = [count_release(count_noise)] if count_noise > 0 else []
+    extra = [count_release(eval_noise)] if eval_noise > 0 else []
+    return [*once, *[Mechanism(sigma, rate, per_round), *extra] * rounds]
+
+
 @functools.lru_cache(maxsize=256)  # pure; PRV's search takes seconds, every round asks
+def planned_noise(
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    local_epochs: int,
+    sample_rate_: float,
+    accountant: str = "rdp",
+    eval_noise: float = 0.0,
+    count_noise: float = 0.0,
+) -> float:
+    """The noise multiplier for a client that takes part in every one of ``rounds`` rounds
+    (and, with ``eval_noise`` > 0, releases a noised local evaluation after each; with
+    ``count_noise`` > 0, releases the DP count of its training rows once) so that it spends
+    ``target_epsilon``; a client that is sampled less often spends less."""
+    if not (target_epsilon > 0 and 0 < delta < 1 and rounds > 0 and 0 < sample_rate_ <= 1):
+        raise ValueError("need target epsilon > 0, 0 < delta < 1, rounds > 0, 0 < rate <= 1")
+    per_round = local_epochs * round(1 / sample_rate_)
+    sigma = get_noise_multiplier(
+        target_epsilon=target_epsilon,
+        target_delta=delta,
+        sample_rate=sample_rate_,
+        steps=per_round * rounds,
+        accountant=accountant,
+    )
+    if not (eval_noise > 0 or count_noise > 0):
+        return float(sigma)
+
+    def spends(noise: float) -> float:
+        history = _planned(noise, sample_rate_, per_round, rounds, eval_noise, count_noise)
+        return epsilon(history, delta, accountant)
+
+    if spends(math.inf) >= target_epsilon:  # the training alone would spend nothing
+        raise ValueError(
+            f"the local evaluations (noise {eval_noise}) and the row count (noise "
+            f"{count_noise}) alone spend epsilon {target_epsilon} or more over {rounds} "
+            "rounds; raise their noise"
+        )
+    # The training alone at the target: a little more noise makes room for the rest.
+    low, high = sigma, sigma * 1.02
+    while spends(high) > target_epsilon:
+        low, high = high, high + 2 * (high - low)
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        if spends(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return float(high)
+
+
 def plan(
     target_epsilon: float,
     delta: float,
@@ -151,42 +211,23 @@ def plan(
     eval_noise: float = 0.0,
     count_noise: float = 0.0,
 ) -> Plan:
-    """Noise for a client that takes part in every one of ``rounds`` rounds (and, with
-    ``eval_noise`` > 0, releases a noised local evaluation after each; with ``count_noise``
-    > 0, releases the DP count of its training rows once); a client that is sampled less
-    often spends less. Used by the client and by ``privatune plan``."""
-    if not (target_epsilon > 0 and 0 < delta < 1 and rounds > 0 and 0 < sample_rate_ <= 1):
-        raise ValueError("need target epsilon > 0, 0 < delta < 1, rounds > 0, 0 < rate <= 1")
-    per_round = local_epochs * round(1 / sample_rate_)
-    extra = [count_release(eval_noise)] if eval_noise > 0 else []
-    once = [count_release(count_noise)] if count_noise > 0 else []
-
-    def history(sigma: float, r: int) -> list[Mechanism]:
-        return [*once, *[Mechanism(sigma, sample_rate_, per_round), *extra] * r]
-
-    sigma = get_noise_multiplier(
-        target_epsilon=target_epsilon,
-        target_delta=delta,
-        sample_rate=sample_rate_,
-        steps=per_round * rounds,
-        accountant=accountant,
+    """:func:`planned_noise` with the epsilon it reaches after each round (``privatune
+    plan``; a client needs the noise alone)."""
+    sigma = planned_noise(
+        target_epsilon,
+        delta,
+        rounds,
+        local_epochs,
+        sample_rate_,
+        accountant,
+        eval_noise,
+        count_noise,
     )
-    if extra or once:  # the training alone at target: more noise makes room for the rest
-        if epsilon([*once, *extra * rounds], delta, accountant) >= target_epsilon:
-            raise ValueError(
-                f"the local evaluations (noise {eval_noise}) and the row count (noise "
-                f"{count_noise}) alone spend epsilon {target_epsilon} or more over {rounds} "
-                "rounds; raise their noise"
-            )
-        low, high = sigma, sigma * 1.02
-        while epsilon(history(high, rounds), delta, accountant) > target_epsilon:
-            low, high = high, high + 2 * (high - low)
-        while high - low > 1e-3 * high:
-            mid = (low + high) / 2
-            if epsilon(history(mid, rounds), delta, accountant) > target_epsilon:
-                low = mid
-            else:
-                high = mid
-        sigma = high
-    curve = [epsilon(history(sigma, r), delta, accountant) for r in range(1, rounds + 1)]
-    return Plan(float(sigma), sample_rate_, per_round, rounds, curve)
+    per_round = local_epochs * round(1 / sample_rate_)
+    curve = [
+        epsilon(
+            _planned(sigma, sample_rate_, per_round, r, eval_noise, count_noise), delta, accountant
+        )
+        for r in range(1, rounds + 1)
+    ]
+    return Plan(sigma, sample_rate_, per_round, rounds, curve)
