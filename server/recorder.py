@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 from common.adapter import from_record, save_adapter, set_trainable
 from common.evaluation import evaluate
 from common.protocol import MetricsLine, append_line
-from server.round_log import RoundLog
+from server.round_log import RoundLog, dropped
 
 log = logging.getLogger("flwr")
 
@@ -116,6 +116,6 @@ def summary(line: dict, total_rounds: int) -> str:
     ]
     if line["refused"]:
         parts.append(f"refused: {', '.join(line['refused'])}")
-    if line["rejected"] or line["failed"]:
-        parts.append(f"dropped: {len(line['rejected']) + len(line['failed'])}")
+    if left_out := dropped(line):
+        parts.append("dropped: " + "; ".join(f"{who} ({why})" for who, why in left_out.items()))
     return " | ".join(parts)

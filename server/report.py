@@ -14,6 +14,7 @@ import matplotlib
 
 from common.htmltable import html_table
 from common.protocol import read_lines
+from server.round_log import dropped
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -117,6 +118,7 @@ def write_report(run_dir: Path, extra_sections: list[str] | None = None) -> Path
             r["round"],
             *(r.get(k) for k in keys),
             ", ".join(r.get("refused", [])) or "-",
+            "; ".join(f"{who}: {why}" for who, why in dropped(r).items()) or "-",
             r["bytes_sent"] + r["bytes_received"],
             r["seconds"],
         ]
@@ -132,6 +134,7 @@ def write_report(run_dir: Path, extra_sections: list[str] | None = None) -> Path
             "train loss",
             "max epsilon",
             "refused",
+            "failed or rejected (institution: reason)",
             "bytes",
             "seconds",
         ],
