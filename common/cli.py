@@ -149,31 +149,40 @@ def plan(
 @app.command()
 def audit(
     path: str = typer.Argument(..., help="a run folder or one ledger file"),
-    anchors: str = typer.Option(
-        "", help="a run folder whose recorded ledger heads a ledger file must match"
+    anchors: list[str] = typer.Option(
+        [],
+        help="a run folder whose recorded ledger heads a ledger file must match (repeat for "
+        "every run the institution took part in)",
     ),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
     html_out: str = typer.Option("", "--html", help="also write an HTML report to this file"),
 ) -> None:
     """Verify ledgers: hash chain and signatures, epsilon recomputed by two accountants,
     budgets, and (for a run folder, or with --anchors) the ledger heads the server recorded.
-    Exit status 0 only when every ledger verifies and is within budget."""
+    Exit status 0 only when every ledger verifies and is within budget. A deployment run's
+    folder holds no ledger: it says how to audit each institution's."""
     import json
     from pathlib import Path
 
-    from common.audit import HEADERS, rows, to_html, to_json
+    from common.audit import HEADERS, notes, rows, to_html, to_json
     from common.audit import audit as run_audit
     from common.empirical import RESULT, above_claim, verdict
 
-    results = run_audit(Path(path), Path(anchors) if anchors else None)
+    results = run_audit(Path(path), [Path(a) for a in anchors])
+    remarks = notes(Path(path), results)
     if as_json:
         typer.echo(json.dumps(to_json(results), indent=2))
+        for remark in remarks:
+            typer.echo(remark, err=True)
     else:
-        widths = [max(len(h), 10) for h in HEADERS]
-        typer.echo("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)))
-        for row in rows(results):
-            cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row]
-            typer.echo("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
+        if results:
+            widths = [max(len(h), 10) for h in HEADERS]
+            typer.echo("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)))
+            for row in rows(results):
+                cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row]
+                typer.echo("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
+        for remark in remarks:
+            typer.echo(remark)
         for r in results:
             for problem in r.problems:
                 typer.secho(f"FAIL: {problem}", fg="red", err=True)
@@ -182,7 +191,8 @@ def audit(
     if measured:
         typer.echo(verdict(measured))
     if html_out:
-        Path(html_out).write_text(f"<!doctype html><meta charset='utf-8'>{to_html(results)}")
+        page = to_html(results, remarks)
+        Path(html_out).write_text(f"<!doctype html><meta charset='utf-8'>{page}")
     if not all(r.ok for r in results) or (measured and above_claim(measured)):
         raise typer.Exit(1)
 
@@ -441,7 +451,11 @@ def keys(
 
 @app.command()
 def summary(run: str = typer.Argument(..., help="a run folder")) -> None:
-    """The headline numbers of a run as a Markdown table (used for docs/results.md)."""
+    """The headline numbers of a run as a Markdown table (used for docs/results.md); an
+    institution that failed is named with its reason."""
+    from pathlib import Path
+
+    from common.audit import failures
     from common.protocol import METRICS_FILE, read_lines
 
     lines = read_lines(run)
@@ -463,6 +477,9 @@ def summary(run: str = typer.Argument(..., help="a run folder")) -> None:
         typer.echo(f"| {label} | {num(first.get(key))} | {num(last.get(key))} |")
     typer.echo(f"| max epsilon (delta from config) | 0 | {num(last.get('epsilon_max'), 2)} |")
     _test_lines(run, first, last)
+    for who, (rounds, why) in sorted(failures(Path(run)).items()):
+        listed = ", ".join(map(str, rounds))
+        typer.echo(f"| {who} failed (round {listed}) | | {why} |")
     seconds = sum(x["seconds"] for x in lines)
     traffic = sum(x["bytes_sent"] + x["bytes_received"] for x in lines)
     typer.echo(f"| federation wall time, all rounds | | {seconds / 60:.1f} min |")

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from common.adapter import from_record, get_trainable, save_adapter, set_trainable, to_record
-from common.audit import audit, find_ledgers, to_html
+from common.audit import audit, notes, to_html
 from common.config import RunConfig, Scalar, write_toml
 from common.data import load_labeled
 from common.features import cached_embed
@@ -121,8 +121,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         final = from_record(result.arrays) if len(result.arrays) else initial
     set_trainable(model, final)
     save_adapter(model, run_dir / "adapter")
-    ledgers = find_ledgers(run_dir)
-    report = write_report(run_dir, [to_html(audit(run_dir))] if ledgers else [])
+    results = audit(run_dir)
+    report = write_report(run_dir, [to_html(results, notes(run_dir, results))])
     log.info("[privatune] done: adapter in %s, report in %s", run_dir / "adapter", report)
     return run_dir
 

@@ -57,8 +57,11 @@ def _line(rnd: int, acc: float | None, seconds: float, sent: int) -> dict:
 
 def test_summary_reads_the_metrics_lines(tmp_path):
     for rnd, acc in ((0, 0.25), (1, 0.5), (2, 0.625)):
-        append_line(tmp_path, _line(rnd, acc, 60.0, 500_000))
+        line = _line(rnd, acc, 60.0, 500_000)
+        line["failed"] = {"clinic-z": "too few rows to split"} if rnd else {}
+        append_line(tmp_path, line)
     out = RUN.invoke(app, ["summary", str(tmp_path)])
+    assert "| clinic-z failed (round 1, 2) | | too few rows to split |" in out.output
     assert out.exit_code == 0, out.output
     assert "| test accuracy | 0.250 | 0.625 |" in out.output
     assert "| max epsilon (delta from config) | 0 | 5.00 |" in out.output
