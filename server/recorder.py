@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from common.protocol import MetricsLine, append_line
 from server.round_log import RoundLog, dropped
 
 log = logging.getLogger("flwr")
+# Held while a round's checkpoint and metrics line are written: a process that stops on a
+# signal (simulations.simulate) takes it first, so both or neither are on disk.
+WRITES = threading.Lock()
 
 
 def _finite(value: float) -> float | None:
@@ -64,8 +68,6 @@ class RoundRecorder:
             else {}
         )
         central_seconds = time.monotonic() - evaluated
-        if server_round > 0:
-            save_adapter(self.model, self.run_dir / "checkpoints" / f"round-{server_round:03d}")
         stats = self.log.rounds.get(server_round)
         line: MetricsLine = {
             "round": server_round,
@@ -91,7 +93,10 @@ class RoundRecorder:
             "central_eval_seconds": round(central_seconds, 3),
             "seconds": round(time.monotonic() - self.round_started, 2),
         }
-        append_line(self.run_dir, line)
+        with WRITES:
+            if server_round > 0:
+                save_adapter(self.model, self.run_dir / "checkpoints" / f"round-{server_round:03d}")
+            append_line(self.run_dir, line)
         log.info("%s", summary(line, self.total_rounds))
         self.round_started = time.monotonic()
         return MetricRecord({k: v for k, v in central.items() if k != "num-examples"}) or None

@@ -6,11 +6,15 @@ to both apps directly, since an in-process simulation passes them no run config.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
-from collections.abc import Mapping
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from flwr.clientapp.typing import Mod
@@ -23,6 +27,8 @@ from common.config import RunConfig, Scalar, app_defaults, stored_flat
 from common.data import DataError
 from server.app import check_run_dir
 from server.app import create_app as create_server_app
+from server.recorder import WRITES
+from server.resume import last_checkpoint
 from simulations.prepare import prepare
 from simulations.scenario import Scenario
 
@@ -31,6 +37,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 class SimulationError(RuntimeError):
     """The simulation ended without producing its final adapter."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_GRACE_S = 20.0  # the most a stop may take (Ray's shutdown, a checkpoint being written)
 
 
 def resolve_flat(
@@ -119,18 +129,98 @@ def run_flat(
     test = str(flat["data.test-path"])  # prepared by now; the server would find out in Ray
     if test and not Path(test).is_file():
         raise DataError(f"{test}: data.test-path: file not found")
-    cpus = os.cpu_count() or 1
-    run_simulation(
-        server_app=create_server_app(flat),
-        client_app=create_client_app(flat, mods=mods),
-        num_supernodes=num_supernodes,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
-        },
-    )
+    init_args = {
+        "num_cpus": os.cpu_count() or 1,
+        "include_dashboard": False,
+        "log_to_driver": True,
+        "logging_level": "WARNING",
+    }
     run_dir = Path(str(flat["run.output-dir"])) / str(flat["run.name"])
+    start_ray(init_args)
+    with stop_on_signals(run_dir):
+        run_simulation(
+            server_app=create_server_app(flat),
+            client_app=create_client_app(flat, mods=mods),
+            num_supernodes=num_supernodes,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": init_args,
+            },
+        )
     if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
         raise SimulationError(f"{run_dir}: the run did not finish (see the log above)")
     logging.getLogger("flwr").info("[privatune] run folder: %s", run_dir)
     return run_dir
+
+
+def start_ray(init_args: Mapping[str, object]) -> None:
+    """Start Ray here, as Flower's Ray backend would (it starts Ray only when none runs):
+    Ray's start replaces SIGTERM's handler with one that aborts the process, so the stop
+    handlers of :func:`stop_on_signals` must be installed after it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}}, **init_args)
+
+
+class _Stop(BaseException):
+    """Raised in the main thread by SIGTERM/SIGINT; a BaseException so that nothing on the
+    way up (Flower's simulation loop catches Exception) mistakes it for a failure."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(run_dir: Path) -> Iterator[None]:
+    """Stop the simulation within seconds on SIGTERM or SIGINT (what ``timeout``, systemd,
+    Kubernetes and CI send), then end the process with 128 + the signal's number. Flower's
+    ServerApp thread is no daemon and would keep the process alive until its round timeout,
+    so the process ends itself: after Ray's shutdown (its workers go with it) and once no
+    checkpoint or metrics line is being written, with how to resume on stderr. A second
+    signal, or a stop that takes longer than ``STOP_GRACE_S``, ends it at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if received:
+            os._exit(128 + received[0])
+        received.append(signum)
+        timer = threading.Timer(STOP_GRACE_S, os._exit, (128 + signum,))
+        timer.daemon = True
+        timer.start()
+        raise _Stop
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    except BaseException:
+        if not received:
+            raise
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if received:
+        _halt(run_dir, received[0])
+
+
+def _halt(run_dir: Path, signum: int) -> None:
+    """Shut Ray down, wait for a round's files to be written, say how to resume, exit."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    WRITES.acquire(timeout=STOP_GRACE_S)  # never released: nothing is written after this
+    done = last_checkpoint(run_dir)
+    finished = f"round {done[0]} is the last complete one" if done else "no round finished"
+    how = (
+        f"resume with: privatune simulate --resume {run_dir}"
+        if (run_dir / "config.toml").is_file()
+        else "nothing to resume; start it again"
+    )
+    print(
+        f"privatune: stopped by {signal.Signals(signum).name}; {finished}; {how}",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(128 + signum)
