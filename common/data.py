@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch.utils.data import TensorDataset
 
 from common.errors import PrivatuneError
 
+log = logging.getLogger("privatune")
 READERS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
@@ -68,6 +70,8 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
         codecs.lookup(encoding)
     except LookupError as e:
         raise DataError(f"{path}: unknown encoding {encoding!r} (data.encoding)") from e
+    if kind != "parquet":
+        encoding = _text_encoding(path, kind, encoding)
     try:
         if kind == "csv":
             return pd.read_csv(path, encoding=encoding)
@@ -76,10 +80,11 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
         if kind == "parquet":
             return pd.read_parquet(path)
         return pd.read_json(path, lines=True, encoding=encoding)
-    except UnicodeDecodeError as e:
+    except UnicodeDecodeError as e:  # pandas decodes in chunks: e.start is the chunk's
+        offset = _first_bad_byte(path, encoding)
         raise DataError(
-            f"{path}: not {encoding.upper()} text at byte {e.start}; "
-            "set data.encoding (e.g. latin-1) or re-encode the file",
+            f"{path}: not {encoding.upper()} text at byte {offset}; "
+            "set data.encoding or --encoding (e.g. latin-1) or re-encode the file",
             public=f"{path}: not {encoding.upper()} text (data.encoding)",
         ) from e
     except pd.errors.EmptyDataError as e:
@@ -90,6 +95,38 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
             f"{path}: cannot be read as {kind}: {reason}",
             public=f"{path}: cannot be read as {kind}",
         ) from e
+
+
+def _text_encoding(path: Path, kind: str, encoding: str) -> str:
+    """The encoding to read a text file with: ``encoding``, except for a file that is valid
+    UTF-8 with non-ASCII text, which is read as UTF-8 with a warning (``data.encoding``
+    applies to every file; one Latin-1 file must not garble the UTF-8 ones). A file with NUL
+    bytes is refused as binary before a parser sees it."""
+    raw = path.read_bytes()
+    wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))  # NULs are text
+    if b"\x00" in raw[:8192] and not wide:
+        raise DataError(f"{path}: looks binary, not {kind.upper()} (a NUL byte near the start)")
+    if codecs.lookup(encoding).name.startswith("utf") or raw.isascii():
+        return encoding
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return encoding
+    log.warning(
+        "%s: valid UTF-8, read as UTF-8 instead of %s (data.encoding / --encoding)",
+        path,
+        encoding,
+    )
+    return "utf-8"
+
+
+def _first_bad_byte(path: Path, encoding: str) -> int:
+    """The offset of the first byte in ``path`` that ``encoding`` cannot decode."""
+    try:
+        Path(path).read_bytes().decode(encoding)
+    except UnicodeDecodeError as e:
+        return e.start
+    return 0
 
 
 def load_labeled(
@@ -106,7 +143,8 @@ def load_labeled(
         if column not in frame.columns:
             raise DataError(
                 f"{path}: column '{column}' not found "
-                f"(columns: {', '.join(map(str, frame.columns))}); set data.{key}"
+                f"(columns: {', '.join(map(str, frame.columns))}); set --{key} "
+                f"(data.{key} in a config)"
             )
     if frame.empty:
         raise DataError(f"{path}: no rows")
@@ -124,7 +162,8 @@ def load_labeled(
         if key not in index:
             raise DataError(
                 f"{path}: row {row}: label {value!r} in column '{label_column}' "
-                f"is not one of {', '.join(label_names)}",
+                f"is not one of {', '.join(label_names)}; if it is a label, add it: "
+                f"--labels {','.join([*label_names, key])} (data.labels), else fix the row",
                 public=f"{path}: a label in column '{label_column}' is not one of data.labels",
             )
         labels[pos] = index[key]
