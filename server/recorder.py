@@ -15,13 +15,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 from peft import PeftModel
 from torch.utils.data import TensorDataset
 
 from common.adapter import from_record, save_adapter, set_trainable
-from common.evaluation import evaluate
+from common.evaluation import evaluate_matrix
 from common.protocol import MetricsLine, append_line
 from server.round_log import RoundLog, dropped
 
@@ -55,6 +56,7 @@ class RoundRecorder:
         self.test_set = test_set
         self.total_rounds = total_rounds
         self.round_started = time.monotonic()
+        self.confusion: np.ndarray | None = None  # of the last central evaluation
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and self.log.offset:
@@ -62,11 +64,11 @@ class RoundRecorder:
         server_round = self.log.run_round(server_round)
         set_trainable(self.model, from_record(arrays))
         evaluated = time.monotonic()
-        central = (
-            evaluate(self.model, self.test_set, self.num_labels, self.device)
-            if self.test_set is not None
-            else {}
-        )
+        central: dict[str, float] = {}
+        if self.test_set is not None:
+            central, self.confusion = evaluate_matrix(
+                self.model, self.test_set, self.num_labels, self.device
+            )
         central_seconds = time.monotonic() - evaluated
         stats = self.log.rounds.get(server_round)
         line: MetricsLine = {

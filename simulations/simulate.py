@@ -22,9 +22,9 @@ from flwr.simulation import run_simulation
 
 from client.app import check_request
 from client.app import create_app as create_client_app
-from client.institution import Policy
+from client.institution import Policy, simulated_file, simulated_name
 from common.config import RunConfig, Scalar, app_defaults, stored_flat
-from common.data import DataError
+from common.data import DataError, load_labeled, split_local
 from server.app import check_run_dir
 from server.app import create_app as create_server_app
 from server.recorder import WRITES
@@ -120,6 +120,46 @@ def resume(run_dir: Path, overrides: Mapping[str, Scalar] | None = None) -> Path
     return run_flat(flat, len(json.loads(manifest.read_text())["institutions"]))
 
 
+def check_institutions(cfg: RunConfig, num_supernodes: int) -> list[str]:
+    """Refuse, before Ray starts, an institution file that cannot train: unreadable, a label
+    outside ``data.labels``, too few rows to split off a local evaluation set, or a training
+    split smaller than one batch (it would fail every round, named only in the metrics).
+    Returns warnings about labels the run cannot learn or score: held by one institution
+    only (or none), or absent from the test file."""
+    d = cfg.data
+    holders: dict[int, list[str]] = {i: [] for i in range(len(d.label_names))}
+    for partition in range(num_supernodes):
+        name = simulated_name(Path(d.dir), partition)
+        path = simulated_file(Path(d.dir), name)
+        full = load_labeled(path, d.text_column, d.label_column, d.label_names, d.encoding)
+        train, _ = split_local(full, d.eval_fraction)
+        if len(train) < cfg.train.batch_size:
+            raise DataError(
+                f"{path}: institution {name} has {len(train)} training row(s) after the "
+                f"local evaluation split (data.eval-fraction {d.eval_fraction}), fewer than "
+                f"one batch (train.batch-size {cfg.train.batch_size}); add rows, lower "
+                "train.batch-size or leave the file out"
+            )
+        for label in set(full.labels.tolist()):
+            holders[label].append(name)
+    warnings = []
+    for label, names in holders.items():
+        if len(names) < 2:
+            held = f"only by {names[0]}" if names else "by no institution"
+            warnings.append(
+                f"label {d.label_names[label]!r} is held {held}: the federation can hardly "
+                "learn it (expect a recall near 0; see the report's per-class scores)"
+            )
+    if d.test_path:
+        test = load_labeled(d.test_path, d.text_column, d.label_column, d.label_names, d.encoding)
+        for label in sorted(set(holders) - set(test.labels.tolist())):
+            warnings.append(
+                f"label {d.label_names[label]!r} is absent from the test file {d.test_path}: "
+                "its test scores say nothing"
+            )
+    return warnings
+
+
 def run_flat(
     flat: Mapping[str, Scalar], num_supernodes: int, mods: list[Mod] | None = None
 ) -> Path:
@@ -129,6 +169,8 @@ def run_flat(
     test = str(flat["data.test-path"])  # prepared by now; the server would find out in Ray
     if test and not Path(test).is_file():
         raise DataError(f"{test}: data.test-path: file not found")
+    for warning in check_institutions(RunConfig.from_flat(flat), num_supernodes):
+        logging.getLogger("flwr").warning("[privatune] %s", warning)
     init_args = {
         "num_cpus": os.cpu_count() or 1,
         "include_dashboard": False,
