@@ -12,6 +12,23 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"privatune {version('privatune')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
+    """Options before the command."""
+
+
 def _parse_overrides(items: list[str]) -> dict:
     """``key=value`` pairs, with values parsed as TOML (``true``, ``3``, ``"x"``, bare text)."""
     out = {}
@@ -29,6 +46,52 @@ def _parse_overrides(items: list[str]) -> dict:
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg="red", err=True)
     raise typer.Exit(2)
+
+
+def _user_data(
+    data_dir: str,
+    test_file: str,
+    text_column: str,
+    label_column: str,
+    labels: str,
+    overrides: dict,
+    **split,
+):
+    """What ``--data-dir`` and its flags name (``simulate``, ``canary``); ``--set`` keys fill
+    in what no flag gave."""
+    from pathlib import Path
+
+    from simulations import byod
+
+    for key in ("data.dir", "data.test-path"):
+        if key in overrides:
+            _fail(f"--set {key} does not go with --data-dir (use --data-dir/--test-file)")
+    defaults = {**byod.app_defaults(), **overrides}
+    return byod.UserData(
+        source=Path(data_dir),
+        test_file=Path(test_file) if test_file else None,
+        text_column=text_column or str(defaults["data.text-column"]),
+        label_column=label_column or str(defaults["data.label-column"]),
+        labels=tuple(
+            x.strip()
+            for x in (labels or str(overrides.get("data.labels", ""))).split(",")
+            if x.strip()
+        ),
+        encoding=str(defaults["data.encoding"]),
+        seed=int(defaults["run.seed"]),
+        **split,
+    )
+
+
+def _prepare_user_data(user, self_contained: bool = False):
+    """Check and prepare the user's files; print the institutions and labels found."""
+    from simulations import byod
+
+    prepared = byod.prepare_user_data(user, self_contained=self_contained)
+    typer.echo(f"institutions ({len(prepared.names)}): {', '.join(prepared.names)}")
+    how = "inferred from the data; fix with --labels" if prepared.inferred else "given"
+    typer.echo(f"labels ({how}): {','.join(prepared.labels)}")
+    return prepared
 
 
 @app.command()
@@ -73,27 +136,18 @@ def simulate(
             for key in ("data.dir", "data.test-path"):
                 if key in overrides:
                     _fail(f"--set {key} does not go with --data-dir (use --data-dir/--test-file)")
-            defaults = {**byod.app_defaults(), **overrides}
-            user = byod.UserData(
-                source=Path(data_dir),
-                test_file=Path(test_file) if test_file else None,
-                text_column=text_column or str(defaults["data.text-column"]),
-                label_column=label_column or str(defaults["data.label-column"]),
-                labels=tuple(
-                    x.strip()
-                    for x in (labels or str(overrides.get("data.labels", ""))).split(",")
-                    if x.strip()
-                ),
+            user = _user_data(
+                data_dir,
+                test_file,
+                text_column,
+                label_column,
+                labels,
+                overrides,
                 split_by=split_by,
                 dirichlet=dirichlet,
                 institutions=institutions,
-                encoding=str(defaults["data.encoding"]),
-                seed=int(defaults["run.seed"]),
             )
-            prepared = byod.prepare_user_data(user)
-            typer.echo(f"institutions ({len(prepared.names)}): {', '.join(prepared.names)}")
-            how = "inferred from the data; fix with --labels" if prepared.inferred else "given"
-            typer.echo(f"labels ({how}): {','.join(prepared.labels)}")
+            prepared = _prepare_user_data(user)
             recipe = load_scenario(scenario).config if scenario else {}
             flat = byod.user_flat(prepared, user, recipe, overrides)
             run_dir = sim.run_flat(flat, len(prepared.names))
@@ -204,9 +258,17 @@ def canary(
     canaries: int = typer.Option(500, help="m: canaries, each included with probability 1/2"),
     into: int = typer.Option(1, help="how many institutions receive the included canaries"),
     confidence: float = typer.Option(0.95, help="of the measured lower bound"),
+    data_dir: str = typer.Option(
+        "", help="your own data, as for simulate: one institution per file in this folder"
+    ),
+    test_file: str = typer.Option("", help="central test file (not an institution)"),
+    text_column: str = typer.Option("", help="text column (default data.text-column)"),
+    label_column: str = typer.Option("", help="label column (default data.label-column)"),
+    labels: str = typer.Option("", help="label set a,b,...; default: inferred, printed"),
 ) -> None:
     """Empirical privacy audit: plant canaries, run the federation as configured, and measure
     a lower bound on epsilon (one-run auditing, Steinke et al. 2023) beside the claim."""
+    import dataclasses
     import json
 
     from common.empirical import RESULT, above_claim, verdict
@@ -217,10 +279,17 @@ def canary(
 
     if not (canaries >= 2 and into >= 1 and 0 < confidence < 1):
         _fail("need --canaries >= 2, --into >= 1 and 0 < --confidence < 1")
+    overrides = _parse_overrides(set_)
     try:
-        run_dir = run_canary_audit(
-            load_scenario(scenario), _parse_overrides(set_), canaries, into, confidence
-        )
+        setup = load_scenario(scenario)
+        if data_dir:  # the scenario lends its recipe; the data and their count are the user's
+            from simulations import byod
+
+            user = _user_data(data_dir, test_file, text_column, label_column, labels, overrides)
+            prepared = _prepare_user_data(user, self_contained=True)
+            overrides = byod.user_flat(prepared, user, setup.config, overrides)
+            setup = dataclasses.replace(setup, institutions=len(prepared.names))
+        run_dir = run_canary_audit(setup, overrides, canaries, into, confidence)
     except (PrivatuneError, sim.SimulationError) as e:
         _fail(str(e))
     result = json.loads((run_dir / RESULT).read_text())
@@ -253,6 +322,54 @@ def generate(
         typer.echo(answer(model, tokenizer, prompt, cfg.model.chat_template, max_tokens))
     except PrivatuneError as e:
         _fail(str(e))
+
+
+@app.command()
+def predict(
+    run: str = typer.Argument(..., help="a run folder"),
+    text: list[str] = typer.Option([], help="a text to label (repeat for several)"),
+    file: str = typer.Option(
+        "", help="texts to label: a data file (its --text-column) or one text per line"
+    ),
+    text_column: str = typer.Option("", help="of --file (default: the run's data.text-column)"),
+    top: int = typer.Option(3, help="labels shown per text, most probable first"),
+) -> None:
+    """Label texts with a run's final adapter: each text's labels with their probabilities."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from common.config import RunConfig, stored_flat
+    from common.data import READERS, LabeledText, read_table
+    from common.errors import PrivatuneError
+    from common.evaluation import probabilities
+    from common.model import encode, load_trained, pick_device
+
+    if bool(text) == bool(file):
+        _fail("give --text (repeatable) or --file, not both")
+    try:
+        cfg = RunConfig.from_flat(stored_flat(Path(run)))
+        texts = list(text)
+        if file and Path(file).suffix.lower() in READERS:
+            column = text_column or cfg.data.text_column
+            frame = read_table(file, cfg.data.encoding)
+            if column not in frame.columns:
+                _fail(f"{file}: column '{column}' not found; set --text-column")
+            texts = [str(t) for t in frame[column]]
+        elif file:
+            lines = Path(file).read_text(encoding=cfg.data.encoding).splitlines()
+            texts = [line for line in lines if line.strip()]
+        device = pick_device()
+        model = load_trained(Path(run), device)
+        rows = LabeledText(Path(file or "--text"), texts, np.zeros(len(texts), np.int64), "")
+        probs = probabilities(model, encode(rows, cfg), device)
+    except (PrivatuneError, OSError) as e:
+        _fail(str(e))
+    names = cfg.data.label_names
+    for t, p in zip(texts, probs, strict=True):
+        best = np.argsort(-p)[:top]
+        labelled = ", ".join(f"{names[i]} {p[i]:.3f}" for i in best)
+        typer.echo(f"{names[best[0]]}\t{labelled}\t{' '.join(t.split())[:60]}")
 
 
 @app.command()
