@@ -145,3 +145,21 @@ def test_tune_refuses_a_recipe_it_cannot_run_in_one_line():
     res = RUN.invoke(app, ["tune", "--scenario", "hospitals-small", "--repeats", "1"])
     assert res.exit_code == 2 and "only train.trainable = 'head'" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_version_and_the_deployment_guides_secret_folders_are_ignored():
+    import shutil
+    import subprocess
+    from importlib.metadata import version
+
+    from helpers import PROJECT_ROOT
+
+    out = RUN.invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.output.strip() == f"privatune {version('privatune')}"
+    if shutil.which("git") is None or not (PROJECT_ROOT / ".git").exists():
+        return  # an unpacked source tree: nothing to commit by mistake
+    secrets = ["certs/ca.key", "keys/hospital-a", "state/state.db", "docker/certs/ca.key"]
+    ignored = subprocess.run(
+        ["git", "check-ignore", *secrets], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    assert ignored.stdout.split() == secrets

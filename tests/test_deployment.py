@@ -388,9 +388,17 @@ def check_run(run_dir: Path, status: str, rounds: int) -> None:
         assert line["refused"] == [] and line["failed"] == {}
         assert 0 < line["epsilon_max"] < min(BUDGETS.values())
     assert not (run_dir / "privacy").exists()  # ledgers stay at the institutions
+    # the aggregator's folder holds no ledger: its audit says where they are, never fails
+    report = (run_dir / "report.html").read_text()
+    assert "Audit FAILED" not in report and "ledger_heads" not in report
+    assert "each institution keeps its own ledger" in report.lower()
+    audited = CliRunner().invoke(cli, ["audit", str(run_dir)])
+    assert audited.exit_code == 0, audited.output
+    assert f"privatune audit LEDGER --anchors {run_dir}" in audited.output
+    assert f"heads recorded for: {', '.join(sorted(BUDGETS))}" in audited.output
 
 
-def check_ledgers(root: Path, rounds: int) -> None:
+def check_ledgers(root: Path, rounds: int, run_dir: Path | None = None) -> None:
     """Each institution's ledger in its own folder, with its own budget, passing the audit."""
     ledgers = {
         "hospital-a": root / "hospital-a" / "ledger" / "privacy-ledger.jsonl",
@@ -408,6 +416,11 @@ def check_ledgers(root: Path, rounds: int) -> None:
         assert result.ok, result.problems
         cli_result = CliRunner().invoke(cli, ["audit", str(path)])
         assert cli_result.exit_code == 0, cli_result.output
+        if run_dir is not None:  # against the heads the aggregator recorded
+            (anchored,) = audit(path, [run_dir])
+            assert anchored.ok and anchored.anchors == rounds, anchored.problems
+            out = CliRunner().invoke(cli, ["audit", str(path), "--anchors", str(run_dir)])
+            assert out.exit_code == 0 and "neighbouring relation" in out.output, out.output
 
 
 class TestDeployment:
@@ -444,7 +457,7 @@ class TestDeployment:
     def test_each_institution_keeps_its_own_ledger_and_it_passes_audit(
         self, federation, run_result
     ):
-        check_ledgers(federation.root, rounds=2)
+        check_ledgers(federation.root, rounds=2, run_dir=run_result[0])
 
 
 # --- Optional: the same with every party in its own network namespace and address. ---
@@ -506,7 +519,7 @@ def test_across_network_namespaces(netns_federation, tiny_model_dir):
     assert "Failed to activate SuperNode" in fed.refused("supernode-unregistered", "outsider", args)
     run_dir, status = flwr_run(fed, tiny_model_dir, rounds=1)
     check_run(run_dir, status, rounds=1)
-    check_ledgers(fed.root, rounds=1)
+    check_ledgers(fed.root, rounds=1, run_dir=run_dir)
     link_log = fed.procs.log("superlink")
     for party in ("hospital-a", "hospital-b", "outsider"):
         assert f"{fed.network.own_address[party]}:" in link_log, party
