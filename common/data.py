@@ -168,13 +168,19 @@ def load_labeled(
         if key not in index:
             raise DataError(
                 f"{path}: row {row}: label {value!r} in column '{label_column}' "
-                f"is not one of {', '.join(label_names)}; if it is a label, add it: "
-                f"--labels {','.join([*label_names, key])} (data.labels), else fix the row",
+                f"is not one of {', '.join(label_names)}; {_label_fix(key, label_names)}",
                 public=f"{path}: a label in column '{label_column}' is not one of data.labels",
             )
         labels[pos] = index[key]
     text_list = [str(t) for t in texts]
     return LabeledText(path, text_list, labels, fingerprint(text_list, labels))
+
+
+def _label_fix(label: str, label_names: list[str]) -> str:
+    """What to do about a label outside the set: add it to the set, or fix the row."""
+    if not label or "," in label or label != one_line(label):
+        return "fix the row, or name the labels with --labels (data.labels)"
+    return f"if it is a label, add it: --labels {','.join([*label_names, label])} (data.labels)"
 
 
 def fingerprint(texts: list[str], labels: np.ndarray) -> str:
