@@ -264,9 +264,9 @@ def notes(path: Path, results: list[LedgerAudit]) -> list[str]:
     if path.is_dir() and is_run_folder(path) and not (path / "privacy").is_dir():
         heads = sorted(run_anchors(path))
         out.append(
-            f"{path}: a deployment run; its folder holds no ledger. Each institution keeps "
-            f"its own ledger (node config ledger-path): audit each one against this run's "
-            f"recorded heads with `privatune audit LEDGER --anchors {path}`"
+            f"{path}: no ledger in this run folder (no privacy/): in a deployment each "
+            f"institution keeps its own ledger (node config ledger-path); audit each one "
+            f"against this run's recorded heads with `privatune audit LEDGER --anchors {path}`"
             + (f" (heads recorded for: {', '.join(heads)})" if heads else "")
             + "."
         )

@@ -31,7 +31,7 @@ from common.data import load_labeled
 from common.features import cached_embed
 from common.model import build_model, encode, pick_device
 from common.protocol import RUN_NAME
-from server.recorder import RoundRecorder
+from server.recorder import WRITES, RoundRecorder
 from server.report import per_class_section, write_model_card, write_report
 from server.resume import ResumeError, last_checkpoint, load_checkpoint, truncate_metrics
 from server.round_log import RoundLog
@@ -121,13 +121,14 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         )
         final = from_record(result.arrays) if len(result.arrays) else initial
     set_trainable(model, final)
-    save_adapter(model, run_dir / "adapter")
-    write_model_card(run_dir, cfg)
-    results = audit(run_dir)
-    sections = [to_html(results, notes(run_dir, results))]
-    if recorder.confusion is not None:
-        sections.insert(0, per_class_section(recorder.confusion, cfg.data.label_names))
-    report = write_report(run_dir, sections)
+    with WRITES:  # a stopping simulation waits for these (simulations.simulate)
+        save_adapter(model, run_dir / "adapter")
+        write_model_card(run_dir, cfg)
+        results = audit(run_dir)
+        sections = [to_html(results, notes(run_dir, results))]
+        if recorder.confusion is not None:
+            sections.insert(0, per_class_section(recorder.confusion, cfg.data.label_names))
+        report = write_report(run_dir, sections)
     log.info("[privatune] done: adapter in %s, report in %s", run_dir / "adapter", report)
     return run_dir
 

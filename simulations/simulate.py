@@ -42,6 +42,17 @@ class SimulationError(RuntimeError):
     """The simulation ended without producing its final adapter."""
 
 
+class _NoRunSimulationDeprecation(logging.Filter):
+    """Flower deprecates ``run_simulation`` for ``flwr run``; privatune calls it on purpose
+    (it hands the apps their resolved config in process), so a user need not read it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+logging.getLogger("flwr").addFilter(_NoRunSimulationDeprecation())
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STOP_GRACE_S = 20.0  # the most a stop may take (Ray's shutdown, a checkpoint being written)
 
@@ -142,42 +153,36 @@ def resume(run_dir: Path, overrides: Mapping[str, Scalar] | None = None) -> Path
 
 def check_institutions(cfg: RunConfig, num_supernodes: int) -> list[str]:
     """Refuse, before Ray starts, an institution file that cannot train: unreadable, a label
-    outside ``data.labels``, too few rows to split off a local evaluation set, or a training
-    split smaller than one batch (it would fail every round, named only in the metrics).
-    Returns warnings about labels the run cannot learn or score: held by one institution
-    only (or none), or absent from the test file."""
+    outside ``data.labels``, or too few rows to split off a local evaluation set (it would
+    fail every round). A training split smaller than one batch does train (Poisson sampling
+    at rate 1: the shipped 512-row batches are full-batch steps on small sites). Returns
+    warnings about labels the run cannot learn or score: held by one institution only (or
+    none), or absent from the test file."""
     d = cfg.data
     holders: dict[int, list[str]] = {i: [] for i in range(len(d.label_names))}
     for partition in range(num_supernodes):
         name = simulated_name(Path(d.dir), partition)
         path = simulated_file(Path(d.dir), name)
         full = load_labeled(path, d.text_column, d.label_column, d.label_names, d.encoding)
-        train, _ = split_local(full, d.eval_fraction)
-        if len(train) < cfg.train.batch_size:
-            raise DataError(
-                f"{path}: institution {name} has {len(train)} training row(s) after the "
-                f"local evaluation split (data.eval-fraction {d.eval_fraction}), fewer than "
-                f"one batch (train.batch-size {cfg.train.batch_size}); add rows, lower "
-                "train.batch-size or leave the file out"
-            )
+        split_local(full, d.eval_fraction)
         for label in set(full.labels.tolist()):
             holders[label].append(name)
-    warnings = []
+    found = []
     for label, names in holders.items():
         if len(names) < 2:
             held = f"only by {names[0]}" if names else "by no institution"
-            warnings.append(
+            found.append(
                 f"label {d.label_names[label]!r} is held {held}: the federation can hardly "
                 "learn it (expect a recall near 0; see the report's per-class scores)"
             )
     if d.test_path:
         test = load_labeled(d.test_path, d.text_column, d.label_column, d.label_names, d.encoding)
         for label in sorted(set(holders) - set(test.labels.tolist())):
-            warnings.append(
+            found.append(
                 f"label {d.label_names[label]!r} is absent from the test file {d.test_path}: "
                 "its test scores say nothing"
             )
-    return warnings
+    return found
 
 
 def run_flat(
@@ -203,12 +208,11 @@ def run_flat(
     if not colour:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(ClientAppActor pid=...)"
     start_ray(init_args)
+    client_mods = list(mods or []) if colour else [*(mods or []), plain_log]
     with stop_on_signals(run_dir):
         run_simulation(
             server_app=create_server_app(flat),
-            client_app=create_client_app(
-                flat, mods=[*(mods or []), *([] if colour else [plain_log])]
-            ),
+            client_app=create_client_app(flat, mods=client_mods),
             num_supernodes=num_supernodes,
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -233,17 +237,6 @@ def start_ray(init_args: Mapping[str, object]) -> None:
             ray.init(
                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}}, **init_args
             )
-
-
-class _NoRunSimulationDeprecation(logging.Filter):
-    """Flower deprecates ``run_simulation`` for ``flwr run``; privatune calls it on purpose
-    (it hands the apps their resolved config in process), so a user need not read it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "`run_simulation` function is deprecated" not in record.getMessage()
-
-
-logging.getLogger("flwr").addFilter(_NoRunSimulationDeprecation())
 
 
 def plain_log(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

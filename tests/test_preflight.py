@@ -13,13 +13,9 @@ from common.errors import ModelError
 from simulations.simulate import check_institutions, run_flat
 
 
-@pytest.mark.parametrize(
-    "rows,expected",
-    [(1, r"hospital-c\.csv: 1 row\(s\)"), (6, r"hospital-c\.csv: institution hospital-c has")],
-)
-def test_a_file_too_small_to_train_is_refused_before_ray(tiny_flat, federation_dir, rows, expected):
-    (federation_dir / "hospital-c.csv").write_text("text,label\n" + "fine enough,positive\n" * rows)
-    with pytest.raises(DataError, match=expected) as e:
+def test_a_file_too_small_to_split_is_refused_before_ray(tiny_flat, federation_dir):
+    (federation_dir / "hospital-c.csv").write_text("text,label\nfine enough,positive\n")
+    with pytest.raises(DataError, match=r"hospital-c\.csv: 1 row\(s\); at least 2") as e:
         run_flat(tiny_flat, 3)
     assert "\n" not in str(e.value)
     assert not ray.is_initialized()
