@@ -690,3 +690,16 @@ def test_certs_and_keys_files_and_one_line_errors(tmp_path):
         assert result.exit_code == 2, result.output
         (line,) = result.output.strip().splitlines()
         assert line.startswith("error: ") and message in line, result.output
+
+
+def test_the_guides_several_supernodes_use_a_real_flag_and_distinct_ports():
+    """Two SuperNodes on one machine collide on 9094 unless each gets its own --port; the
+    guide's commands use the flag this Flower's flower-supernode has."""
+    guide = (PROJECT_ROOT / "docs" / "deployment.md").read_text()
+    section = guide.split("**Several SuperNodes on one machine**")[1].split("```")[1]
+    ports = re.findall(r"--port=(\d+)", section)
+    assert len(ports) == 2 and len(set(ports)) == 2
+    usage = subprocess.run(
+        [str(VENV_BIN / "flower-supernode"), "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "--port PORT" in usage and "(default: 9094)" in usage
