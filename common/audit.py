@@ -189,14 +189,16 @@ def run_anchors(run_dirs: Path | Iterable[Path]) -> dict[str, list[tuple[int, in
     return out
 
 
-def audit(path: Path, anchors_from: Path | Iterable[Path] = ()) -> list[LedgerAudit]:
+def audit(path: Path, anchors_from: Path | Iterable[Path] | None = None) -> list[LedgerAudit]:
     """Every ledger of a run folder (checked against that run's anchors) or one ledger file
     (against the anchors of ``anchors_from``, one run folder or several). In a simulation's
     run folder, an institution the server recorded ledger heads of but whose ledger file is
     missing fails too. A deployment run's folder holds no ledger: the result is empty, and
     :func:`notes` says where the ledgers are and how to audit them."""
     path = Path(path)
-    sources = [Path(anchors_from)] if isinstance(anchors_from, Path | str) else list(anchors_from)
+    if isinstance(anchors_from, Path | str):
+        anchors_from = [anchors_from]
+    sources = [Path(p) for p in anchors_from or ()]
     if not sources and path.is_dir() and is_run_folder(path):
         sources = [path]
     anchors = run_anchors(sources)
