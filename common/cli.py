@@ -6,8 +6,12 @@ from __future__ import annotations
 import shlex
 import sys
 import tomllib
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:  # imported by the commands that run, not at start-up
+    from simulations.byod import Prepared, UserData
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -55,8 +59,8 @@ def _user_data(
     label_column: str,
     labels: str,
     overrides: dict,
-    **split,
-):
+    **split: str | float | int,
+) -> UserData:
     """What ``--data-dir`` and its flags name (``simulate``, ``canary``); ``--set`` keys fill
     in what no flag gave."""
     from pathlib import Path
@@ -83,7 +87,7 @@ def _user_data(
     )
 
 
-def _prepare_user_data(user, self_contained: bool = False):
+def _prepare_user_data(user: UserData, self_contained: bool = False) -> Prepared:
     """Check and prepare the user's files; print the institutions and labels found."""
     from simulations import byod
 
