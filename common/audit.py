@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import html
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,11 +31,12 @@ from common.ledger import (
     spent,
     verify_chain,
 )
-from common.privacy import epsilon, independent_epsilon
-from common.protocol import read_lines
+from common.privacy import NEIGHBOURING, epsilon, independent_epsilon
+from common.protocol import METRICS_FILE, read_lines
 
 REL_TOL_SAME = 1e-6  # Opacus recomputation: same code path, must match exactly
 REL_TOL_INDEPENDENT = 1e-2  # dp-accounting RDP vs Opacus RDP: same bound, other code
+REL_TOL_PLD = 5e-2  # dp-accounting PLD vs Opacus PRV: both numerical, other discretisations
 # delta must lie well below 1/n; no data set worth a federation has n <= 100, so a delta of
 # 0.01 or more promises nothing whatever the data (epsilon even turns negative near 1).
 MAX_DELTA = 1e-2
@@ -57,6 +58,8 @@ class LedgerAudit:
     epsilon_dp_accounting: float = 0.0
     epsilon_pld: float = 0.0
     budget: float = math.inf
+    accountant: str = "?"  # the one the budget is enforced with (training's, Opacus)
+    delta: float = 0.0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -105,6 +108,8 @@ def audit_ledger(path: Path, anchors: Anchors | None = None) -> LedgerAudit:
     result.epsilon_dp_accounting = _independent(history, last.delta, "rdp")
     result.epsilon_pld = _independent(history, last.delta, "pld")
     result.budget = last.max_epsilon
+    result.accountant = last.accountant
+    result.delta = last.delta
     return result
 
 
@@ -134,7 +139,7 @@ def _check_record(
             f"{where}: field epsilon claims {rec.epsilon:.6g}, recomputed {recomputed:.6g}"
         )
     method = "rdp" if rec.accountant == "rdp" else "pld"
-    tol = REL_TOL_INDEPENDENT if method == "rdp" else 5e-2
+    tol = REL_TOL_INDEPENDENT if method == "rdp" else REL_TOL_PLD
     independent = _independent(history, rec.delta, method)
     if not _close(recomputed, independent, tol):
         problems.append(
@@ -156,33 +161,122 @@ _independent = functools.lru_cache(maxsize=4096)(independent_epsilon)
 
 
 def find_ledgers(path: Path) -> list[Path]:
-    """A ledger file, or every ``*.jsonl`` under a run folder's ``privacy/``."""
+    """A ledger file; every ``*.jsonl`` under a run folder's ``privacy/``; or every
+    ``*.jsonl`` of a folder of ledgers. A run folder's other files (``metrics.jsonl``) are
+    never taken for ledgers: a deployment run's folder holds none."""
     path = Path(path)
     if path.is_file():
         return [path]
-    folder = path / "privacy" if (path / "privacy").is_dir() else path
-    return sorted(folder.glob("*.jsonl"))
+    if (path / "privacy").is_dir():
+        return sorted((path / "privacy").glob("*.jsonl"))
+    if is_run_folder(path):
+        return []
+    return sorted(path.glob("*.jsonl"))
 
 
-def run_anchors(run_dir: Path) -> dict[str, list[tuple[int, int, str]]]:
-    """The ledger heads the server recorded from every reply of a run (``metrics.jsonl``)."""
+def is_run_folder(path: Path) -> bool:
+    return (Path(path) / METRICS_FILE).is_file()
+
+
+def run_anchors(run_dirs: Path | Iterable[Path]) -> dict[str, list[tuple[int, int, str]]]:
+    """The ledger heads the server recorded from every reply (``metrics.jsonl``) of one run
+    or several (an institution's ledger spans every run it took part in)."""
     out: dict[str, list[tuple[int, int, str]]] = {}
-    for row in read_lines(run_dir):
-        for who, (count, head) in (row.get("ledger_heads") or {}).items():
-            out.setdefault(who, []).append((row["round"], int(count), str(head)))
+    for run_dir in [run_dirs] if isinstance(run_dirs, Path | str) else run_dirs:
+        for row in read_lines(Path(run_dir)):
+            for who, (count, head) in (row.get("ledger_heads") or {}).items():
+                out.setdefault(who, []).append((row["round"], int(count), str(head)))
     return out
 
 
-def audit(path: Path, anchors_from: Path | None = None) -> list[LedgerAudit]:
+def audit(path: Path, anchors_from: Path | Iterable[Path] | None = None) -> list[LedgerAudit]:
     """Every ledger of a run folder (checked against that run's anchors) or one ledger file
-    (against the anchors of ``anchors_from``, a run folder, when given)."""
+    (against the anchors of ``anchors_from``, one run folder or several). In a simulation's
+    run folder, an institution the server recorded ledger heads of but whose ledger file is
+    missing fails too. A deployment run's folder holds no ledger: the result is empty, and
+    :func:`notes` says where the ledgers are and how to audit them."""
     path = Path(path)
+    if isinstance(anchors_from, Path | str):
+        anchors_from = [anchors_from]
+    sources = [Path(p) for p in anchors_from or ()]
+    if not sources and path.is_dir() and is_run_folder(path):
+        sources = [path]
+    anchors = run_anchors(sources)
     ledgers = find_ledgers(path)
     if not ledgers:
+        if is_run_folder(path) and not (path / "privacy").is_dir():
+            return []  # a deployment run: the ledgers live with the institutions
         return [LedgerAudit(str(path), problems=[f"{path}: no ledger found"])]
-    source = anchors_from or (path if path.is_dir() else None)
-    anchors = run_anchors(source) if source else {}
-    return [audit_ledger(p, anchors) for p in ledgers]
+    results = [audit_ledger(p, anchors) for p in ledgers]
+    if path.is_dir() and (path / "privacy").is_dir():
+        found = {r.institution for r in results} | {p.stem for p in ledgers}
+        for who, heads in sorted(anchors.items()):
+            if who not in found:
+                missing = path / "privacy" / f"{who}.jsonl"
+                results.append(
+                    LedgerAudit(
+                        str(missing),
+                        institution=who,
+                        problems=[
+                            f"{missing}: missing, but {METRICS_FILE} records {len(heads)} "
+                            f"ledger head(s) of {who}"
+                        ],
+                    )
+                )
+    return results
+
+
+def failures(run_dir: Path) -> dict[str, tuple[list[int], str]]:
+    """Institutions (or nodes) that failed in a run: the rounds and the last public reason,
+    from ``metrics.jsonl``; one that failed every round has no ledger to audit."""
+    out: dict[str, tuple[list[int], str]] = {}
+    for row in read_lines(Path(run_dir)):
+        for who, why in (row.get("failed") or {}).items():
+            out[who] = ([*out.get(who, ([], ""))[0], row["round"]], why)
+    return out
+
+
+def accounting_notes(results: list[LedgerAudit]) -> list[str]:
+    """How to read the epsilons: the accountant the budget is enforced with, the tolerance
+    of each cross-check and why a looser bound may read above the budget, delta and the
+    neighbouring relation."""
+    audited = [r for r in results if r.accountant != "?"]
+    if not audited:
+        return []
+    accountants = ", ".join(sorted({r.accountant for r in audited}))
+    deltas = ", ".join(f"{d:g}" for d in sorted({r.delta for r in audited}))
+    return [
+        f"budget enforced with Opacus' {accountants.upper()} accountant (the one training "
+        f"used): 'epsilon recomputed' must equal the claim (relative tolerance "
+        f"{REL_TOL_SAME:g}) and stay within the budget.",
+        f"cross-check by dp-accounting: its RDP must agree with an RDP ledger within "
+        f"{REL_TOL_INDEPENDENT:.0%} (the same bound, other code and conversion to epsilon), "
+        f"so it may read up to {REL_TOL_INDEPENDENT:.0%} above a budget that was met; on a "
+        f"PRV ledger RDP is a looser upper bound and may exceed the budget by more: its PLD "
+        f"(the tight reference) must agree within {REL_TOL_PLD:.0%}.",
+        f"delta {deltas}; neighbouring relation: {NEIGHBOURING}.",
+    ]
+
+
+def notes(path: Path, results: list[LedgerAudit]) -> list[str]:
+    """What the table alone does not say: where a deployment run's ledgers are, which
+    institutions failed (by name, with the public reason), and how to read the epsilons."""
+    path = Path(path)
+    out = []
+    if path.is_dir() and is_run_folder(path) and not (path / "privacy").is_dir():
+        heads = sorted(run_anchors(path))
+        out.append(
+            f"{path}: no ledger in this run folder (no privacy/): in a deployment each "
+            f"institution keeps its own ledger (node config ledger-path); audit each one "
+            f"against this run's recorded heads with `privatune audit LEDGER --anchors {path}`"
+            + (f" (heads recorded for: {', '.join(heads)})" if heads else "")
+            + "."
+        )
+    if path.is_dir() and is_run_folder(path):
+        for who, (rounds, why) in sorted(failures(path).items()):
+            listed = ", ".join(map(str, rounds))
+            out.append(f"{who} failed in round(s) {listed}: {why}")
+    return out + accounting_notes(results)
 
 
 HEADERS = [
@@ -198,6 +292,8 @@ HEADERS = [
     "dp-accounting RDP",
     "dp-accounting PLD",
     "budget",
+    "accountant",
+    "delta",
     "status",
 ]
 
@@ -217,6 +313,8 @@ def rows(results: list[LedgerAudit]) -> list[list]:
             r.epsilon_dp_accounting,
             r.epsilon_pld,
             r.budget,
+            r.accountant,
+            f"{r.delta:g}",
             r.status,
         ]
         for r in results
@@ -227,15 +325,21 @@ def to_json(results: list[LedgerAudit]) -> list[dict]:
     return [{**asdict(r), "status": r.status} for r in results]
 
 
-def to_html(results: list[LedgerAudit]) -> str:
-    """The audit table as an HTML fragment (used by report.html and ``--html``)."""
+def verdict(results: list[LedgerAudit]) -> str:
+    if not results:
+        return "No ledger in this folder to audit (see below)."
+    if all(r.ok for r in results):
+        return "All ledgers verify and are within budget."
+    return "Audit FAILED:"
+
+
+def to_html(results: list[LedgerAudit], remarks: list[str] = ()) -> str:
+    """The audit table as an HTML fragment (used by report.html and ``--html``), with
+    :func:`notes` below it."""
     problems = "".join(f"<li>{html.escape(p)}</li>" for r in results for p in r.problems)
-    verdict = (
-        "All ledgers verify and are within budget."
-        if all(r.ok for r in results)
-        else "Audit FAILED:"
-    )
+    table = html_table(HEADERS, rows(results)) if results else ""
+    extra = "".join(f"<p>{html.escape(n)}</p>" for n in remarks)
     return (
-        f"<h2>Privacy audit</h2><p>{verdict}</p>"
-        f"{'<ul>' + problems + '</ul>' if problems else ''}{html_table(HEADERS, rows(results))}"
+        f"<h2>Privacy audit</h2><p>{verdict(results)}</p>"
+        f"{'<ul>' + problems + '</ul>' if problems else ''}{table}{extra}"
     )

@@ -6,10 +6,31 @@ from __future__ import annotations
 import shlex
 import sys
 import tomllib
+from typing import TYPE_CHECKING
 
 import typer
 
+if TYPE_CHECKING:  # imported by the commands that run, not at start-up
+    from simulations.byod import Prepared, UserData
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"privatune {version('privatune')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
+    """Options before the command."""
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -29,6 +50,52 @@ def _parse_overrides(items: list[str]) -> dict:
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg="red", err=True)
     raise typer.Exit(2)
+
+
+def _user_data(
+    data_dir: str,
+    test_file: str,
+    text_column: str,
+    label_column: str,
+    labels: str,
+    overrides: dict,
+    **split: str | float | int,
+) -> UserData:
+    """What ``--data-dir`` and its flags name (``simulate``, ``canary``); ``--set`` keys fill
+    in what no flag gave."""
+    from pathlib import Path
+
+    from simulations import byod
+
+    for key in ("data.dir", "data.test-path"):
+        if key in overrides:
+            _fail(f"--set {key} does not go with --data-dir (use --data-dir/--test-file)")
+    defaults = {**byod.app_defaults(), **overrides}
+    return byod.UserData(
+        source=Path(data_dir),
+        test_file=Path(test_file) if test_file else None,
+        text_column=text_column or str(defaults["data.text-column"]),
+        label_column=label_column or str(defaults["data.label-column"]),
+        labels=tuple(
+            x.strip()
+            for x in (labels or str(overrides.get("data.labels", ""))).split(",")
+            if x.strip()
+        ),
+        encoding=str(defaults["data.encoding"]),
+        seed=int(defaults["run.seed"]),
+        **split,
+    )
+
+
+def _prepare_user_data(user: UserData, self_contained: bool = False) -> Prepared:
+    """Check and prepare the user's files; print the institutions and labels found."""
+    from simulations import byod
+
+    prepared = byod.prepare_user_data(user, self_contained=self_contained)
+    typer.echo(f"institutions ({len(prepared.names)}): {', '.join(prepared.names)}")
+    how = "inferred from the data; fix with --labels" if prepared.inferred else "given"
+    typer.echo(f"labels ({how}): {','.join(prepared.labels)}")
+    return prepared
 
 
 @app.command()
@@ -73,27 +140,18 @@ def simulate(
             for key in ("data.dir", "data.test-path"):
                 if key in overrides:
                     _fail(f"--set {key} does not go with --data-dir (use --data-dir/--test-file)")
-            defaults = {**byod.app_defaults(), **overrides}
-            user = byod.UserData(
-                source=Path(data_dir),
-                test_file=Path(test_file) if test_file else None,
-                text_column=text_column or str(defaults["data.text-column"]),
-                label_column=label_column or str(defaults["data.label-column"]),
-                labels=tuple(
-                    x.strip()
-                    for x in (labels or str(overrides.get("data.labels", ""))).split(",")
-                    if x.strip()
-                ),
+            user = _user_data(
+                data_dir,
+                test_file,
+                text_column,
+                label_column,
+                labels,
+                overrides,
                 split_by=split_by,
                 dirichlet=dirichlet,
                 institutions=institutions,
-                encoding=str(defaults["data.encoding"]),
-                seed=int(defaults["run.seed"]),
             )
-            prepared = byod.prepare_user_data(user)
-            typer.echo(f"institutions ({len(prepared.names)}): {', '.join(prepared.names)}")
-            how = "inferred from the data; fix with --labels" if prepared.inferred else "given"
-            typer.echo(f"labels ({how}): {','.join(prepared.labels)}")
+            prepared = _prepare_user_data(user)
             recipe = load_scenario(scenario).config if scenario else {}
             flat = byod.user_flat(prepared, user, recipe, overrides)
             run_dir = sim.run_flat(flat, len(prepared.names))
@@ -149,31 +207,40 @@ def plan(
 @app.command()
 def audit(
     path: str = typer.Argument(..., help="a run folder or one ledger file"),
-    anchors: str = typer.Option(
-        "", help="a run folder whose recorded ledger heads a ledger file must match"
+    anchors: list[str] = typer.Option(
+        [],
+        help="a run folder whose recorded ledger heads a ledger file must match (repeat for "
+        "every run the institution took part in)",
     ),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
     html_out: str = typer.Option("", "--html", help="also write an HTML report to this file"),
 ) -> None:
     """Verify ledgers: hash chain and signatures, epsilon recomputed by two accountants,
     budgets, and (for a run folder, or with --anchors) the ledger heads the server recorded.
-    Exit status 0 only when every ledger verifies and is within budget."""
+    Exit status 0 only when every ledger verifies and is within budget. A deployment run's
+    folder holds no ledger: it says how to audit each institution's."""
     import json
     from pathlib import Path
 
-    from common.audit import HEADERS, rows, to_html, to_json
+    from common.audit import HEADERS, notes, rows, to_html, to_json
     from common.audit import audit as run_audit
     from common.empirical import RESULT, above_claim, verdict
 
-    results = run_audit(Path(path), Path(anchors) if anchors else None)
+    results = run_audit(Path(path), [Path(a) for a in anchors])
+    remarks = notes(Path(path), results)
     if as_json:
         typer.echo(json.dumps(to_json(results), indent=2))
+        for remark in remarks:
+            typer.echo(remark, err=True)
     else:
-        widths = [max(len(h), 10) for h in HEADERS]
-        typer.echo("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)))
-        for row in rows(results):
-            cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row]
-            typer.echo("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
+        if results:
+            widths = [max(len(h), 10) for h in HEADERS]
+            typer.echo("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)))
+            for row in rows(results):
+                cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row]
+                typer.echo("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
+        for remark in remarks:
+            typer.echo(remark)
         for r in results:
             for problem in r.problems:
                 typer.secho(f"FAIL: {problem}", fg="red", err=True)
@@ -182,7 +249,8 @@ def audit(
     if measured:
         typer.echo(verdict(measured))
     if html_out:
-        Path(html_out).write_text(f"<!doctype html><meta charset='utf-8'>{to_html(results)}")
+        page = to_html(results, remarks)
+        Path(html_out).write_text(f"<!doctype html><meta charset='utf-8'>{page}")
     if not all(r.ok for r in results) or (measured and above_claim(measured)):
         raise typer.Exit(1)
 
@@ -194,9 +262,17 @@ def canary(
     canaries: int = typer.Option(500, help="m: canaries, each included with probability 1/2"),
     into: int = typer.Option(1, help="how many institutions receive the included canaries"),
     confidence: float = typer.Option(0.95, help="of the measured lower bound"),
+    data_dir: str = typer.Option(
+        "", help="your own data, as for simulate: one institution per file in this folder"
+    ),
+    test_file: str = typer.Option("", help="central test file (not an institution)"),
+    text_column: str = typer.Option("", help="text column (default data.text-column)"),
+    label_column: str = typer.Option("", help="label column (default data.label-column)"),
+    labels: str = typer.Option("", help="label set a,b,...; default: inferred, printed"),
 ) -> None:
     """Empirical privacy audit: plant canaries, run the federation as configured, and measure
     a lower bound on epsilon (one-run auditing, Steinke et al. 2023) beside the claim."""
+    import dataclasses
     import json
 
     from common.empirical import RESULT, above_claim, verdict
@@ -207,10 +283,17 @@ def canary(
 
     if not (canaries >= 2 and into >= 1 and 0 < confidence < 1):
         _fail("need --canaries >= 2, --into >= 1 and 0 < --confidence < 1")
+    overrides = _parse_overrides(set_)
     try:
-        run_dir = run_canary_audit(
-            load_scenario(scenario), _parse_overrides(set_), canaries, into, confidence
-        )
+        setup = load_scenario(scenario)
+        if data_dir:  # the scenario lends its recipe; the data and their count are the user's
+            from simulations import byod
+
+            user = _user_data(data_dir, test_file, text_column, label_column, labels, overrides)
+            prepared = _prepare_user_data(user, self_contained=True)
+            overrides = byod.user_flat(prepared, user, setup.config, overrides)
+            setup = dataclasses.replace(setup, institutions=len(prepared.names))
+        run_dir = run_canary_audit(setup, overrides, canaries, into, confidence)
     except (PrivatuneError, sim.SimulationError) as e:
         _fail(str(e))
     result = json.loads((run_dir / RESULT).read_text())
@@ -243,6 +326,54 @@ def generate(
         typer.echo(answer(model, tokenizer, prompt, cfg.model.chat_template, max_tokens))
     except PrivatuneError as e:
         _fail(str(e))
+
+
+@app.command()
+def predict(
+    run: str = typer.Argument(..., help="a run folder"),
+    text: list[str] = typer.Option([], help="a text to label (repeat for several)"),
+    file: str = typer.Option(
+        "", help="texts to label: a data file (its --text-column) or one text per line"
+    ),
+    text_column: str = typer.Option("", help="of --file (default: the run's data.text-column)"),
+    top: int = typer.Option(3, help="labels shown per text, most probable first"),
+) -> None:
+    """Label texts with a run's final adapter: each text's labels with their probabilities."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from common.config import RunConfig, stored_flat
+    from common.data import READERS, LabeledText, read_table
+    from common.errors import PrivatuneError
+    from common.evaluation import probabilities
+    from common.model import encode, load_trained, pick_device
+
+    if bool(text) == bool(file):
+        _fail("give --text (repeatable) or --file, not both")
+    try:
+        cfg = RunConfig.from_flat(stored_flat(Path(run)))
+        texts = list(text)
+        if file and Path(file).suffix.lower() in READERS:
+            column = text_column or cfg.data.text_column
+            frame = read_table(file, cfg.data.encoding)
+            if column not in frame.columns:
+                _fail(f"{file}: column '{column}' not found; set --text-column")
+            texts = [str(t) for t in frame[column]]
+        elif file:
+            lines = Path(file).read_text(encoding=cfg.data.encoding).splitlines()
+            texts = [line for line in lines if line.strip()]
+        device = pick_device()
+        model = load_trained(Path(run), device)
+        rows = LabeledText(Path(file or "--text"), texts, np.zeros(len(texts), np.int64), "")
+        probs = probabilities(model, encode(rows, cfg), device)
+    except (PrivatuneError, OSError) as e:
+        _fail(str(e))
+    names = cfg.data.label_names
+    for t, p in zip(texts, probs, strict=True):
+        best = np.argsort(-p)[:top]
+        labelled = ", ".join(f"{names[i]} {p[i]:.3f}" for i in best)
+        typer.echo(f"{names[best[0]]}\t{labelled}\t{' '.join(t.split())[:60]}")
 
 
 @app.command()
@@ -452,7 +583,11 @@ def keys(
 
 @app.command()
 def summary(run: str = typer.Argument(..., help="a run folder")) -> None:
-    """The headline numbers of a run as a Markdown table (used for docs/results.md)."""
+    """The headline numbers of a run as a Markdown table (used for docs/results.md); an
+    institution that failed is named with its reason."""
+    from pathlib import Path
+
+    from common.audit import failures
     from common.protocol import METRICS_FILE, read_lines
 
     lines = read_lines(run)
@@ -474,6 +609,9 @@ def summary(run: str = typer.Argument(..., help="a run folder")) -> None:
         typer.echo(f"| {label} | {num(first.get(key))} | {num(last.get(key))} |")
     typer.echo(f"| max epsilon (delta from config) | 0 | {num(last.get('epsilon_max'), 2)} |")
     _test_lines(run, first, last)
+    for who, (rounds, why) in sorted(failures(Path(run)).items()):
+        listed = ", ".join(map(str, rounds))
+        typer.echo(f"| {who} failed (round {listed}) | | {why} |")
     seconds = sum(x["seconds"] for x in lines)
     traffic = sum(x["bytes_sent"] + x["bytes_received"] for x in lines)
     typer.echo(f"| federation wall time, all rounds | | {seconds / 60:.1f} min |")

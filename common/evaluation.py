@@ -19,18 +19,34 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> np.nda
     return matrix
 
 
+def per_class(matrix: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support of each class of a confusion matrix (0 where a
+    class is neither true nor predicted); noised cells below zero count as zero."""
+    m = np.clip(np.asarray(matrix, dtype=float), 0, None)
+    tp = np.diag(m)
+    fp, fn = m.sum(0) - tp, m.sum(1) - tp
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        return np.divide(num, den, out=np.zeros_like(tp), where=den > 0)
+
+    return {
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "support": m.sum(1),
+        "present": (tp + fp + fn) > 0,
+    }
+
+
 def scores(matrix: np.ndarray) -> dict[str, float]:
     """Accuracy and macro-F1 (unweighted mean of per-class F1 over the classes present in
     truth or prediction) of a confusion matrix; noised cells below zero count as zero."""
     m = np.clip(np.asarray(matrix, dtype=float), 0, None)
     total = m.sum()
-    tp = np.diag(m)
-    fp, fn = m.sum(0) - tp, m.sum(1) - tp
-    present = (tp + fp + fn) > 0
-    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=present)
+    c = per_class(m)
     return {
-        "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
-        "macro-f1": float(f1[present].mean()) if present.any() else 0.0,
+        "accuracy": float(np.trace(m) / total) if total > 0 else 0.0,
+        "macro-f1": float(c["f1"][c["present"]].mean()) if c["present"].any() else 0.0,
     }
 
 
@@ -79,6 +95,20 @@ def predict(
     return loss, np.concatenate(preds), np.concatenate(truth)
 
 
+@torch.no_grad()
+def probabilities(
+    model: torch.nn.Module, data: TensorDataset, device: torch.device, batch_size: int = 64
+) -> np.ndarray:
+    """Rows x labels: each tokenised row's probability of each label (the softmax of the
+    class scores; for a causal LM, over its answers' likelihoods), for ``privatune predict``."""
+    model.eval()
+    out = []
+    for ids, mask, _ in DataLoader(data, batch_size=batch_size):
+        scores = class_scores(model, ids.to(device), mask.to(device)).float()
+        out.append(torch.softmax(scores, -1).cpu().numpy())
+    return np.concatenate(out)
+
+
 def evaluate(
     model: torch.nn.Module,
     data: TensorDataset,
@@ -87,12 +117,20 @@ def evaluate(
     batch_size: int = 64,
 ) -> dict[str, float]:
     """Exact loss, accuracy and macro-F1: for data the caller may see (the central test set)."""
+    return evaluate_matrix(model, data, num_labels, device, batch_size)[0]
+
+
+def evaluate_matrix(
+    model: torch.nn.Module,
+    data: TensorDataset,
+    num_labels: int,
+    device: torch.device,
+    batch_size: int = 64,
+) -> tuple[dict[str, float], np.ndarray]:
+    """:func:`evaluate` and the confusion matrix it came from (per-class scores)."""
     loss, y_pred, y_true = predict(model, data, device, batch_size)
-    return {
-        "loss": loss / len(y_true),
-        **scores(confusion(y_true, y_pred, num_labels)),
-        "num-examples": len(y_true),
-    }
+    matrix = confusion(y_true, y_pred, num_labels)
+    return {"loss": loss / len(y_true), **scores(matrix), "num-examples": len(y_true)}, matrix
 
 
 def noised_confusion(

@@ -24,6 +24,11 @@ from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 RDP_ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)
+# What "differ in one record" means for every epsilon privatune reports (ledger, audit, report).
+NEIGHBOURING = (
+    "add/remove one record (one row of the institution's file); "
+    "the training-set size each node uses is itself a DP count"
+)
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's per-order chatter
 # Opacus' RDP: the bound is valid either way (only a larger alpha could tighten it).
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
@@ -105,12 +110,6 @@ def independent_epsilon(history: Sequence[Mechanism], delta: float, method: str 
             m.steps,
         )
     return float(acc.get_epsilon(delta))
-
-
-NEIGHBOURING = (
-    "add/remove one record (one row of the institution's file); the training-set size each "
-    "node uses is itself a DP count"
-)
 
 
 def count_release(noise_multiplier: float) -> Mechanism:

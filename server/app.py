@@ -25,14 +25,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from common.adapter import from_record, get_trainable, save_adapter, set_trainable, to_record
-from common.audit import audit, find_ledgers, to_html
+from common.audit import audit, notes, to_html
 from common.config import RunConfig, Scalar, write_toml
 from common.data import load_labeled
 from common.features import cached_embed
 from common.model import build_model, encode, pick_device
 from common.protocol import RUN_NAME
-from server.recorder import RoundRecorder
-from server.report import write_report
+from server.recorder import WRITES, RoundRecorder
+from server.report import per_class_section, write_model_card, write_report
 from server.resume import ResumeError, last_checkpoint, load_checkpoint, truncate_metrics
 from server.round_log import RoundLog
 from server.secure_aggregation import run_secure
@@ -105,7 +105,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     recorder = RoundRecorder(
         run_dir, model, round_log, len(cfg.data.label_names), device, test_set, fed.rounds
     )
-    log.info("[privatune] run %s: %d rounds, output in %s", run_name, fed.rounds, run_dir)
+    rounds = f"{fed.rounds} round{'s' if fed.rounds != 1 else ''}"
+    log.info("[privatune] run %s: %s, output in %s", run_name, rounds, run_dir)
     if cfg.aggregation.secure:
         final = run_secure(grid, cfg, run_name, adapter, recorder, initial)
     else:
@@ -120,9 +121,14 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         )
         final = from_record(result.arrays) if len(result.arrays) else initial
     set_trainable(model, final)
-    save_adapter(model, run_dir / "adapter")
-    ledgers = find_ledgers(run_dir)
-    report = write_report(run_dir, [to_html(audit(run_dir))] if ledgers else [])
+    with WRITES:  # a stopping simulation waits for these (simulations.simulate)
+        save_adapter(model, run_dir / "adapter")
+        write_model_card(run_dir, cfg)
+        results = audit(run_dir)
+        sections = [to_html(results, notes(run_dir, results))]
+        if recorder.confusion is not None:
+            sections.insert(0, per_class_section(recorder.confusion, cfg.data.label_names))
+        report = write_report(run_dir, sections)
     log.info("[privatune] done: adapter in %s, report in %s", run_dir / "adapter", report)
     return run_dir
 

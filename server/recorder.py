@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 from peft import PeftModel
 from torch.utils.data import TensorDataset
 
 from common.adapter import from_record, save_adapter, set_trainable
-from common.evaluation import evaluate
+from common.evaluation import evaluate_matrix
 from common.protocol import MetricsLine, append_line
-from server.round_log import RoundLog
+from server.round_log import RoundLog, dropped
 
 log = logging.getLogger("flwr")
+# Held while a round's checkpoint and metrics line are written: a process that stops on a
+# signal (simulations.simulate) takes it first, so both or neither are on disk.
+WRITES = threading.Lock()
 
 
 def _finite(value: float) -> float | None:
@@ -51,6 +56,7 @@ class RoundRecorder:
         self.test_set = test_set
         self.total_rounds = total_rounds
         self.round_started = time.monotonic()
+        self.confusion: np.ndarray | None = None  # of the last central evaluation
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and self.log.offset:
@@ -58,14 +64,12 @@ class RoundRecorder:
         server_round = self.log.run_round(server_round)
         set_trainable(self.model, from_record(arrays))
         evaluated = time.monotonic()
-        central = (
-            evaluate(self.model, self.test_set, self.num_labels, self.device)
-            if self.test_set is not None
-            else {}
-        )
+        central: dict[str, float] = {}
+        if self.test_set is not None:
+            central, self.confusion = evaluate_matrix(
+                self.model, self.test_set, self.num_labels, self.device
+            )
         central_seconds = time.monotonic() - evaluated
-        if server_round > 0:
-            save_adapter(self.model, self.run_dir / "checkpoints" / f"round-{server_round:03d}")
         stats = self.log.rounds.get(server_round)
         line: MetricsLine = {
             "round": server_round,
@@ -91,7 +95,10 @@ class RoundRecorder:
             "central_eval_seconds": round(central_seconds, 3),
             "seconds": round(time.monotonic() - self.round_started, 2),
         }
-        append_line(self.run_dir, line)
+        with WRITES:
+            if server_round > 0:
+                save_adapter(self.model, self.run_dir / "checkpoints" / f"round-{server_round:03d}")
+            append_line(self.run_dir, line)
         log.info("%s", summary(line, self.total_rounds))
         self.round_started = time.monotonic()
         return MetricRecord({k: v for k, v in central.items() if k != "num-examples"}) or None
@@ -116,6 +123,6 @@ def summary(line: dict, total_rounds: int) -> str:
     ]
     if line["refused"]:
         parts.append(f"refused: {', '.join(line['refused'])}")
-    if line["rejected"] or line["failed"]:
-        parts.append(f"dropped: {len(line['rejected']) + len(line['failed'])}")
+    if left_out := dropped(line):
+        parts.append("dropped: " + "; ".join(f"{who} ({why})" for who, why in left_out.items()))
     return " | ".join(parts)

@@ -11,9 +11,15 @@ import io
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
+from common.audit import run_anchors
+from common.config import RunConfig
+from common.evaluation import per_class
 from common.htmltable import html_table
+from common.privacy import NEIGHBOURING
 from common.protocol import read_lines
+from server.round_log import dropped
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -100,6 +106,54 @@ def truncation_plot(lines: list[dict]) -> str:
     return _png(fig)
 
 
+def write_model_card(run_dir: Path, cfg: RunConfig) -> Path:
+    """``adapter/README.md``: what a person receiving the adapter must know (base model,
+    data, labels, the privacy guarantee and the ledger heads that back it), in place of
+    PEFT's blank card, which names the base model by its absolute path on this machine."""
+    run_dir = Path(run_dir)
+    lines = read_lines(run_dir)
+    last = lines[-1] if lines else {}
+    epsilons = {k: v for k, v in (last.get("epsilon") or {}).items() if v is not None}
+    heads = {who: rows[-1] for who, rows in run_anchors(run_dir).items()}
+    if cfg.dp.enabled:
+        spent = ", ".join(f"{k} {v:.2f}" for k, v in sorted(epsilons.items())) or "none recorded"
+        dp = f"DP-SGD at each institution; cumulative epsilon per institution: {spent}"
+    else:
+        dp = "none (trained without DP)"
+    card = [
+        f"# privatune adapter: {run_dir.name}",
+        "",
+        f"- base model: {Path(cfg.model.name).name} (task {cfg.model.task})",
+        f"- scenario (data folder): {Path(cfg.data.dir).name}",
+        f"- labels: {', '.join(cfg.data.label_names)}",
+        f"- rounds: {last.get('round', 0)}",
+        f"- differential privacy: {dp}",
+        f"- delta: {cfg.dp.delta:g}; neighbouring relation: {NEIGHBOURING}",
+        "- ledger heads (institution: records, last hash), for `privatune audit`:",
+        *(f"  - {who}: {count}, {head}" for who, (_, count, head) in sorted(heads.items())),
+        "",
+        "Load it with `privatune predict RUN --text ...`, or in Python with "
+        "`common.model.load_trained(RUN)`.",
+    ]
+    path = run_dir / "adapter" / "README.md"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(card) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def per_class_section(matrix: np.ndarray, labels: list[str]) -> str:
+    """Precision, recall and F1 of every label on the test set after the last round: a
+    label the federation never learned shows a recall of 0 here, not hidden in macro-F1."""
+    c = per_class(matrix)
+    rows = [
+        [name, int(c["support"][i]), c["precision"][i], c["recall"][i], c["f1"][i]]
+        for i, name in enumerate(labels)
+    ]
+    table = html_table(["label", "test rows", "precision", "recall", "F1"], rows)
+    return f"<h2>Per class (test set, final adapter)</h2>{table}"
+
+
 def write_report(run_dir: Path, extra_sections: list[str] | None = None) -> Path:
     """Write ``report.html`` from the run's metrics (and any extra HTML sections)."""
     run_dir = Path(run_dir)
@@ -117,6 +171,7 @@ def write_report(run_dir: Path, extra_sections: list[str] | None = None) -> Path
             r["round"],
             *(r.get(k) for k in keys),
             ", ".join(r.get("refused", [])) or "-",
+            "; ".join(f"{who}: {why}" for who, why in dropped(r).items()) or "-",
             r["bytes_sent"] + r["bytes_received"],
             r["seconds"],
         ]
@@ -132,6 +187,7 @@ def write_report(run_dir: Path, extra_sections: list[str] | None = None) -> Path
             "train loss",
             "max epsilon",
             "refused",
+            "failed or rejected (institution: reason)",
             "bytes",
             "seconds",
         ],

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from common.protocol import EPSILON, LEDGER_HEAD, LEDGER_RECORDS
+from common.protocol import EPSILON, LEDGER_HEAD, LEDGER_RECORDS, reason_parts
 
 
 @dataclass
@@ -25,7 +25,7 @@ class RoundStats:
     epsilon: dict[str, float] = field(default_factory=dict)  # institution -> cumulative eps
     refused: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # institution -> reason
-    failed: dict[str, str] = field(default_factory=dict)  # node -> client error
+    failed: dict[str, str] = field(default_factory=dict)  # institution (or node-N) -> reason
     ranks: dict[str, int] = field(default_factory=dict)  # institution -> LoRA rank sent
     ledger_heads: dict[str, tuple[int, str]] = field(default_factory=dict)  # anchors for audit
     train: dict[str, float] = field(default_factory=dict)
@@ -39,10 +39,17 @@ class RoundStats:
             self.ledger_heads[who] = (int(values[LEDGER_RECORDS]), str(values[LEDGER_HEAD]))
 
 
+def dropped(line: Mapping) -> dict[str, str]:
+    """Who a ``metrics.jsonl`` line left out of the aggregate and why (failed or rejected),
+    by institution name: for the progress line, the report and ``privatune summary``."""
+    return {**line.get("rejected", {}), **line.get("failed", {})}
+
+
 @dataclass
 class RoundLog:
     offset: int = 0  # rounds done before this start (a resumed run)
     rounds: dict[int, RoundStats] = field(default_factory=dict)  # by the run's round
+    names: dict[int, str] = field(default_factory=dict)  # node id -> institution, once seen
 
     def run_round(self, flower_round: int) -> int:
         return flower_round + self.offset
@@ -50,3 +57,12 @@ class RoundLog:
     def at(self, flower_round: int) -> RoundStats:
         """The stats of Flower's round ``flower_round``, created on first use."""
         return self.rounds.setdefault(self.run_round(flower_round), RoundStats())
+
+    def fail(self, flower_round: int, node: int, reason: str) -> str:
+        """Record a node's failure under its institution's name (from the reason, which
+        clients write as ``"<institution>: <fixed text>"``, or from an earlier reply), so
+        that the progress line, the report and the audit name who failed; returns the name."""
+        name, text = reason_parts(reason)
+        who = name or self.names.get(node, f"node-{node}")
+        self.at(flower_round).failed[who] = text
+        return who

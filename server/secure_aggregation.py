@@ -141,12 +141,13 @@ class SecureRounds(LegacyFedAvg):
         real_round = self.log.run_round(server_round)
         stats = self.log.at(server_round)
         for node in sorted(self._sampled - {proxy.node_id for proxy, _ in results}):
-            stats.failed[f"node-{node}"] = "dropped out of secure aggregation"
+            self.log.fail(server_round, node, "dropped out of secure aggregation")
         trained = []
         for proxy, res in results:
             if LEDGER_RECORDS in res.metrics:
                 self._seen[proxy.node_id] = int(res.metrics[LEDGER_RECORDS])
             who = str(res.metrics.get(INSTITUTION, "?"))
+            self.log.names[proxy.node_id] = who
             stats.note(who, res.metrics)
             if res.metrics.get(REFUSED):
                 stats.refused.append(who)

@@ -211,12 +211,13 @@ class AdapterRounds(FedAvg):
                 continue
             node = msg.metadata.src_node_id
             if msg.has_error():
-                stats.failed[f"node-{node}"] = str(msg.error.reason)
-                log.warning("node %d failed: %s", node, msg.error.reason)
+                who = self.log.fail(server_round, node, str(msg.error.reason))
+                log.warning("%s (node %d) failed: %s", who, node, stats.failed[who])
                 continue
             stats.bytes_received += _message_bytes(msg.content)
             self._note_ledger(msg)
             who = _institution(msg)
+            self.log.names[node] = who
             metrics = next(iter(msg.content.metric_records.values()), {})
             stats.note(who, {**metrics, **msg.content.config_records.get("info", {})})
             if metrics.get(REFUSED):
@@ -297,13 +298,15 @@ class AdapterRounds(FedAvg):
         stats = self.log.at(server_round)
         total = None
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                stats.failed[f"node-{msg.metadata.src_node_id}"] = str(msg.error.reason)
+                self.log.fail(server_round, node, str(msg.error.reason))
                 continue
             stats.bytes_received += _message_bytes(msg.content)
             self._note_ledger(msg)
             metrics = _metrics(msg)
-            stats.note(_institution(msg), {**metrics, **msg.content.config_records.get("info", {})})
+            who = self.log.names[node] = _institution(msg)
+            stats.note(who, {**metrics, **msg.content.config_records.get("info", {})})
             if metrics.get(EVALUATED):
                 matrix = np.asarray(metrics[CONFUSION], dtype=float)
                 total = matrix if total is None else total + matrix

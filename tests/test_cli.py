@@ -57,8 +57,11 @@ def _line(rnd: int, acc: float | None, seconds: float, sent: int) -> dict:
 
 def test_summary_reads_the_metrics_lines(tmp_path):
     for rnd, acc in ((0, 0.25), (1, 0.5), (2, 0.625)):
-        append_line(tmp_path, _line(rnd, acc, 60.0, 500_000))
+        line = _line(rnd, acc, 60.0, 500_000)
+        line["failed"] = {"clinic-z": "too few rows to split"} if rnd else {}
+        append_line(tmp_path, line)
     out = RUN.invoke(app, ["summary", str(tmp_path)])
+    assert "| clinic-z failed (round 1, 2) | | too few rows to split |" in out.output
     assert out.exit_code == 0, out.output
     assert "| test accuracy | 0.250 | 0.625 |" in out.output
     assert "| max epsilon (delta from config) | 0 | 5.00 |" in out.output
@@ -142,3 +145,21 @@ def test_tune_refuses_a_recipe_it_cannot_run_in_one_line():
     res = RUN.invoke(app, ["tune", "--scenario", "hospitals-small", "--repeats", "1"])
     assert res.exit_code == 2 and "only train.trainable = 'head'" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_version_and_the_deployment_guides_secret_folders_are_ignored():
+    import shutil
+    import subprocess
+    from importlib.metadata import version
+
+    from helpers import PROJECT_ROOT
+
+    out = RUN.invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.output.strip() == f"privatune {version('privatune')}"
+    if shutil.which("git") is None or not (PROJECT_ROOT / ".git").exists():
+        return  # an unpacked source tree: nothing to commit by mistake
+    secrets = ["certs/ca.key", "keys/hospital-a", "state/state.db", "docker/certs/ca.key"]
+    ignored = subprocess.run(
+        ["git", "check-ignore", *secrets], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    assert ignored.stdout.split() == secrets

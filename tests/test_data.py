@@ -45,9 +45,8 @@ def _error(path, text="review", label="stars") -> str:
 def test_missing_column_names_file_and_column(tmp_path):
     path = tmp_path / "a.csv"
     ROWS.to_csv(path, index=False)
-    assert "column 'text'" in _error(path, text="text") and "data.text-column" in _error(
-        path, "text"
-    )
+    message = _error(path, text="text")
+    assert "column 'text'" in message and "set --text-column (data.text-column" in message
 
 
 def test_unknown_label_names_row_and_value(tmp_path):
@@ -55,6 +54,33 @@ def test_unknown_label_names_row_and_value(tmp_path):
     ROWS.assign(stars=["positive", "great", "neutral"]).to_csv(path, index=False)
     message = _error(path)
     assert "row 1" in message and "'great'" in message and "'stars'" in message
+    assert "--labels negative,neutral,positive,great (data.labels)" in message  # the fix
+
+
+def test_the_first_bad_byte_offset_is_the_real_one(tmp_path):
+    """pandas decodes in chunks and reported byte 0 for a bad byte further in."""
+    path = tmp_path / "late.csv"
+    head = b"review,stars\nok,positive\n" + b"fine words,neutral\n" * 3000
+    path.write_bytes(head + b"caf\xe9,positive\n")
+    assert f"at byte {len(head) + 3};" in _error(path)
+
+
+def test_a_binary_file_is_named_as_such(tmp_path):
+    path = tmp_path / "photo.csv"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    assert "looks binary, not CSV" in _error(path)
+
+
+def test_a_utf8_file_is_read_as_utf8_under_a_latin1_setting(tmp_path, caplog):
+    """data.encoding applies to every file: a UTF-8 one beside a Latin-1 one keeps its text."""
+    utf8, latin = tmp_path / "utf8.csv", tmp_path / "latin.csv"
+    utf8.write_text("review,stars\nTrès bon café,positive\n", encoding="utf-8")
+    latin.write_bytes("review,stars\nTrès bon café,positive\n".encode("latin-1"))
+    for path in (utf8, latin):
+        data = load_labeled(path, "review", "stars", LABELS, encoding="latin-1")
+        assert data.texts == ["Très bon café"]
+    assert "utf8.csv: valid UTF-8, read as UTF-8 instead of latin-1" in caplog.text
+    assert "latin.csv" not in caplog.text
 
 
 @pytest.mark.parametrize("content", ["", "review,stars\n"])

@@ -393,9 +393,17 @@ def check_run(run_dir: Path, status: str, rounds: int) -> None:
         assert line["refused"] == [] and line["failed"] == {}
         assert 0 < line["epsilon_max"] < min(BUDGETS.values())
     assert not (run_dir / "privacy").exists()  # ledgers stay at the institutions
+    # the aggregator's folder holds no ledger: its audit says where they are, never fails
+    report = (run_dir / "report.html").read_text()
+    assert "Audit FAILED" not in report and "ledger_heads" not in report
+    assert "each institution keeps its own ledger" in report
+    audited = CliRunner().invoke(cli, ["audit", str(run_dir)])
+    assert audited.exit_code == 0, audited.output
+    assert f"privatune audit LEDGER --anchors {run_dir}" in audited.output
+    assert f"heads recorded for: {', '.join(sorted(BUDGETS))}" in audited.output
 
 
-def check_ledgers(root: Path, rounds: int) -> None:
+def check_ledgers(root: Path, rounds: int, run_dir: Path | None = None) -> None:
     """Each institution's ledger in its own folder, with its own budget, passing the audit."""
     ledgers = {
         "hospital-a": root / "hospital-a" / "ledger" / "privacy-ledger.jsonl",
@@ -414,6 +422,11 @@ def check_ledgers(root: Path, rounds: int) -> None:
         assert result.ok, result.problems
         cli_result = CliRunner().invoke(cli, ["audit", str(path)])
         assert cli_result.exit_code == 0, cli_result.output
+        if run_dir is not None:  # against the heads the aggregator recorded
+            (anchored,) = audit(path, [run_dir])
+            assert anchored.ok and anchored.anchors == rounds, anchored.problems
+            out = CliRunner().invoke(cli, ["audit", str(path), "--anchors", str(run_dir)])
+            assert out.exit_code == 0 and "neighbouring relation" in out.output, out.output
 
 
 class TestDeployment:
@@ -450,7 +463,7 @@ class TestDeployment:
     def test_each_institution_keeps_its_own_ledger_and_it_passes_audit(
         self, federation, run_result
     ):
-        check_ledgers(federation.root, rounds=2)
+        check_ledgers(federation.root, rounds=2, run_dir=run_result[0])
 
 
 # --- Optional: the same with every party in its own network namespace and address. ---
@@ -512,7 +525,7 @@ def test_across_network_namespaces(netns_federation, tiny_model_dir):
     assert "Failed to activate SuperNode" in fed.refused("supernode-unregistered", "outsider", args)
     run_dir, status = flwr_run(fed, tiny_model_dir, rounds=1)
     check_run(run_dir, status, rounds=1)
-    check_ledgers(fed.root, rounds=1)
+    check_ledgers(fed.root, rounds=1, run_dir=run_dir)
     link_log = fed.procs.log("superlink")
     for party in ("hospital-a", "hospital-b", "outsider"):
         assert f"{fed.network.own_address[party]}:" in link_log, party
@@ -683,3 +696,16 @@ def test_certs_and_keys_files_and_one_line_errors(tmp_path):
         assert result.exit_code == 2, result.output
         (line,) = result.output.strip().splitlines()
         assert line.startswith("error: ") and message in line, result.output
+
+
+def test_the_guides_several_supernodes_use_a_real_flag_and_distinct_ports():
+    """Two SuperNodes on one machine collide on 9094 unless each gets its own --port; the
+    guide's commands use the flag this Flower's flower-supernode has."""
+    guide = (PROJECT_ROOT / "docs" / "deployment.md").read_text()
+    section = guide.split("**Several SuperNodes on one machine**")[1].split("```")[1]
+    ports = re.findall(r"--port=(\d+)", section)
+    assert len(ports) == 2 and len(set(ports)) == 2
+    usage = subprocess.run(
+        [str(VENV_BIN / "flower-supernode"), "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "--port PORT" in usage and "(default: 9094)" in usage

@@ -11,10 +11,12 @@ import dp_accounting
 import pytest
 from helpers import PROJECT_ROOT
 from opacus.accountants import RDPAccountant
+from typer.testing import CliRunner
 
-from common.audit import audit
+from common.audit import audit, notes, to_html
+from common.cli import app as cli
 from common.ledger import Ledger, LedgerError, read_records, spent, verify_chain
-from common.privacy import Mechanism, epsilon, plan
+from common.privacy import NEIGHBOURING, Mechanism, epsilon, plan
 
 DELTA = 1e-5
 
@@ -173,3 +175,71 @@ def test_planner_meets_the_target():
         a < b for a, b in zip(p.epsilon_per_round[:-1], p.epsilon_per_round[1:], strict=True)
     )
     assert math.isinf(epsilon([Mechanism(0.0, 0.2, 5)], DELTA))
+
+
+def _run_folder(root, heads: dict, failed: dict | None = None):
+    """A run folder's metrics.jsonl recording these ledger heads (institution -> ledger)."""
+    root.mkdir(parents=True, exist_ok=True)
+    line = {
+        "round": 1,
+        "failed": failed or {},
+        "ledger_heads": {who: [len(records), records[-1].hash] for who, records in heads.items()},
+    }
+    (root / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    return root
+
+
+def test_a_missing_ledger_with_recorded_heads_fails_the_run_audit(ledger_path):
+    run = ledger_path.parent.parent
+    records = read_records(ledger_path)
+    _run_folder(run, {"hospital-a": records, "hospital-b": records})
+    results = audit(run)
+    assert [r.institution for r in results] == ["hospital-a", "hospital-b"]
+    assert results[0].ok and results[0].anchors == 1
+    assert not results[1].ok and "hospital-b.jsonl: missing" in results[1].problems[0]
+    out = CliRunner().invoke(cli, ["audit", str(run)])
+    assert out.exit_code == 1 and "hospital-b" in out.output
+
+
+def test_anchors_from_several_runs(ledger_path, tmp_path):
+    first = _run_folder(tmp_path / "run-1", {"hospital-a": read_records(ledger_path)})
+    _append(Ledger(ledger_path), "run-2", 1, Mechanism(1.1, 0.2, 5))
+    second = _run_folder(tmp_path / "run-2", {"hospital-a": read_records(ledger_path)})
+    (result,) = audit(ledger_path, [first, second])
+    assert result.ok and result.anchors == 2
+    out = CliRunner().invoke(
+        cli, ["audit", str(ledger_path), "--anchors", str(first), "--anchors", str(second)]
+    )
+    assert out.exit_code == 0, out.output
+    assert "  2  " in out.output.splitlines()[1]  # the anchors column
+    # a rewritten ledger fails against the later run's recorded head
+    lines = ledger_path.read_text().splitlines()
+    ledger_path.write_text("\n".join(lines[:-1]) + "\n")
+    (result,) = audit(ledger_path, [first, second])
+    assert not result.ok and "truncated or rewritten" in result.problems[0]
+
+
+def test_audit_states_accountant_tolerance_delta_and_neighbouring(ledger_path):
+    out = CliRunner().invoke(cli, ["audit", str(ledger_path.parent.parent)])
+    assert out.exit_code == 0, out.output
+    assert "Opacus' RDP accountant" in out.output and "within 1%" in out.output
+    assert "may exceed the budget" in out.output and f"delta {DELTA:g}" in out.output
+    assert NEIGHBOURING in out.output.replace("\n", " ")
+    row = out.output.splitlines()[1].split()
+    assert row[-3:] == ["rdp", f"{DELTA:g}", "OK"]
+
+
+def test_a_deployment_run_folder_says_where_the_ledgers_are(ledger_path, tmp_path):
+    """No privacy/ folder: metrics.jsonl is never read as a ledger, and the report of such
+    a run does not say the audit failed."""
+    run = _run_folder(
+        tmp_path / "deployed", {"hospital-a": read_records(ledger_path)}, {"clinic-z": "no rows"}
+    )
+    assert audit(run) == []
+    out = CliRunner().invoke(cli, ["audit", str(run)])
+    assert out.exit_code == 0, out.output
+    assert f"privatune audit LEDGER --anchors {run}" in out.output
+    assert "heads recorded for: hospital-a" in out.output
+    assert "clinic-z failed in round(s) 1: no rows" in out.output
+    assert "ledger_heads" not in out.output and "FAIL" not in out.output
+    assert "Audit FAILED" not in to_html(audit(run), notes(run, audit(run)))

@@ -13,6 +13,8 @@ from helpers import ADAPTER, good, metadata, reply, strategy_for
 
 from common.adapter import from_record
 from common.audit import audit
+from common.protocol import error_reason
+from server.recorder import summary
 from server.strategy import CentralDP
 
 
@@ -52,7 +54,9 @@ def test_too_few_valid_updates_leave_the_adapter_unchanged():
 
 def test_refusals_and_failures_are_counted_and_the_round_goes_on():
     strategy = strategy_for("fedavg")
-    failed = Message(Error(code=2, reason="data.csv: no rows"), metadata=metadata(7))
+    failed = Message(
+        Error(code=2, reason=error_reason("clinic-7", "data.csv: no rows")), metadata=metadata(7)
+    )
     replies = [
         reply(1, good(0.2), n=10),
         reply(2, good(0.5), n=30),
@@ -63,8 +67,31 @@ def test_refusals_and_failures_are_counted_and_the_round_goes_on():
     assert all(np.allclose(v, 0.425) for v in from_record(arrays).values())  # weighted 1:3
     stats = strategy.log.rounds[1]
     assert stats.refused == ["inst-3"] and stats.epsilon["inst-3"] == 3.9
-    assert stats.failed == {"node-7": "data.csv: no rows"}
+    assert stats.failed == {"clinic-7": "data.csv: no rows"}
     assert metrics["epsilon-max"] == 1.0
+
+
+def test_a_failing_node_is_named_by_institution_in_the_progress_line():
+    """A reason that names no institution falls back to the name the node replied with
+    before, then to its node id; the progress line names each with its reason."""
+    strategy = strategy_for("fedavg")
+    strategy.aggregate_train(1, [reply(1, good(0.2)), reply(2, good(0.4))])
+    broken = [
+        Message(Error(code=2, reason="dropped out"), metadata=metadata(node)) for node in (2, 9)
+    ]
+    strategy.aggregate_train(2, [reply(1, good(0.2)), *broken])
+    failed = strategy.log.rounds[2].failed
+    assert failed == {"inst-2": "dropped out", "node-9": "dropped out"}
+    line = {
+        "round": 2,
+        "refused": [],
+        "rejected": {},
+        "failed": failed,
+        "bytes_sent": 0,
+        "bytes_received": 0,
+        "seconds": 1.0,
+    }
+    assert "dropped: inst-2 (dropped out); node-9 (dropped out)" in summary(line, 2)
 
 
 @pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum"])
