@@ -140,13 +140,20 @@ class Plan:
 
 
 def _planned(
-    sigma: float, rate: float, per_round: int, rounds: int, eval_noise: float, count_noise: float
+    sigma: float | None,
+    rate: float,
+    per_round: int,
+    rounds: int,
+    eval_noise: float,
+    count_noise: float,
 ) -> list[Mechanism]:
     """A client's history after ``rounds`` planned rounds: the DP count of its rows once, then
-    each round's DP-SGD steps and (``eval_noise`` > 0) its local evaluation."""
+    each round's DP-SGD steps (none for ``sigma`` None) and (``eval_noise`` > 0) its local
+    evaluation."""
     once = [count_release(count_noise)] if count_noise > 0 else []
     extra = [count_release(eval_noise)] if eval_noise > 0 else []
-    return [*once, *[Mechanism(sigma, rate, per_round), *extra] * rounds]
+    steps = [] if sigma is None else [Mechanism(sigma, rate, per_round)]
+    return [*once, *[*steps, *extra] * rounds]
 
 
 @functools.lru_cache(maxsize=256)  # pure; PRV's search takes seconds, every round asks
@@ -177,11 +184,11 @@ def planned_noise(
     if not (eval_noise > 0 or count_noise > 0):
         return float(sigma)
 
-    def spends(noise: float) -> float:
+    def spends(noise: float | None) -> float:
         history = _planned(noise, sample_rate_, per_round, rounds, eval_noise, count_noise)
         return epsilon(history, delta, accountant)
 
-    if spends(math.inf) >= target_epsilon:  # the training alone would spend nothing
+    if spends(None) >= target_epsilon:  # what is left for the training
         raise ValueError(
             f"the local evaluations (noise {eval_noise}) and the row count (noise "
             f"{count_noise}) alone spend epsilon {target_epsilon} or more over {rounds} "
