@@ -211,7 +211,7 @@ def run_canary_audit(
         "updates": update_scores(kept, cfg, texts, labels, names),
     }
     claimed = claimed_epsilon(run_dir, names)
-    each = auditor_confidence(confidence)
+    each = auditor_confidence(confidence, sum(s is not None for s in scores.values()))
     result = {
         "canaries": canaries,
         "into": names,
