@@ -15,9 +15,9 @@ counts the v correct guesses among r. Three readings of the same guesses:
   ledger's claim only if the mechanism's curve is Gaussian, so it is reported, never used
   for the verdict;
 - the Gaussian-fit estimate of Andrew et al. ("One-shot empirical privacy estimation for
-  federated learning", ICLR 2024): a Gaussian fitted to the included and to the excluded
-  canaries' scores, and the epsilon of that pair of Gaussians. An estimate, not a bound:
-  it has no confidence attached and can be above the truth.
+  federated learning", ICLR 2024): Gaussians fitted to the included and to the excluded
+  canaries' scores, and the epsilon of that pair. An estimate, not a bound: it has no
+  confidence attached and can be above the truth, so it warns and never fails a run.
 
 The guess counts tried are fixed by m alone (a halving grid down to 10) before any score is
 seen, and the confidence is split over every count and both bounds (Bonferroni), so picking
@@ -160,50 +160,21 @@ def fdp_gaussian_lower_bound(
     return gdp_epsilon(mu, delta)
 
 
-def _gaussian_pair_delta(eps: float, p: tuple[float, float], q: tuple[float, float]) -> float:
-    """delta(eps) from N(p) to N(q), (mean, sd) each: P(S) - e^eps Q(S) on the set S where
-    the log density ratio exceeds eps (a quadratic's sign: an interval or its complement)."""
-    (m1, s1), (m0, s0) = p, q
-    a = 1 / (2 * s0**2) - 1 / (2 * s1**2)
-    b = m1 / s1**2 - m0 / s0**2
-    c = m0**2 / (2 * s0**2) - m1**2 / (2 * s1**2) + math.log(s0 / s1) - eps
-
-    def mass(mean: float, sd: float, lo: float, hi: float) -> float:
-        return float(stats.norm.cdf(hi, mean, sd) - stats.norm.cdf(lo, mean, sd))
-
-    if abs(a) < 1e-12:  # equal spreads: a half-line
-        if b == 0:
-            return max(0.0, (1 - math.exp(eps)) if c > 0 else 0.0)
-        cut = -c / b
-        pieces = [(cut, math.inf)] if b > 0 else [(-math.inf, cut)]
-    else:
-        disc = b * b - 4 * a * c
-        if disc <= 0:
-            pieces = [(-math.inf, math.inf)] if a > 0 else []
-        else:
-            x1, x2 = sorted(((-b - math.sqrt(disc)) / (2 * a), (-b + math.sqrt(disc)) / (2 * a)))
-            pieces = [(-math.inf, x1), (x2, math.inf)] if a > 0 else [(x1, x2)]
-    gap = sum(mass(m1, s1, lo, hi) - math.exp(eps) * mass(m0, s0, lo, hi) for lo, hi in pieces)
-    return max(0.0, gap)
-
-
 def gaussian_fit_epsilon(included: np.ndarray, excluded: np.ndarray, delta: float) -> float:
-    """Andrew et al.'s estimate: the epsilon at ``delta`` between a Gaussian fitted to the
-    included canaries' scores and one fitted to the excluded ones' (both directions)."""
+    """Andrew et al.'s estimate, in its equal-variance form: the included and excluded
+    canaries' scores as two Gaussians of one pooled spread, mu = their mean gap over it,
+    and the epsilon of mu-GDP at ``delta``. (Fitting each side its own spread lets the
+    far tails, which a few hundred scores barely constrain, set epsilon at delta 1e-5.)"""
     inc, exc = np.asarray(included, float), np.asarray(excluded, float)
     if len(inc) < 2 or len(exc) < 2:
         return 0.0
-    p = (float(inc.mean()), max(float(inc.std(ddof=1)), 1e-12))
-    q = (float(exc.mean()), max(float(exc.std(ddof=1)), 1e-12))
-
-    def gap(eps: float) -> float:
-        return max(_gaussian_pair_delta(eps, p, q), _gaussian_pair_delta(eps, q, p)) - delta
-
-    if gap(0.0) <= 0:
-        return 0.0
-    if gap(100.0) > 0:
-        return 100.0
-    return float(optimize.brentq(gap, 0.0, 100.0, xtol=1e-6))
+    pooled = math.sqrt(
+        ((len(inc) - 1) * inc.var(ddof=1) + (len(exc) - 1) * exc.var(ddof=1))
+        / (len(inc) + len(exc) - 2)
+    )
+    if pooled == 0:
+        return math.inf if inc.mean() != exc.mean() else 0.0
+    return gdp_epsilon(abs(float(inc.mean() - exc.mean())) / pooled, delta)
 
 
 def guess_counts(m: int) -> tuple[int, ...]:
@@ -353,7 +324,19 @@ def verdict(result: Mapping) -> str:
         return (
             f"{head} ABOVE the claimed {claimed:.2f}: the mechanism that ran is not the one claimed"
         )
-    return f"{head}, claimed {claimed:.2f}: consistent (a low measurement does not prove privacy)"
+    estimate = max(
+        result[key].get("gaussian_fit_epsilon", 0.0) for key in AUDITORS if key in result
+    )
+    warning = (
+        f"; WARNING: the Gaussian-fit estimate {estimate:.2f} is above the claim (an estimate, "
+        "not proof: audit again, with more canaries)"
+        if estimate > claimed
+        else ""
+    )
+    return (
+        f"{head}, claimed {claimed:.2f}: consistent (a low measurement does not prove "
+        f"privacy){warning}"
+    )
 
 
 def _summary(s: Mapping) -> str:

@@ -277,6 +277,7 @@ def run_gradient_audit(
     run_dir = run_flat(flat, scenario.institutions, mods)
     cfg = RunConfig.from_flat(stored_flat(run_dir))
     final = flatten(get_trainable(load_trained(run_dir, torch.device("cpu"))))
+    np.savez(kept / "secrets.npz", holders=planted.holders, included=planted.included)
     each = auditor_confidence(confidence, 2)
     claimed = claimed_epsilon(run_dir, names)
     result = {
