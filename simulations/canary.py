@@ -1,5 +1,6 @@
-"""The empirical privacy audit of a simulated federation (``privatune canary``): plant
-canaries, run the federation as configured, and measure a lower bound on epsilon from how
+"""The black-box empirical privacy audit of a simulated federation (``privatune canary
+--auditor black-box``; the white-box one is simulations.gradient_canary): plant input-space
+canaries, run the federation as configured, and measure lower bounds on epsilon from how
 well the trained adapter fits them (common.empirical), beside the epsilon the ledgers claim.
 
 Each canary is a string of random vocabulary words with a random label, assigned to one of

@@ -11,10 +11,19 @@ through whichever DP backend runs (client.dp_backends.audit_canaries: Opacus' ho
 or none). The federation, its planning and its ledgers are otherwise the run as configured;
 the ledgers account the run like any other.
 
+Each canary's gradient has a secret sign per round: +1 in two thirds of the rounds, -1 in
+the rest (a record's gradient may change from step to step; DP-SGD's analysis allows any
+gradient of norm at most C, so this is still one record). Why: the data's own gradient on a
+canary's direction persists from round to round and, summed over rounds, drowns the canary
+(measured on medical: without DP the plain sum reached 1.67 of a ceiling of 5.67); weighted
+by the centred signs, that persistent part cancels while the canary adds up.
+
 Two auditors score each canary by the inner product with its direction of:
 - ``gradient_updates``: its institution's update (reply minus the global adapter it was
-  sent), every round, summed: the server's view before averaging;
-- ``gradient_final``: the final global adapter minus the first one: the last iterate.
+  sent) in each round, weighted by the canary's centred sign in that round and summed over
+  the rounds the institution trained: the server's view before averaging;
+- ``gradient_final``: the final global adapter minus the first one: the last iterate, where
+  the signs' net third is what remains of a canary.
 
 Three broken mechanisms (``BROKEN``) exist to show the audit's power, never for use:
 the noise switched off, the noise at half the planned multiplier, and the sample rate
@@ -68,9 +77,12 @@ class GradientCanaries:
     dim: int  # trainable coordinates
     coordinates: np.ndarray | None  # dirac: one distinct coordinate per canary
     seed: int  # random: the directions' seed
+    signs: np.ndarray  # (m, rounds) of +1 / -1: each canary's sign in each round
 
     @classmethod
-    def draw(cls, m: int, into: int, dim: int, clip: float, kind: str) -> GradientCanaries:
+    def draw(
+        cls, m: int, into: int, dim: int, clip: float, kind: str, rounds: int
+    ) -> GradientCanaries:
         if kind not in KINDS:
             raise ValueError(f"canary kind {kind!r}: one of {', '.join(KINDS)}")
         if kind == "dirac" and m > dim:
@@ -85,6 +97,10 @@ class GradientCanaries:
             dim=dim,
             coordinates=rng.choice(dim, m, replace=False) if kind == "dirac" else None,
             seed=secrets.randbits(63),
+            signs=rng.permuted(
+                np.tile(np.where(np.arange(rounds) < math.ceil(2 * rounds / 3), 1, -1), (m, 1)),
+                axis=1,
+            ).astype(np.int8),
         )
 
     @property
@@ -102,27 +118,37 @@ class GradientCanaries:
             return np.asarray(flat, dtype=np.float64)[self.coordinates]
         return self.directions().astype(np.float64) @ np.asarray(flat, dtype=np.float64)
 
-    def gradient(self, picked: np.ndarray) -> np.ndarray:
-        """The summed gradient of the picked canaries: -C u_i each, so that a descent step
-        moves the parameters along +u_i and an included canary scores high."""
+    def sign(self, rnd: int) -> np.ndarray:
+        """Each canary's sign in round ``rnd`` (1-based; +1 past the planned rounds)."""
+        if not 1 <= rnd <= self.signs.shape[1]:
+            return np.ones(self.m, dtype=np.int8)
+        return self.signs[:, rnd - 1]
+
+    def gradient(self, picked: np.ndarray, sign: np.ndarray) -> np.ndarray:
+        """The summed gradient of the picked canaries: -C sign_i u_i each, so that a descent
+        step moves the parameters along sign_i u_i."""
         out = np.zeros(self.dim, dtype=np.float32)
         if self.coordinates is not None:
-            out[self.coordinates[picked]] = -self.clip
+            out[self.coordinates[picked]] = -self.clip * sign[picked]
         elif picked.any():
-            out -= self.clip * self.directions()[picked].sum(0)
+            out -= self.clip * (sign[picked, None] * self.directions()[picked]).sum(0)
         return out
 
-    def hook(self, pid: int) -> Callable[[Sequence[torch.Tensor], float], list[torch.Tensor]]:
-        """The step hook of institution ``pid`` (client.dp_backends.CanaryHook): each of its
-        included canaries Poisson-sampled at the step's rate, from the OS CSPRNG."""
+    def hook(
+        self, pid: int, rnd: int
+    ) -> Callable[[Sequence[torch.Tensor], float], list[torch.Tensor]]:
+        """The step hook of institution ``pid`` in round ``rnd`` (client.dp_backends.
+        CanaryHook): each of its included canaries Poisson-sampled at the step's rate, from
+        the OS CSPRNG, with its sign of the round."""
         mine = self.included & (self.holders == pid)
+        sign = self.sign(rnd)
         rng = np.random.default_rng(secrets.randbits(128))
 
         def canaries(params: Sequence[torch.Tensor], rate: float) -> list[torch.Tensor]:
             sizes = [p.numel() for p in params]
             if sum(sizes) != self.dim:
                 raise RuntimeError(f"canaries span {self.dim} coordinates, the step {sum(sizes)}")
-            flat = torch.from_numpy(self.gradient(mine & (rng.random(self.m) < rate)))
+            flat = torch.from_numpy(self.gradient(mine & (rng.random(self.m) < rate), sign))
             return [
                 part.view_as(p).to(p.device, torch.float32)
                 for part, p in zip(flat.split(sizes), params, strict=True)
@@ -147,7 +173,7 @@ def plant(canaries: GradientCanaries, folder: Path) -> Mod:
         pid = int(context.node_config.get("partition-id", -1))
         rnd = int(msg.content["config"][SERVER_ROUND])
         start = flatten(from_record(msg.content["arrays"]))
-        with audit_canaries(canaries.hook(pid)):
+        with audit_canaries(canaries.hook(pid, rnd)):
             reply = call_next(msg, context)
         folder.mkdir(parents=True, exist_ok=True)
         if rnd == 1:
@@ -161,15 +187,22 @@ def plant(canaries: GradientCanaries, folder: Path) -> Mod:
 
 
 def scores(canaries: GradientCanaries, folder: Path, final: np.ndarray) -> dict[str, np.ndarray]:
-    """Each canary's two scores: its institution's updates summed over rounds, and the last
-    iterate's move (``final``: the final adapter, flattened) on its direction."""
+    """Each canary's two scores: its institution's updates weighted by the canary's signs,
+    centred over the rounds the institution trained (so that what persists cancels), and
+    the last iterate's move (``final``: the final adapter, flattened) on its direction."""
     summed = np.zeros(canaries.m)
     for pid in np.unique(canaries.holders):
         mine = canaries.holders == pid
-        rounds = sorted(folder.glob(f"p{pid:03d}-round-*.npy"))
-        if not rounds:
+        kept = sorted(folder.glob(f"p{pid:03d}-round-*.npy"))
+        if not kept:
             raise RuntimeError(f"{folder}: no update of partition {pid} was kept")
-        summed[mine] = sum(np.load(f) for f in rounds)[mine]
+        rounds = [int(f.stem.rsplit("-", 1)[1]) for f in kept]
+        signs = np.stack([canaries.sign(r) for r in rounds], axis=1).astype(float)
+        weights = signs - signs.mean(axis=1, keepdims=True)
+        if len(rounds) == 1:  # nothing to centre over
+            weights = signs
+        updates = np.stack([np.load(f) for f in kept], axis=1)
+        summed[mine] = (weights * updates).sum(axis=1)[mine]
     moved = canaries.project(final) - np.load(folder / "start.npy")
     return {"gradient_updates": summed, "gradient_final": moved}
 
@@ -269,7 +302,9 @@ def run_gradient_audit(
     cfg = RunConfig.from_flat(flat)
     names = json.loads((data_dir / "manifest.json").read_text())["institutions"][:into]
     dim = sum(a.size for a in get_trainable(build_model(cfg, torch.device("cpu"))).values())
-    planted = GradientCanaries.draw(canaries, len(names), dim, cfg.dp.max_grad_norm, kind)
+    planted = GradientCanaries.draw(
+        canaries, len(names), dim, cfg.dp.max_grad_norm, kind, cfg.federation.rounds
+    )
     base = Path(cfg.run.output_dir) / cfg.run.name
     kept = base.parent / f"{cfg.run.name}-gradient-canaries"
     shutil.rmtree(kept, ignore_errors=True)
@@ -277,7 +312,7 @@ def run_gradient_audit(
     run_dir = run_flat(flat, scenario.institutions, mods)
     cfg = RunConfig.from_flat(stored_flat(run_dir))
     final = flatten(get_trainable(load_trained(run_dir, torch.device("cpu"))))
-    np.savez(kept / "secrets.npz", holders=planted.holders, included=planted.included)
+    np.savez(kept / "secrets.npz", **{k: v for k, v in asdict(planted).items() if v is not None})
     each = auditor_confidence(confidence, 2)
     claimed = claimed_epsilon(run_dir, names)
     result = {
