@@ -21,7 +21,7 @@ from common.config import resolve
 from common.data import load_labeled, tokenize
 from common.empirical import RESULT, above_claim
 from common.model import build_model, load_tokenizer
-from simulations.gradient_canary import GradientCanaries, flatten
+from simulations.gradient_canary import GradientCanaries, flatten, scores
 
 CPU = torch.device("cpu")
 
@@ -65,6 +65,28 @@ def test_white_box_canaries_join_the_clipped_sum_in_every_backend(tiny_flat, fed
     want[hit] = rates[hit] * 1.0 / cfg.train.batch_size
     assert (want[hit] > 0).all() and np.count_nonzero(moved) == 3
     np.testing.assert_allclose(moved, want, atol=1e-6)
+
+
+def test_white_box_signs_cancel_the_datas_persistent_drift(tmp_path):
+    """Kept projections as a federation writes them: each canary's direction drifts by a
+    persistent amount every round (the data's pull, five times a canary's step) plus a
+    little noise; an included canary adds its sign. Weighted by the centred signs, every
+    included canary outscores every excluded one; the plain sum over rounds does not."""
+    rng = np.random.default_rng(3)
+    canaries = GradientCanaries.draw(300, 2, 1000, 1.0, "dirac", rounds=12)
+    drift = rng.normal(0, 5, canaries.m)
+    plain = np.zeros(canaries.m)
+    for pid in (0, 1):
+        for rnd in range(1, 13):
+            step = drift + canaries.included * canaries.sign(rnd) + rng.normal(0, 0.1, canaries.m)
+            np.save(tmp_path / f"p{pid:03d}-round-{rnd:03d}.npy", step)
+            plain += np.where(canaries.holders == pid, step, 0.0)
+    np.save(tmp_path / "start.npy", np.zeros(canaries.m))
+    scored = scores(canaries, tmp_path, np.zeros(canaries.dim))
+    weighted, inc = scored["gradient_updates"], canaries.included
+    assert weighted[inc].min() > weighted[~inc].max()
+    assert plain[inc].min() < plain[~inc].max()  # the drift hides canaries from the sum
+    assert (canaries.signs == 1).sum(axis=1).tolist() == [8] * canaries.m  # 2/3 of 12
 
 
 RUN = CliRunner()
