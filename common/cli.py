@@ -200,7 +200,7 @@ def canary(
     break_: str = typer.Option(
         "",
         "--break",
-        help="run a broken mechanism to see the audit catch it: noise-off, half-noise or "
+        help="run a broken mechanism to see what the audit shows: noise-off, half-noise or "
         "half-rate (the ledgers still claim the planned epsilon); never for real use",
     ),
     confidence: float = typer.Option(0.95, help="of the measured lower bounds, all together"),
@@ -212,12 +212,14 @@ def canary(
     Auditors:
       white-box (default): m gradient canaries, each one more record of its institution:
         included with probability 1/2, Poisson-sampled in every DP step, its gradient (norm
-        = the clipping bound) added to the clipped sum before the noise. Scored by the inner
-        product of its institution's per-round updates with its direction (the server's
-        view) and of the final adapter's move. The strongest attacker DP-SGD is analysed
-        against: without DP it reaches the largest bound m allows; under DP it measures how
-        much of the claim a worst-case record really spends. It cannot see leaks through the
-        data path (tokenizer, features) that canaries in gradient space bypass.
+        = the clipping bound, sign flipped in a secret third of the rounds) added to the
+        clipped sum before the noise. Scored by the inner product of its institution's
+        per-round updates with its direction, weighted by its signs (the server's view),
+        and by the final adapter's move. Without DP it comes near the largest bound m
+        allows; under DP it shows what a worst-case record spends as the server sees it
+        (one update a round, not every step). It cannot see leaks through the data path
+        (tokenizer, features), which gradient canaries bypass, and one run cannot prove a
+        leak of about twice the claim (its estimate warns of one).
       black-box: m strings of random words with random labels in the training files, scored
         by the final (and each round's) adapter's fit. Real records through the real data
         path, but a weak attacker: on the shipped probes it measures 0 with DP and without,

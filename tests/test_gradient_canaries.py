@@ -119,13 +119,15 @@ def test_white_box_without_dp_reaches_the_ceiling(tmp_path):
 
 @pytest.mark.simulation
 def test_white_box_with_dp_has_power_and_stays_below_the_claim(tmp_path):
-    """The real mechanism, twice (epsilon 8 and 2): the bound is positive and never above
-    the claim, and `privatune audit` passes the run."""
+    """The real mechanism, twice (epsilon 8 and 2): the bound is never above the claim (and
+    well above 0 at epsilon 8), and `privatune audit` passes the run."""
     for eps, name in ((8.0, "dp8"), (2.0, "dp2")):
         code, result, output = _audit(tmp_path, name, f"dp.target-epsilon={eps}")
         assert code == 0 and 0 < result["claimed_epsilon"] <= eps + 1e-6
         assert not above_claim(result) and "consistent" in output
-        assert 0 < result["gradient_updates"]["epsilon_lower"] <= result["claimed_epsilon"]
+        assert result["gradient_updates"]["epsilon_lower"] <= result["claimed_epsilon"]
+        if eps == 8.0:  # power: the canaries are seen through the noise
+            assert result["gradient_updates"]["epsilon_lower"] > 0.5
         audit = RUN.invoke(app, ["audit", str(tmp_path / name)])
         assert audit.exit_code == 0, audit.output
 
