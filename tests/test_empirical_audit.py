@@ -160,7 +160,17 @@ def test_perfect_scores_reach_the_ceiling_and_more_canaries_raise_it():
 
 
 RUN = CliRunner()
-CANARY = ["canary", "--scenario", "hospitals-small-probe", "--canaries", "400", "--into", "3"]
+CANARY = [
+    "canary",
+    "--auditor",
+    "black-box",
+    "--scenario",
+    "hospitals-small-probe",
+    "--canaries",
+    "400",
+    "--into",
+    "3",
+]
 FAST = ["--set", "federation.rounds=2", "--set", "train.local-epochs=15"]
 
 
