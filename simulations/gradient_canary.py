@@ -27,8 +27,9 @@ Two auditors score each canary by the inner product with its direction of:
 
 Three broken mechanisms (``BROKEN``) exist to show the audit's power, never for use:
 the noise switched off, the noise at half the planned multiplier, and the sample rate
-reported to the planner and the accountant at half its true value. Each keeps the ledgers
-consistent with what they claim, so that `privatune audit`'s arithmetic cannot see it.
+recorded in the ledger at half its true value (the noise planned right, the claim too
+low). Each keeps the ledgers consistent with what they claim, so that `privatune audit`'s
+arithmetic cannot see it.
 """
 
 from __future__ import annotations
@@ -240,14 +241,23 @@ def _noise_scaled(factor: float) -> Iterator[None]:
 
 @contextmanager
 def _rate_reported_half() -> Iterator[None]:
-    """The sample rate told to the planner and to the accountant at half the rate the
-    loader really samples with: noise planned too small, and a ledger that agrees."""
+    """The noise planned for the true sample rate, but the rate the ledger records (and
+    that the accountant and the ledger's plan check see) is half the one the loader
+    really samples with: a ledger that claims less than was spent, and agrees with itself."""
     from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
     import client.app as client_app
 
-    real_rate = client_app.sample_rate
-    patches = [mock.patch.object(client_app, "sample_rate", lambda n, b: real_rate(n, b) / 2)]
+    real_rate, real_noise_for = client_app.sample_rate, client_app.noise_for
+
+    def noise_for_true_rate(*args, **kwargs):
+        with mock.patch.object(client_app, "sample_rate", real_rate):
+            return real_noise_for(*args, **kwargs)
+
+    patches = [
+        mock.patch.object(client_app, "sample_rate", lambda n, b: real_rate(n, b) / 2),
+        mock.patch.object(client_app, "noise_for", noise_for_true_rate),
+    ]
     for cls in (RDPAccountant, PRVAccountant, GaussianAccountant):
         real_step = cls.step
 

@@ -146,11 +146,15 @@ def test_broken_noise_off_is_caught(tmp_path):
 @pytest.mark.simulation
 @pytest.mark.parametrize("broken", ["half-noise", "half-rate"])
 def test_broken_half_noise_and_half_rate_raise_the_estimate_above_the_claim(tmp_path, broken):
-    """Half the planned noise, or the sample rate reported at half: the ledgers claim
-    epsilon 8 and audit clean. The Gaussian-fit estimate lands above the claim and the
-    verdict warns; the bound rises, but one run of 1,000 canaries does not prove it (a
-    doubled mu needs far more canaries: docs/privacy-officers.md)."""
+    """Half the planned noise (claim 8, spent more), or the sample rate recorded at half
+    (spent 8, claim less): the ledgers audit clean. The Gaussian-fit estimate lands above
+    the claim and the verdict warns; the bound rises (2.93 at half noise against 1.38 for
+    the real mechanism, when watched), but one run of 1,000 canaries does not prove a leak
+    of about twice the claim (docs/privacy-officers.md)."""
     code, result, output = _audit(tmp_path, broken, "dp.target-epsilon=8", broken=broken)
-    assert 7.9 < result["claimed_epsilon"] <= 8.0 + 1e-6
-    assert result["gradient_updates"]["gaussian_fit_epsilon"] > 8.0 and "WARNING" in output
+    claimed = result["claimed_epsilon"]
+    assert 0 < claimed <= 8.0 + 1e-6 and (claimed > 7.9 if broken == "half-noise" else True)
+    assert result["gradient_updates"]["gaussian_fit_epsilon"] > claimed and "WARNING" in output
     assert code == (1 if above_claim(result) else 0)
+    audit = RUN.invoke(app, ["audit", str(tmp_path / broken)])
+    assert audit.exit_code == code  # the ledgers themselves verify
