@@ -46,6 +46,11 @@ def audit_canaries(hook: CanaryHook) -> Iterator[None]:
         _canary_hook = None
 
 
+def _true_rate(loader: DataLoader) -> float:
+    """The rate the loader samples each record with (Opacus' Poisson loader states it)."""
+    return float(getattr(loader, "sample_rate", 1 / max(1, len(loader))))
+
+
 def _canary_sums(
     params: list[torch.Tensor], sample_rate: float
 ) -> dict[torch.Tensor, torch.Tensor]:
@@ -79,13 +84,14 @@ class NoDP:
 
     def prepare(self, module, optimizer, loader) -> Prepared:
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.sample_rate = 1 / max(1, len(loader))
+        self.sample_rate = _true_rate(loader)
         return module, optimizer, loader
 
     def after_backward(self, batch_size: int) -> None:
         # audit canaries only: records of the batch, whose loss is the batch mean
         for p, extra in _canary_sums(self.params, self.sample_rate).items():
-            p.grad = p.grad + extra / max(1, batch_size)
+            step = extra / max(1, batch_size)
+            p.grad = step if p.grad is None else p.grad + step
 
     def close(self) -> None:
         pass
@@ -130,7 +136,7 @@ class OpacusHooks(_Accounted):
             grad_sample_mode=self.mode,
         )
         if _canary_hook is not None:  # the audit harness: canaries join the clipped sum
-            add_noise, rate = optimizer.add_noise, 1 / len(loader)
+            add_noise, rate = optimizer.add_noise, _true_rate(loader)
 
             def canaries_then_noise() -> None:
                 for p, extra in _canary_sums(self.params, rate).items():
@@ -166,7 +172,8 @@ class Fused(_Accounted):
             accountant=self.engine.accountant,
         )
         if _canary_hook is not None:  # the audit harness: canaries join the clipped sum
-            params, rate = [p for p in module.parameters() if p.requires_grad], 1 / len(loader)
+            params = [p for p in module.parameters() if p.requires_grad]
+            rate = _true_rate(loader)
             self.clipping.canary_sums = lambda: _canary_sums(params, rate)
         return module, optimizer, loader
 
