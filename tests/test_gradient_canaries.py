@@ -67,6 +67,41 @@ def test_white_box_canaries_join_the_clipped_sum_in_every_backend(tiny_flat, fed
     np.testing.assert_allclose(moved, want, atol=1e-6)
 
 
+def test_white_box_random_directions_join_the_clipped_sum(tiny_flat, federation_dir):
+    """Random unit directions (more canaries than coordinates allowed): the adapter moves
+    by lr * C / batch times the sum of the included canaries' directions, through fused."""
+    cfg = resolve(
+        {
+            **tiny_flat,
+            "dp.grad-sample-mode": "fused",
+            "train.optimizer": "sgd",
+            "train.local-epochs": 1,
+            "train.learning-rate": 0.05,
+        }
+    )
+    data = _data(cfg, federation_dir, cfg.train.batch_size)
+    start = get_trainable(build_model(cfg, CPU))
+    dim = sum(a.size for a in start.values())
+    canaries = replace(
+        GradientCanaries.draw(4, 1, dim, 1.0, "random", rounds=3),
+        included=np.array([True, True, False, True]),
+    )
+    after = []
+    for hook in (None, canaries.hook(0, rnd=9)):
+        model = build_model(cfg, CPU)
+        set_trainable(model, start)
+        if hook is None:
+            train_round(model, data, cfg, 0.7, CPU, seed=3, poisson_sampling=False)
+        else:
+            with audit_canaries(lambda params, rate, h=hook: h(params, 1.0)):
+                train_round(model, data, cfg, 0.7, CPU, seed=3, poisson_sampling=False)
+        after.append(flatten(get_trainable(model)))
+    u = canaries.directions()
+    assert np.allclose(np.linalg.norm(u, axis=1), 1.0, atol=1e-5)
+    want = 0.05 / cfg.train.batch_size * u[canaries.included].sum(0)  # one lr for all
+    np.testing.assert_allclose(after[1] - after[0], want, atol=1e-6)
+
+
 def test_white_box_signs_cancel_the_datas_persistent_drift(tmp_path):
     """Kept projections as a federation writes them: each canary's direction drifts by a
     persistent amount every round (the data's pull, five times a canary's step) plus a
