@@ -4,10 +4,17 @@ gradient hooks (``dp.grad-sample-mode = "hooks"``), our closed-form clipping of 
 loop calls the same four steps whichever runs; the mechanism that ran (noise multiplier,
 sample rate, steps) is read back from Opacus' accountant in both DP cases, never computed
 by us.
+
+One hook point exists for the audit harness alone (``simulations.gradient_canary``):
+:func:`audit_canaries` installs, for the duration of one training call, a function that adds
+gradient canaries to each step's clipped sum before the noise, through whichever backend
+runs. Nothing in a production run installs it; without it every backend is unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -19,6 +26,38 @@ from common.config import RunConfig
 from common.privacy import Mechanism
 
 Prepared = tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]
+
+CanaryHook = Callable[[Sequence[torch.Tensor], float], Sequence[torch.Tensor]]
+"""(the trainable parameters in module order, the step's true sample rate) -> what to add
+to each parameter's clipped gradient sum in this step, before the noise."""
+
+_canary_hook: CanaryHook | None = None
+
+
+@contextmanager
+def audit_canaries(hook: CanaryHook) -> Iterator[None]:
+    """Run the enclosed training with ``hook``'s canaries in every step: for the empirical
+    audit harness only (simulations.gradient_canary), never in a production run."""
+    global _canary_hook
+    _canary_hook = hook
+    try:
+        yield
+    finally:
+        _canary_hook = None
+
+
+def _true_rate(loader: DataLoader) -> float:
+    """The rate the loader samples each record with (Opacus' Poisson loader states it)."""
+    return float(getattr(loader, "sample_rate", 1 / max(1, len(loader))))
+
+
+def _canary_sums(
+    params: list[torch.Tensor], sample_rate: float
+) -> dict[torch.Tensor, torch.Tensor]:
+    """The installed hook's additions by parameter (none when no audit is running)."""
+    if _canary_hook is None:
+        return {}
+    return dict(zip(params, _canary_hook(params, sample_rate), strict=True))
 
 
 class DPBackend(Protocol):
@@ -39,11 +78,20 @@ class DPBackend(Protocol):
 
 
 class NoDP:
+    def __init__(self) -> None:
+        self.params: list[torch.Tensor] = []
+        self.sample_rate = 1.0
+
     def prepare(self, module, optimizer, loader) -> Prepared:
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.sample_rate = _true_rate(loader)
         return module, optimizer, loader
 
     def after_backward(self, batch_size: int) -> None:
-        pass
+        # audit canaries only: records of the batch, whose loss is the batch mean
+        for p, extra in _canary_sums(self.params, self.sample_rate).items():
+            step = extra / max(1, batch_size)
+            p.grad = step if p.grad is None else p.grad + step
 
     def close(self) -> None:
         pass
@@ -87,6 +135,15 @@ class OpacusHooks(_Accounted):
             noise_generator=self.generator,
             grad_sample_mode=self.mode,
         )
+        if _canary_hook is not None:  # the audit harness: canaries join the clipped sum
+            add_noise, rate = optimizer.add_noise, _true_rate(loader)
+
+            def canaries_then_noise() -> None:
+                for p, extra in _canary_sums(self.params, rate).items():
+                    p.summed_grad += extra
+                add_noise()
+
+            optimizer.add_noise = canaries_then_noise
         return self.module, optimizer, loader
 
     def after_backward(self, batch_size: int) -> None:
@@ -114,6 +171,10 @@ class Fused(_Accounted):
             generator=self.generator,
             accountant=self.engine.accountant,
         )
+        if _canary_hook is not None:  # the audit harness: canaries join the clipped sum
+            params = [p for p in module.parameters() if p.requires_grad]
+            rate = _true_rate(loader)
+            self.clipping.canary_sums = lambda: _canary_sums(params, rate)
         return module, optimizer, loader
 
     def after_backward(self, batch_size: int) -> None:

@@ -19,6 +19,8 @@ by Opacus' accountant, which stays the accountant of record.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from opacus.accountants import IAccountant
 from torch import nn
@@ -49,6 +51,8 @@ class FusedClipping:
         self.expected_batch_size = expected_batch_size
         self.generator = generator
         self.accountant = accountant
+        # the audit harness's gradient canaries (client.dp_backends.audit_canaries), else None
+        self.canary_sums: Callable[[], dict[torch.Tensor, torch.Tensor]] | None = None
         self._inputs: dict[nn.Linear, torch.Tensor] = {}
         self._grads: dict[nn.Linear, torch.Tensor] = {}
         self._handles = [layer.register_forward_hook(self._record) for layer in self.layers]
@@ -103,12 +107,15 @@ class FusedClipping:
             norms = squared.sum(0).sqrt()
             clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         std = self.noise_multiplier * self.max_grad_norm
+        canaries = self.canary_sums() if self.canary_sums else {}
         for p in self.params:
             summed = (
                 torch.einsum("i,i...", clip, per_sample[p])
                 if batch_size
                 else torch.zeros(p.shape, device=p.device)
             )
+            if p in canaries:
+                summed = summed + canaries[p]
             noise = torch.normal(0, std, p.shape, device=p.device, generator=self.generator)
             p.grad = ((summed + noise) / self.expected_batch_size).to(p.dtype)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)

@@ -259,9 +259,19 @@ def audit(
 def canary(
     scenario: str = typer.Option("medical", help="scenario name under simulations/ or a path"),
     set_: list[str] = typer.Option([], "--set", help="override a config key"),
-    canaries: int = typer.Option(500, help="m: canaries, each included with probability 1/2"),
-    into: int = typer.Option(1, help="how many institutions receive the included canaries"),
-    confidence: float = typer.Option(0.95, help="of the measured lower bound"),
+    auditor: str = typer.Option(
+        "white-box", help="white-box (gradient canaries) or black-box (input-space canaries)"
+    ),
+    canaries: int = typer.Option(1000, help="m: canaries, each included with probability 1/2"),
+    into: int = typer.Option(0, help="how many institutions hold the canaries (0: all)"),
+    kind: str = typer.Option("dirac", help="white-box canary directions: dirac or random"),
+    break_: str = typer.Option(
+        "",
+        "--break",
+        help="run a broken mechanism to see what the audit shows: noise-off, half-noise or "
+        "half-rate (the ledgers still claim the planned epsilon); never for real use",
+    ),
+    confidence: float = typer.Option(0.95, help="of the measured lower bounds, all together"),
     data_dir: str = typer.Option(
         "", help="your own data, as for simulate: one institution per file in this folder"
     ),
@@ -271,7 +281,32 @@ def canary(
     labels: str = typer.Option("", help="label set a,b,...; default: inferred, printed"),
 ) -> None:
     """Empirical privacy audit: plant canaries, run the federation as configured, and measure
-    a lower bound on epsilon (one-run auditing, Steinke et al. 2023) beside the claim."""
+    lower bounds on epsilon beside the epsilon the ledgers claim.
+
+    \b
+    Auditors:
+      white-box (default): m gradient canaries, each one more record of its institution:
+        included with probability 1/2, Poisson-sampled in every DP step, its gradient (norm
+        = the clipping bound, sign flipped in a secret third of the rounds) added to the
+        clipped sum before the noise. Scored by the inner product of its institution's
+        per-round updates with its direction, weighted by its signs (the server's view),
+        and by the final adapter's move. Without DP it comes near the largest bound m
+        allows; under DP it shows what a worst-case record spends as the server sees it
+        (one update a round, not every step). It cannot see leaks through the data path
+        (tokenizer, features), which gradient canaries bypass, and one run cannot prove a
+        leak of about twice the claim (its estimate warns of one).
+      black-box: m strings of random words with random labels in the training files, scored
+        by the final (and each round's) adapter's fit. Real records through the real data
+        path, but a weak attacker: on the shipped probes it measures 0 with DP and without,
+        so its silence proves nothing.
+
+    \b
+    Bounds (docs/privacy-officers.md), at --confidence over all guess counts and bounds:
+      one-run (Steinke et al. 2023) and f-DP one-run (Mahloujifar et al. 2025) on the
+      (epsilon, delta) claim: above the claim = proof the mechanism that ran is not the one
+      claimed (exit status 1). f-DP against Gaussian curves: reported, not a verdict.
+      Gaussian fit (Andrew et al. 2024): an estimate, not a bound.
+    A low bound never proves privacy."""
     import dataclasses
     import json
 
@@ -279,22 +314,33 @@ def canary(
     from common.errors import PrivatuneError
     from simulations import simulate as sim
     from simulations.canary import run_canary_audit
+    from simulations.gradient_canary import BROKEN, KINDS, run_gradient_audit
     from simulations.scenario import load_scenario
 
-    if not (canaries >= 2 and into >= 1 and 0 < confidence < 1):
-        _fail("need --canaries >= 2, --into >= 1 and 0 < --confidence < 1")
-    overrides = _parse_overrides(set_)
+    if not (canaries >= 2 and into >= 0 and 0 < confidence < 1):
+        _fail("need --canaries >= 2, --into >= 0 and 0 < --confidence < 1")
+    if auditor not in ("white-box", "black-box") or kind not in KINDS:
+        _fail(f"--auditor white-box or black-box; --kind {' or '.join(KINDS)}")
+    if break_ and (break_ not in BROKEN or auditor != "white-box"):
+        _fail(f"--break {', '.join(BROKEN)}, with the white-box auditor")
     try:
-        setup = load_scenario(scenario)
+        chosen = load_scenario(scenario)
+        overrides = _parse_overrides(set_)
         if data_dir:  # the scenario lends its recipe; the data and their count are the user's
             from simulations import byod
 
             user = _user_data(data_dir, test_file, text_column, label_column, labels, overrides)
             prepared = _prepare_user_data(user, self_contained=True)
-            overrides = byod.user_flat(prepared, user, setup.config, overrides)
-            setup = dataclasses.replace(setup, institutions=len(prepared.names))
-        run_dir = run_canary_audit(setup, overrides, canaries, into, confidence)
-    except (PrivatuneError, sim.SimulationError) as e:
+            overrides = byod.user_flat(prepared, user, chosen.config, overrides)
+            chosen = dataclasses.replace(chosen, institutions=len(prepared.names))
+        spread = into or chosen.institutions
+        if auditor == "white-box":
+            run_dir = run_gradient_audit(
+                chosen, overrides, canaries, spread, confidence, kind, break_ or None
+            )
+        else:
+            run_dir = run_canary_audit(chosen, overrides, canaries, spread, confidence)
+    except (PrivatuneError, sim.SimulationError, ValueError) as e:
         _fail(str(e))
     result = json.loads((run_dir / RESULT).read_text())
     typer.echo(verdict(result))

@@ -1,5 +1,6 @@
-"""The empirical privacy audit of a simulated federation (``privatune canary``): plant
-canaries, run the federation as configured, and measure a lower bound on epsilon from how
+"""The black-box empirical privacy audit of a simulated federation (``privatune canary
+--auditor black-box``; the white-box one is simulations.gradient_canary): plant input-space
+canaries, run the federation as configured, and measure lower bounds on epsilon from how
 well the trained adapter fits them (common.empirical), beside the epsilon the ledgers claim.
 
 Each canary is a string of random vocabulary words with a random label, assigned to one of
@@ -211,7 +212,7 @@ def run_canary_audit(
         "updates": update_scores(kept, cfg, texts, labels, names),
     }
     claimed = claimed_epsilon(run_dir, names)
-    each = auditor_confidence(confidence)
+    each = auditor_confidence(confidence, sum(s is not None for s in scores.values()))
     result = {
         "canaries": canaries,
         "into": names,
