@@ -62,13 +62,15 @@ def test_federation_end_to_end(finished_run, tiny_cfg):
 
     # Epsilon grows and equals Opacus' accountant recomputed from the recorded mechanism.
     for name in ("hospital-a", "hospital-b", "hospital-c"):
-        genesis, *records = [
+        genesis, counted, *records = [
             json.loads(x) for x in (run_dir / "privacy" / f"{name}.jsonl").read_text().splitlines()
         ]
         assert genesis["status"] == "genesis" and genesis["institution"] == name
+        assert counted["status"] == "counted" and counted["round"] == 1  # the DP row count
         assert [r["round"] for r in records] == [1, 2]
-        assert {r["noise_source"] for r in records} == {"os-csprng"}
+        assert {r["noise_source"] for r in [counted, *records]} == {"os-csprng"}
         acc = RDPAccountant()
+        acc.history.append((counted["noise_multiplier"], 1.0, 1))
         for rec, line in zip(records, lines[1:], strict=True):
             acc.history.append((rec["noise_multiplier"], rec["sample_rate"], rec["steps"]))
             expected = acc.get_epsilon(delta=tiny_cfg.dp.delta)
@@ -76,7 +78,7 @@ def test_federation_end_to_end(finished_run, tiny_cfg):
             assert line["epsilon"][name] == pytest.approx(expected, rel=1e-9)
             # the server's anchor of this ledger is the record it wrote that round
             assert line["ledger_heads"][name] == [
-                len(records[: records.index(rec)]) + 2,
+                len(records[: records.index(rec)]) + 3,
                 rec["hash"],
             ]
         assert records[1]["epsilon"] > records[0]["epsilon"] > 0

@@ -20,7 +20,6 @@ from client.secure_aggregation import secure_aggregation_mod
 from common.adapter import from_record, get_trainable
 from common.audit import audit
 from common.config import ConfigError, resolve
-from common.data import load_labeled, split_local
 from common.ledger import read_records
 from common.model import build_model
 from server.resume import load_checkpoint
@@ -123,10 +122,15 @@ def checkpoint(cfg, run_dir: Path, server_round: int) -> dict[str, np.ndarray]:
     return load_checkpoint(model, run_dir / "checkpoints" / f"round-{server_round:03d}")
 
 
-def train_rows(cfg, data_dir: Path, name: str) -> int:
-    """An institution's training rows, split as its client splits them: its weight."""
-    full = load_labeled(data_dir / f"{name}.csv", "text", "label", cfg.data.label_names)
-    return len(split_local(full, cfg.data.eval_fraction)[0])
+def dp_count(run_dir: Path, name: str) -> int:
+    """An institution's weight: the DP count of its training rows, as its ledger records it."""
+    (count,) = [r.count for r in read_records(run_dir / "privacy" / f"{name}.jsonl")[1:2]]
+    return count
+
+
+# A fixed seed draws the same count noise at every institution (+0.77 rows, rounded to +1),
+# so that the one with twice the rows keeps about twice the weight (testing only).
+SAME_COUNT_NOISE = {"privacy.insecure-seed": 9}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -139,7 +143,7 @@ def test_secure_rounds_aggregate_the_weighted_mean_and_hide_each_adapter(
 ):
     # Unequal weights: hospital-c has twice the rows of the others.
     reviews.iloc[200:280][["text", "label"]].to_csv(federation_dir / "hospital-c.csv", index=False)
-    flat = secure_flat(tiny_flat, rounds=2)
+    flat = {**secure_flat(tiny_flat, rounds=2), **SAME_COUNT_NOISE}
     cfg = resolve(flat)
     inner, outer = tmp_path / "inner", tmp_path / "outer"
     inner.mkdir(), outer.mkdir()
@@ -151,7 +155,7 @@ def test_secure_rounds_aggregate_the_weighted_mean_and_hide_each_adapter(
     initial = get_trainable(build_model(cfg, torch.device("cpu")))
     for server_round in (1, 2):
         arrays, weights = plain_replies(inner, server_round)
-        expected = [train_rows(cfg, federation_dir, f"hospital-{x}") for x in "abc"]
+        expected = [dp_count(run_dir, f"hospital-{x}") for x in "abc"]
         assert sorted(weights) == sorted(expected) and max(weights) > 1.5 * min(weights)
         aggregate = checkpoint(cfg, run_dir, server_round)
         bound = quantisation_bound(cfg, weights)
@@ -202,6 +206,7 @@ def test_refusing_institutions_take_part_with_zero_weight(
     reviews.iloc[200:280][["text", "label"]].to_csv(federation_dir / "hospital-c.csv", index=False)
     flat = {
         **secure_flat(tiny_flat, rounds=1, min_train_nodes=1),
+        **SAME_COUNT_NOISE,
         "dp.noise-multiplier": 1.0,
         "privacy.max-epsilon": 4.5,
     }
@@ -211,7 +216,7 @@ def test_refusing_institutions_take_part_with_zero_weight(
     run_dir = simulate(flat, mods=[secure_aggregation_mod, handler_recorder(str(inner))])
 
     (arrays,), weights = plain_replies(inner, 1)
-    assert weights == [train_rows(cfg, federation_dir, "hospital-c")]
+    assert weights == [dp_count(run_dir, "hospital-c")]
     assert max_diff(checkpoint(cfg, run_dir, 1), arrays) <= quantisation_bound(cfg, weights)
     line = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
     assert sorted(line["refused"]) == ["hospital-a", "hospital-b"] and not line["failed"]
@@ -258,7 +263,8 @@ def test_a_resumed_secure_run_continues_the_round_numbers(tiny_flat):
     assert sorted(lines[2]["epsilon"]) == ["hospital-a", "hospital-b", "hospital-c"]
     assert max_diff(checkpoint(cfg, run_dir, 2), checkpoint(cfg, run_dir, 1)) > 0
     for ledger in sorted((run_dir / "privacy").glob("*.jsonl")):
-        assert [r.round for r in read_records(ledger)[1:]] == [1, 2]
+        trained = [r.round for r in read_records(ledger) if r.status == "trained"]
+        assert trained == [1, 2]
     assert all(r.ok for r in audit(run_dir)), [r.problems for r in audit(run_dir)]
 
 
