@@ -156,7 +156,14 @@ def test_fedadam_steps_from_the_global_adapter_towards_the_weighted_mean(flat, t
 
 @pytest.mark.simulation
 def test_secure_aggregation_yields_the_weighted_mean_within_quantisation(flat, tmp_path):
-    flat = {**flat, "aggregation.secure": True, "aggregation.secure-max-weight": 100.0}
+    # one draw of the count noise at every hospital (a testing seed): the weights keep their
+    # order and ratio, which are what this test needs of them
+    flat = {
+        **flat,
+        "aggregation.secure": True,
+        "aggregation.secure-max-weight": 100.0,
+        "privacy.insecure-seed": 9,
+    }
     cfg = resolve(flat)
     run_dir, inner = run_recorded(flat, tmp_path, secure=True)
     replies, weights = plain_replies(inner, 1)
@@ -190,7 +197,7 @@ def test_a_resumed_run_continues_from_its_checkpoint_and_ledgers(flat):
     cfg = resolve(flat)
     assert max_diff(checkpoint(cfg, run_dir, 2), checkpoint(cfg, run_dir, 1)) > 1e-3
     for ledger in sorted((run_dir / "privacy").glob("*.jsonl")):
-        records = read_records(ledger)[1:]
+        records = [r for r in read_records(ledger) if r.status == "trained"]  # after the count
         assert [r.round for r in records] == [1, 2]
         assert records[1].epsilon > records[0].epsilon  # round 2 composed on round 1
     problems = [p for r in audit(run_dir) for p in r.problems]

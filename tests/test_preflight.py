@@ -16,9 +16,7 @@ from simulations.simulate import check_institutions, run_flat
 def test_a_file_too_small_to_split_is_refused_before_ray(tiny_flat, federation_dir):
     """A file whose every row falls on the local evaluation side (no record moves to fill
     the other side: that would break the neighbouring relation) cannot train."""
-    held = next(
-        t for t in (f"fine enough {i}" for i in range(100)) if record_position(t, 2) < 0.2
-    )
+    held = next(t for t in (f"fine enough {i}" for i in range(100)) if record_position(t, 2) < 0.2)
     (federation_dir / "hospital-c.csv").write_text(f"text,label\n{held},positive\n")
     with pytest.raises(DataError, match=r"hospital-c\.csv: no training rows left") as e:
         run_flat(tiny_flat, 3)
