@@ -45,7 +45,7 @@ from common.config import ConfigError, RunConfig, Scalar
 from common.data import DataError, LabeledText, load_labeled, split_local
 from common.evaluation import noised_confusion
 from common.features import cached_embed
-from common.ledger import COUNT_MECHANISM, NOISE_FROM_OS, Ledger, LedgerError, spent
+from common.ledger import COUNT_MECHANISM, NOISE_FROM_OS, NOTHING, Ledger, LedgerError, spent
 from common.model import build_model, encode, pick_device
 from common.privacy import (
     Mechanism,
@@ -252,21 +252,13 @@ def _checked(ledger: Ledger, site: Institution, checks: Callable[[], None], fiel
     try:
         checks()
     except RequestRefused:
-        history = spent(ledger.records)
-        ledger.append(
-            **fields,
-            status="refused",
-            noise_multiplier=0.0,
-            sample_rate=0.0,
-            steps=0,
-            epsilon=epsilon(history, fields["delta"], fields["accountant"]),
-        )
+        ledger.refuse(**fields)
         raise
 
 
-def _count_rng(policy: Policy, salt: int) -> random.Random:
+def _count_rng(policy: Policy) -> random.Random:
     seed = policy.insecure_seed
-    return random.SystemRandom() if seed is None else random.Random(seed * 7919 + salt)
+    return random.SystemRandom() if seed is None else random.Random(seed * 7919)
 
 
 def dp_size(
@@ -284,14 +276,12 @@ def dp_size(
     would_reach = epsilon([*history, release], cfg.dp.delta, cfg.dp.accountant)
     if not would_reach <= site.policy.max_epsilon:
         return None
-    size = public_size(len(train_set), site.policy.count_noise, _count_rng(site.policy, 0))
-    ledger.append(
+    size = public_size(len(train_set), site.policy.count_noise, _count_rng(site.policy))
+    ledger.release(
+        "counted",
+        release,
+        would_reach,
         **{**fields, "data_fingerprint": key, "mechanism": COUNT_MECHANISM},
-        status="counted",
-        noise_multiplier=release.noise_multiplier,
-        sample_rate=release.sample_rate,
-        steps=release.steps,
-        epsilon=would_reach,
         count=size,
     )
     return size
@@ -301,16 +291,11 @@ def _split_fingerprint(train_set: LabeledText, frac: float) -> str:
     return hashlib.sha256(f"{train_set.fingerprint}|{frac!r}".encode()).hexdigest()
 
 
-def _refuse_budget(ledger, site, fields, sigma, rate, history, cfg, rnd) -> dict:
-    spent_so_far = epsilon(history, cfg.dp.delta, cfg.dp.accountant)
-    ledger.append(
-        **fields,
-        status="refused",
-        noise_multiplier=sigma,
-        sample_rate=rate,
-        steps=0,
-        epsilon=spent_so_far,
-    )
+def _refuse_budget(
+    ledger: Ledger, site: Institution, fields: dict, asked: Mechanism, rnd: int
+) -> dict[str, float]:
+    """A round the budget cannot pay for: on record, and the reply that says so."""
+    spent_so_far = ledger.refuse(asked, **fields)
     log.warning(
         "%s refuses round %d: the budget %.3f would be crossed",
         site.name,
@@ -339,9 +324,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         _checked(ledger, site, checks, fields)
         size = dp_size(ledger, site, cfg, train_set, fields)
         if size is None:  # the budget cannot pay even for the count
-            metrics = _refuse_budget(
-                ledger, site, fields, 0.0, 0.0, spent(ledger.records), cfg, server_round
-            )
+            metrics = _refuse_budget(ledger, site, fields, NOTHING, server_round)
             return _reply(msg, site, metrics, ledger)
         _checked(ledger, site, lambda: check_request(cfg, policy, site.name, size), fields)
         history = spent(ledger.records)
@@ -353,9 +336,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             )
             would_reach = epsilon([*history, planned], delta, acc)
             if not would_reach <= policy.max_epsilon:  # NaN refuses too
-                metrics = _refuse_budget(
-                    ledger, site, fields, sigma, rate, history, cfg, server_round
-                )
+                metrics = _refuse_budget(ledger, site, fields, planned, server_round)
                 return _reply(msg, site, metrics, ledger)
         else:
             sigma, planned = 0.0, None  # check_request: the institution allows it
@@ -369,13 +350,8 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         arrays = get_trainable(model)
         used = result.mechanism or Mechanism(0.0, 1.0, result.steps)
         eps = epsilon([*history, used], delta, acc)  # infinite without DP
-        ledger.append(
-            **{**fields, "adapter_fingerprint": adapter_fingerprint(arrays)},
-            status="trained",
-            noise_multiplier=used.noise_multiplier,
-            sample_rate=used.sample_rate,
-            steps=used.steps,
-            epsilon=eps,
+        ledger.release(
+            "trained", used, eps, **{**fields, "adapter_fingerprint": adapter_fingerprint(arrays)}
         )
         if planned is not None and used != planned:
             raise LedgerError(f"{site.ledger_path}: round ran {used}, planned {planned}; stopped")
@@ -416,9 +392,8 @@ def _evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
         history = spent(ledger.records)
         release = count_release(sigma)
         would_reach = epsilon([*history, release], delta, acc)
-        fields = {**fields, "noise_multiplier": sigma, "sample_rate": release.sample_rate}
         if not would_reach <= site.policy.max_epsilon:
-            ledger.append(**fields, status="refused", steps=0, epsilon=epsilon(history, delta, acc))
+            ledger.refuse(release, **fields)
             return _reply(msg, site, {EVALUATED: 0, REFUSED: 1}, ledger)
         device = pick_device(site.device)
         model = build_model(cfg, device)
@@ -429,7 +404,7 @@ def _evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
         seed = site.policy.insecure_seed
         generator = torch.Generator().manual_seed(os_seed() if seed is None else seed)
         matrix = noised_confusion(model, data, len(cfg.data.label_names), device, sigma, generator)
-        ledger.append(**fields, status="evaluated", steps=release.steps, epsilon=would_reach)
+        ledger.release("evaluated", release, would_reach, **fields)
         metrics = {EVALUATED: 1, EPSILON: would_reach, CONFUSION: matrix.ravel().tolist()}
         return _reply(msg, site, metrics, ledger)
 

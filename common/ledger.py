@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from common.errors import PrivatuneError
-from common.privacy import NEIGHBOURING, Mechanism
+from common.privacy import NEIGHBOURING, Mechanism, epsilon
 
 GENESIS = "0" * 64
 FORMAT = "privatune-ledger/3"
@@ -58,6 +58,7 @@ COUNT_MECHANISM = "gaussian (training-row count, L2 sensitivity 1)"
 STATUSES = ("genesis", "trained", "evaluated", "counted", "refused")
 SPENDING = ("trained", "evaluated", "counted")  # records whose mechanism counts against the budget
 NOISE_FROM_OS = "os-csprng"
+NOTHING = Mechanism(0.0, 0.0, 0)  # what a request refused before any mechanism was planned
 
 
 class LedgerError(PrivatuneError):
@@ -397,6 +398,25 @@ class Ledger:
         if math.isnan(float(fields["epsilon"])):
             raise LedgerError(f"{self.path}: epsilon is NaN; refusing to write")
         return self._write(load_key(self.key_path), **{"public_key": "", **fields})
+
+    def release(self, status: str, used: Mechanism, eps: float, **fields) -> LedgerRecord:
+        """Append a record of the mechanism ``used`` (the fields :attr:`LedgerRecord.
+        mechanism_step` reads back) with the cumulative epsilon ``eps``."""
+        return self.append(
+            **fields,
+            status=status,
+            noise_multiplier=used.noise_multiplier,
+            sample_rate=used.sample_rate,
+            steps=used.steps,
+            epsilon=eps,
+        )
+
+    def refuse(self, asked: Mechanism = NOTHING, **fields) -> float:
+        """Append a refusal of a request for ``asked`` (its noise and rate; no step ran) and
+        return the epsilon spent so far, which it records."""
+        so_far = epsilon(spent(self.records), fields["delta"], fields["accountant"])
+        self.release("refused", asked._replace(steps=0), so_far, **fields)
+        return so_far
 
     def count_for(self, fingerprint: str) -> int | None:
         """The DP count this ledger already released for a training set, if any (reusing it

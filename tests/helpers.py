@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +52,17 @@ def metadata(node: int, message_type: str = "train", src: int | None = None) -> 
         ttl=3600,
         message_type=message_type,
     )
+
+
+def run_flat_argv(flat: dict, path: Path, num_supernodes: int = 3) -> list[str]:
+    """A command that runs ``flat`` in a process of its own (``run_flat``), its config
+    written to ``path``: for tests that crash, stop or watch a whole run."""
+    path.write_text(json.dumps(flat))
+    script = (
+        "import json; from simulations.simulate import run_flat; "
+        f"run_flat(json.load(open({str(path)!r})), {num_supernodes})"
+    )
+    return [sys.executable, "-c", script]
 
 
 def simulate(flat: dict, num_supernodes: int = 3, mods: list[Mod] | None = None) -> Path:

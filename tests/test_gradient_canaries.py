@@ -31,6 +31,23 @@ def _data(cfg, federation_dir, rows: int):
     return tokenize(data.subset(np.arange(rows)), load_tokenizer(cfg), cfg.model.max_length)
 
 
+def _moved_by(canaries: GradientCanaries, cfg, data, start: dict) -> np.ndarray:
+    """How far the canaries move the adapter in one full-batch step from ``start``: the step
+    run twice with the same seed, without and with them (sampled for sure, rate 1; a round
+    past the planned ones, so every sign is +1)."""
+    after = []
+    for hook in (None, canaries.hook(0, rnd=9)):
+        model = build_model(cfg, CPU)
+        set_trainable(model, start)
+        if hook is None:
+            train_round(model, data, cfg, 0.7, CPU, seed=3, poisson_sampling=False)
+        else:
+            with audit_canaries(lambda params, rate, h=hook: h(params, 1.0)):
+                train_round(model, data, cfg, 0.7, CPU, seed=3, poisson_sampling=False)
+        after.append(flatten(get_trainable(model)))
+    return after[1] - after[0]
+
+
 @pytest.mark.parametrize(
     "mode",
     [{"dp.grad-sample-mode": "hooks"}, {"dp.grad-sample-mode": "fused"}, {"dp.enabled": False}],
@@ -46,17 +63,7 @@ def test_white_box_canaries_join_the_clipped_sum_in_every_backend(tiny_flat, fed
     dim = sum(a.size for a in start.values())
     drawn = GradientCanaries.draw(6, 1, dim, 1.0, "dirac", rounds=3)
     canaries = replace(drawn, included=np.arange(6) < 3)  # three in, three out
-    after = []
-    for hook in (None, canaries.hook(0, rnd=9)):  # past the planned rounds: sign +1
-        model = build_model(cfg, CPU)
-        set_trainable(model, start)
-        if hook is None:
-            train_round(model, data, cfg, 0.7, CPU, seed=3, poisson_sampling=False)
-        else:
-            with audit_canaries(lambda params, rate, h=hook: h(params, 1.0)):
-                train_round(model, data, cfg, 0.7, CPU, seed=3, poisson_sampling=False)
-        after.append(flatten(get_trainable(model)))
-    moved = after[1] - after[0]
+    moved = _moved_by(canaries, cfg, data, start)
     head, lora = cfg.train.head_learning_rate, cfg.train.learning_rate
     lr = {n: head if "classifier" in n else lora for n in start}
     rates = np.concatenate([np.full(a.size, lr[n]) for n, a in start.items()])
@@ -86,20 +93,11 @@ def test_white_box_random_directions_join_the_clipped_sum(tiny_flat, federation_
         GradientCanaries.draw(4, 1, dim, 1.0, "random", rounds=3),
         included=np.array([True, True, False, True]),
     )
-    after = []
-    for hook in (None, canaries.hook(0, rnd=9)):
-        model = build_model(cfg, CPU)
-        set_trainable(model, start)
-        if hook is None:
-            train_round(model, data, cfg, 0.7, CPU, seed=3, poisson_sampling=False)
-        else:
-            with audit_canaries(lambda params, rate, h=hook: h(params, 1.0)):
-                train_round(model, data, cfg, 0.7, CPU, seed=3, poisson_sampling=False)
-        after.append(flatten(get_trainable(model)))
+    moved = _moved_by(canaries, cfg, data, start)
     u = canaries.directions()
     assert np.allclose(np.linalg.norm(u, axis=1), 1.0, atol=1e-5)
     want = 0.05 / cfg.train.batch_size * u[canaries.included].sum(0)  # one lr for all
-    np.testing.assert_allclose(after[1] - after[0], want, atol=1e-6)
+    np.testing.assert_allclose(moved, want, atol=1e-6)
 
 
 def test_white_box_signs_cancel_the_datas_persistent_drift(tmp_path):

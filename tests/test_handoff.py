@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import PROJECT_ROOT
+from helpers import PROJECT_ROOT, run_flat_argv
 from typer.testing import CliRunner
 
 from common.cli import app
@@ -30,14 +30,8 @@ def finished(tmp_path_factory, tiny_model_dir, reviews):
         "federation.rounds": 1,
         "run.name": "handoff",
     }
-    config = root / "flat.json"
-    config.write_text(json.dumps(flat))
-    script = (
-        "import json; from simulations.simulate import run_flat; "
-        f"run_flat(json.load(open({str(config)!r})), 3)"
-    )
     out = subprocess.run(
-        [sys.executable, "-c", script],
+        run_flat_argv(flat, root / "flat.json"),
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,

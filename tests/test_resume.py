@@ -8,12 +8,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import psutil
-from helpers import PROJECT_ROOT
+from helpers import PROJECT_ROOT, run_flat_argv
 from safetensors.numpy import load_file
 
 from common.audit import audit
@@ -44,14 +43,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_flat, tmp_path):
     reference = run_flat({**flat, "run.name": "uninterrupted"}, 3)
 
     crashed = {**flat, "run.name": "crashed"}
-    config = tmp_path / "crashed.json"
-    config.write_text(json.dumps(crashed))
-    script = (
-        "import json, sys; from simulations.simulate import run_flat; "
-        f"run_flat(json.load(open({str(config)!r})), 3)"
-    )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script],
+        run_flat_argv(crashed, tmp_path / "crashed.json"),
         cwd=PROJECT_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -8,12 +8,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
-from helpers import PROJECT_ROOT
+from helpers import PROJECT_ROOT, run_flat_argv
 
 from common.audit import audit
 from simulations.simulate import resume
@@ -34,14 +33,8 @@ def _alive(pids: list[int]) -> list[int]:
 
 def test_sigterm_mid_round_stops_cleanly_and_the_run_resumes(tiny_flat, tmp_path):
     flat = {**tiny_flat, "federation.rounds": 3, "run.name": "stopped"}
-    config = tmp_path / "stopped.json"
-    config.write_text(json.dumps(flat))
-    script = (
-        "import json; from simulations.simulate import run_flat; "
-        f"run_flat(json.load(open({str(config)!r})), 3)"
-    )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script],
+        run_flat_argv(flat, tmp_path / "stopped.json"),
         cwd=PROJECT_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
