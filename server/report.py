@@ -206,8 +206,8 @@ def write_report(run_dir: Path, extra_sections: list[str] | None = None) -> Path
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>privatune run "
         f"{html.escape(run_dir.name)}</title><style>body{{font-family:sans-serif;margin:2em}}"
-        "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:3px 8px;"
-        "text-align:right}</style></head><body>"
+        "table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #bbb;"
+        "padding:3px 6px;text-align:right}th{vertical-align:bottom}</style></head><body>"
         f"<h1>privatune run {html.escape(run_dir.name)}</h1>" + "".join(sections) + "</body></html>"
     )
     out = run_dir / "report.html"
