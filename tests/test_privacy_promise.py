@@ -287,10 +287,12 @@ def test_rewritten_and_rehashed_ledger_is_caught(tiny_flat):
     assert audit_ledger(path, anchors).ok
     records = [json.loads(x) for x in path.read_text().splitlines()]
     prev, history = records[0]["hash"], []
-    for rec in records[1:]:  # one step a round instead of four, epsilon consistent with it
-        history.append(Mechanism(rec["noise_multiplier"], rec["sample_rate"], 1))
-        rec.update(steps=1, epsilon=epsilon(history, rec["delta"]), prev_hash=prev)
+    for rec in records[1:]:  # half the sample rate, epsilon consistent with it
+        rate = rec["sample_rate"] / 2
+        history.append(Mechanism(rec["noise_multiplier"], rate, rec["steps"]))
+        rec.update(sample_rate=rate, epsilon=epsilon(history, rec["delta"]), prev_hash=prev)
         rec["hash"] = prev = record_hash(rec)
+    assert all(r["sample_rate"] > 0 for r in records[1:])  # every record really changed
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     with pytest.raises(LedgerError, match=r"record \d+ .*signature does not verify"):
         Ledger(path)
