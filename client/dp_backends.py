@@ -5,7 +5,7 @@ loop calls the same four steps whichever runs; the mechanism that ran (noise mul
 sample rate, steps) is read back from Opacus' accountant in both DP cases, never computed
 by us.
 
-One hook point exists for the audit harness alone (``simulations.gradient_canary``):
+One hook point exists for the audit harness alone (``simulations.tools.gradient_canary``):
 :func:`audit_canaries` installs, for the duration of one training call, a function that adds
 gradient canaries to each step's clipped sum before the noise, through whichever backend
 runs. Nothing in a production run installs it; without it every backend is unchanged.
@@ -19,11 +19,10 @@ from typing import Protocol
 
 import torch
 from opacus import PrivacyEngine
+from privatune.client.fused_clipping import FusedClipping
+from privatune.common.config import RunConfig
+from privatune.common.privacy.accounting import Mechanism
 from torch.utils.data import DataLoader
-
-from client.fused_clipping import FusedClipping
-from common.config import RunConfig
-from common.privacy import Mechanism
 
 Prepared = tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]
 
@@ -37,7 +36,7 @@ _canary_hook: CanaryHook | None = None
 @contextmanager
 def audit_canaries(hook: CanaryHook) -> Iterator[None]:
     """Run the enclosed training with ``hook``'s canaries in every step: for the empirical
-    audit harness only (simulations.gradient_canary), never in a production run."""
+    audit harness only (simulations.tools.gradient_canary), never in a production run."""
     global _canary_hook
     _canary_hook = hook
     try:

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context
-
-from common.config import (
+from privatune.common.config import (
     ConfigError,
     PrivacyPolicy,
     RunConfig,
@@ -31,7 +30,7 @@ from common.config import (
     check_policy,
     resolve,
 )
-from common.subspace import CORPORA
+from privatune.common.model.corpus import CORPORA
 
 REQUIRED_IN_DEPLOYMENT = ("ledger-path", "max-epsilon", "max-delta", "accountants", "labels")
 NODE_KEYS = {
@@ -95,8 +94,8 @@ class Institution:
     name: str
     data_path: Path
     ledger_path: Path
-    signing_key: Path | None  # None: common.ledger.default_key
-    anchor_path: Path | None  # None: common.ledger.default_anchor
+    signing_key: Path | None  # None: common.privacy.ledger.default_key
+    anchor_path: Path | None  # None: common.privacy.ledger.default_anchor
     simulated: bool  # a simulation creates its ledgers on first use; a deployment never
     policy: Policy
     device: str

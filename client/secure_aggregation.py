@@ -25,9 +25,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
-
-from common.adapter import from_record, to_record
-from common.protocol import NAMES_KEY, NUM_EXAMPLES
+from privatune.common.model.adapter import from_record, to_record
+from privatune.common.protocol import NAMES_KEY, NUM_EXAMPLES
 
 
 class _HandlerFailed(Exception):

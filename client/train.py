@@ -21,15 +21,14 @@ from dataclasses import dataclass
 import torch
 from opacus.data_loader import DPDataLoader
 from peft import PeftModel
+from privatune.client.dp_backends import backend_for
+from privatune.common.config import RunConfig
+from privatune.common.model.causal_lm import answers_of, class_scores, label_scores
+from privatune.common.model.features import embed
+from privatune.common.model.heads import head_of
+from privatune.common.model.top_layers import TopLayers, lower_dataset, split_point, uses_top_layers
+from privatune.common.privacy.accounting import Mechanism, sample_rate, steps_per_epoch
 from torch.utils.data import DataLoader, TensorDataset
-
-from client.dp_backends import backend_for
-from common.causal_lm import answers_of, class_scores, label_scores
-from common.config import RunConfig
-from common.features import embed
-from common.model import head_of
-from common.privacy import Mechanism, sample_rate, steps_per_epoch
-from common.top_layers import TopLayers, lower_dataset, split_point, uses_top_layers
 
 # Our generators are CSPRNG-seeded (Opacus' secure mode needs torchcsprng, not built for
 # this torch); the second warning is expected with frozen embeddings. Both would otherwise
@@ -50,7 +49,7 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """Two learning rates: the randomly initialised head sits on pooled features of small
     scale and needs a much larger step than the LoRA factors to learn in few rounds. ``head``
-    is the classification head (default: the peft model's, :func:`common.model.head_of`)."""
+    is the classification head (default: the peft model's, :func:`common.model.heads.head_of`)."""
     in_head = {id(p) for p in (head if head is not None else head_of(module)).parameters()}
     trainable = [p for p in module.parameters() if p.requires_grad]
     groups = [
@@ -79,7 +78,7 @@ def round_loader(
     """The round's batches: Opacus' Poisson loader under DP, else a shuffled one. The Poisson
     loader's sample rate comes from ``size``, the DP count of the rows (default: their exact
     number, for tests and tools that release nothing), never from the rows themselves: its
-    length is the schedule that :func:`common.privacy.steps_per_epoch` plans and the
+    length is the schedule that :func:`common.privacy.accounting.steps_per_epoch` plans and the
     accountant records, and it must not differ between neighbouring data sets."""
     plain = DataLoader(
         data, batch_size=batch_size, shuffle=not (dp and poisson), generator=generator
@@ -116,9 +115,9 @@ def train_round(
     on the weights alone; as a data-independent step it is also free under DP.
 
     With ``train.trainable = "head"`` only the head trains, on the frozen encoder's pooled
-    embeddings: ``data`` may hold them already (:func:`common.features.embed`, cached by the
+    embeddings: ``data`` may hold them already (:func:`common.model.features.embed`, cached by the
     client), else they are computed here. With ``lora.layers`` > 0 (an encoder) only the
-    top layers run, on the frozen layers' output (:mod:`common.top_layers`), likewise
+    top layers run, on the frozen layers' output (:mod:`common.model.top_layers`), likewise
     cached or computed here. The mechanism is the same; only the frozen forward pass is
     done once instead of every step."""
     head_only = cfg.train.trainable == "head"
@@ -128,7 +127,7 @@ def train_round(
         target = head_of(model)
         if len(data.tensors) != 2:
             data = embed(model, data)
-    elif top:  # common.top_layers: the frozen layers' output, computed once
+    elif top:  # common.model.top_layers: the frozen layers' output, computed once
         target = TopLayers(model, split_point(model, cfg))
         if not data.tensors[0].is_floating_point():
             data = lower_dataset(model, data, cfg)

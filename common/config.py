@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from common.errors import PrivatuneError
+from privatune.common.errors import PrivatuneError
 
 Scalar = bool | int | float | str
 # The enumerated keys: every allowed value is here, checked in one place (_coerce).
@@ -109,7 +109,9 @@ class LoraSettings:
     dropout: float
     target_modules: str
     client_ranks: str  # simulation: ranks by partition id, cycled ("8,4,2"); "" = all lora.rank
-    layers: int  # adapt the top this many transformer layers only (0 = all); common.top_layers
+    layers: (
+        int  # adapt the top this many transformer layers only (0 = all); common.model.top_layers
+    )
 
     def __post_init__(self) -> None:
         _within("lora.rank", self.rank, 1, MAX_RANK)
@@ -415,7 +417,7 @@ def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
 def app_defaults() -> dict[str, Scalar]:
     """The defaults shipped with the package (``common/defaults.toml``, equal to
     pyproject.toml's ``[tool.flwr.app.config]``), flattened."""
-    text = resources.files("common").joinpath("defaults.toml").read_text(encoding="utf-8")
+    text = resources.files("privatune.common").joinpath("defaults.toml").read_text(encoding="utf-8")
     return flatten(tomllib.loads(text))
 
 

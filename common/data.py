@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from privatune.common.errors import PrivatuneError
 from torch.utils.data import TensorDataset
-
-from common.errors import PrivatuneError
 
 log = logging.getLogger("privatune")
 # The data packages' module -> what to install (the Makefile's pins)

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from privatune.common.model.causal_lm import class_scores
+from privatune.common.model.heads import head_of
 from torch.utils.data import DataLoader, TensorDataset
-
-from common.causal_lm import class_scores
-from common.model import head_of
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> np.ndarray:
@@ -77,7 +76,7 @@ def predict(
     model: torch.nn.Module, data: TensorDataset, device: torch.device, batch_size: int = 64
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """(summed loss, predictions, truth) of the model on every row: tokenised rows, or
-    pooled embeddings (:func:`common.features.embed`) that only the head needs to see."""
+    pooled embeddings (:func:`common.model.features.embed`) that only the head needs to see."""
     was_training = model.training
     model.eval()
     head = head_of(model) if len(data.tensors) == 2 else None
@@ -143,7 +142,8 @@ def noised_confusion(
 ) -> np.ndarray:
     """The confusion matrix plus Gaussian noise of std ``noise_multiplier`` on every cell:
     one record moves one cell by one (L2 sensitivity 1), so this is the Gaussian mechanism
-    that :func:`common.privacy.count_release` accounts. ``data`` None: no rows, noise only."""
+    that :func:`common.privacy.accounting.count_release` accounts. ``data`` None: no rows,
+    noise only."""
     matrix = np.zeros((num_labels, num_labels))
     if data is not None:
         _, y_pred, y_true = predict(model, data, device)

@@ -23,20 +23,26 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
-
-from common.adapter import from_record, get_trainable, save_adapter, set_trainable, to_record
-from common.audit import audit, notes, to_html
-from common.config import RunConfig, Scalar, write_toml
-from common.data import load_labeled
-from common.features import cached_embed
-from common.model import build_model, encode, pick_device
-from common.protocol import RUN_NAME
-from server.recorder import WRITES, RoundRecorder
-from server.report import per_class_section, write_model_card, write_report
-from server.resume import ResumeError, last_checkpoint, load_checkpoint, truncate_metrics
-from server.round_log import RoundLog
-from server.secure_aggregation import run_secure
-from server.strategy import CentralDP, make_strategy
+from privatune.common.config import RunConfig, Scalar, write_toml
+from privatune.common.data import load_labeled
+from privatune.common.model.adapter import (
+    from_record,
+    get_trainable,
+    save_adapter,
+    set_trainable,
+    to_record,
+)
+from privatune.common.model.build import build_model, encode
+from privatune.common.model.features import cached_embed
+from privatune.common.model.hub import pick_device
+from privatune.common.privacy.audit import audit, notes, to_html
+from privatune.common.protocol import RUN_NAME
+from privatune.server.recorder import WRITES, RoundRecorder
+from privatune.server.report import per_class_section, write_model_card, write_report
+from privatune.server.resume import ResumeError, last_checkpoint, load_checkpoint, truncate_metrics
+from privatune.server.round_log import RoundLog
+from privatune.server.secure_aggregation import run_secure
+from privatune.server.strategy import CentralDP, make_strategy
 
 log = logging.getLogger("flwr")
 

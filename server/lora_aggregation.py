@@ -26,8 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
-from common.adapter import lora_rank_axis
+from privatune.common.model.adapter import lora_rank_axis
 
 Arrays = Mapping[str, np.ndarray]
 DEAD = 1e-9  # relative singular value below which a component carries nothing

@@ -19,12 +19,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 from peft import PeftModel
+from privatune.common.evaluation import evaluate_matrix
+from privatune.common.model.adapter import from_record, save_adapter, set_trainable
+from privatune.common.protocol import MetricsLine, append_line
+from privatune.server.round_log import RoundLog, dropped
 from torch.utils.data import TensorDataset
-
-from common.adapter import from_record, save_adapter, set_trainable
-from common.evaluation import evaluate_matrix
-from common.protocol import MetricsLine, append_line
-from server.round_log import RoundLog, dropped
 
 log = logging.getLogger("flwr")
 # Held while a round's checkpoint and metrics line are written: a process that stops on a

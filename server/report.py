@@ -12,14 +12,13 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-
-from common.audit import run_anchors
-from common.config import RunConfig
-from common.evaluation import per_class
-from common.htmltable import html_table
-from common.privacy import NEIGHBOURING
-from common.protocol import read_lines
-from server.round_log import dropped
+from privatune.common.config import RunConfig
+from privatune.common.evaluation import per_class
+from privatune.common.htmltable import html_table
+from privatune.common.privacy.accounting import NEIGHBOURING
+from privatune.common.privacy.audit import run_anchors
+from privatune.common.protocol import read_lines
+from privatune.server.round_log import dropped
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -133,7 +132,7 @@ def write_model_card(run_dir: Path, cfg: RunConfig) -> Path:
         *(f"  - {who}: {count}, {head}" for who, (_, count, head) in sorted(heads.items())),
         "",
         "Load it with `privatune predict RUN --text ...`, or in Python with "
-        "`common.model.load_trained(RUN)`.",
+        "`privatune.common.model.build.load_trained(RUN)`.",
     ]
     path = run_dir / "adapter" / "README.md"
     tmp = path.with_suffix(".tmp")

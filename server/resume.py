@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 from peft import PeftModel, set_peft_model_state_dict
+from privatune.common.errors import PrivatuneError
+from privatune.common.model.adapter import get_trainable
+from privatune.common.protocol import read_lines, write_lines
 from safetensors.torch import load_file
-
-from common.adapter import get_trainable
-from common.errors import PrivatuneError
-from common.protocol import read_lines, write_lines
 
 CHECKPOINT = re.compile(r"round-(\d{3,})$")
 

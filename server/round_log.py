@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from common.protocol import EPSILON, LEDGER_HEAD, LEDGER_RECORDS, reason_parts
+from privatune.common.protocol import EPSILON, LEDGER_HEAD, LEDGER_RECORDS, reason_parts
 
 
 @dataclass

@@ -29,10 +29,9 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
-
-from common.adapter import to_record
-from common.config import AggregationSettings, ConfigError, FederationSettings, RunConfig
-from common.protocol import (
+from privatune.common.config import AggregationSettings, ConfigError, FederationSettings, RunConfig
+from privatune.common.model.adapter import to_record
+from privatune.common.protocol import (
     INSTITUTION,
     LEDGER_RECORDS,
     LEDGER_SEEN,
@@ -41,9 +40,9 @@ from common.protocol import (
     RUN_NAME,
     SERVER_ROUND,
 )
-from server.recorder import RoundRecorder
-from server.round_log import RoundLog, RoundStats
-from server.strategy import AdapterRounds, train_summary
+from privatune.server.recorder import RoundRecorder
+from privatune.server.round_log import RoundLog, RoundStats
+from privatune.server.strategy import AdapterRounds, train_summary
 
 log = logging.getLogger("flwr")
 

@@ -36,13 +36,12 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     Krum,
 )
-
-from common.adapter import adapter_fingerprint, adapter_rank, from_record, to_record
-from common.config import AggregationSettings, FederationSettings
-from common.evaluation import scores
-from common.ledger import NOISE_FROM_OS, Ledger, spent
-from common.privacy import Mechanism, epsilon
-from common.protocol import (
+from privatune.common.config import AggregationSettings, FederationSettings
+from privatune.common.evaluation import scores
+from privatune.common.model.adapter import adapter_fingerprint, adapter_rank, from_record, to_record
+from privatune.common.privacy.accounting import Mechanism, epsilon
+from privatune.common.privacy.ledger import NOISE_FROM_OS, Ledger, spent
+from privatune.common.protocol import (
     CONFUSION,
     EPSILON,
     EVALUATED,
@@ -53,9 +52,9 @@ from common.protocol import (
     REFUSED,
     TRAIN_LOSS,
 )
-from server.lora_aggregation import exact_mean, rank_aware_padding
-from server.round_log import RoundLog
-from server.validation import InvalidUpdate, check_update
+from privatune.server.lora_aggregation import exact_mean, rank_aware_padding
+from privatune.server.round_log import RoundLog
+from privatune.server.validation import InvalidUpdate, check_update
 
 log = logging.getLogger("flwr")
 AGGREGATORS: dict[str, type[FedAvg]] = {

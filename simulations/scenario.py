@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from common.config import ConfigError, Scalar, flatten
+from privatune.common.config import ConfigError, Scalar, flatten
 
-SCENARIO_DIR = Path(str(resources.files("simulations")))  # package data, installed too
+SCENARIO_DIR = Path(str(resources.files("privatune.simulations")))  # package data, installed too
 DATASETS = ("drugreview", "bankreviews", "medmcqa", "medmcqa-qa", "complaints")
 PARTITIONS = ("dirichlet", "iid", "by-lender", "by-company", "by-subject")
 

@@ -23,18 +23,17 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.simulation import run_simulation
 from flwr.supercore.logger import update_console_handler
-
-from client.app import check_request
-from client.app import create_app as create_client_app
-from client.institution import Policy, simulated_file, simulated_name, simulated_state
-from common.config import RunConfig, Scalar, app_defaults, stored_flat
-from common.data import DataError, load_labeled, package_file, split_local
-from server.app import check_run_dir
-from server.app import create_app as create_server_app
-from server.recorder import WRITES
-from server.resume import last_checkpoint
-from simulations.prepare import prepare
-from simulations.scenario import Scenario
+from privatune.client.app import check_request
+from privatune.client.app import create_app as create_client_app
+from privatune.client.institution import Policy, simulated_file, simulated_name, simulated_state
+from privatune.common.config import RunConfig, Scalar, app_defaults, stored_flat
+from privatune.common.data import DataError, load_labeled, package_file, split_local
+from privatune.server.app import check_run_dir
+from privatune.server.app import create_app as create_server_app
+from privatune.server.recorder import WRITES
+from privatune.server.resume import last_checkpoint
+from privatune.simulations.prepare import prepare
+from privatune.simulations.scenario import Scenario
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -91,9 +90,9 @@ def check_packages(cfg: RunConfig) -> None:
     """The model's package (or folder) and a built-in public corpus's package are found
     before anything starts, in one line with the install command (a fresh install without
     them used to learn it from a Ray worker half a minute in). Nothing is loaded here."""
-    from common.gguf import GGUF_MODELS, gguf_file
-    from common.model import resolve_model_path
-    from common.subspace import CORPORA
+    from privatune.common.model.corpus import CORPORA
+    from privatune.common.model.gguf import GGUF_MODELS, gguf_file
+    from privatune.common.model.hub import resolve_model_path
 
     if cfg.model.name in GGUF_MODELS:
         gguf_file(GGUF_MODELS[cfg.model.name])  # located only: converted on first use

@@ -13,13 +13,12 @@ import pandas as pd
 import pytest
 import torch
 from helpers import make_federation_dir, make_tiny_flat
-
-from common.config import resolve
-from simulations.bench_common import tiny_model
+from privatune.common.config import resolve
+from privatune.simulations.bench.shared import tiny_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# The embedding cache (common.features) of this test session only; Ray workers inherit it.
+# The embedding cache (common.model.features) of this test session only; Ray workers inherit it.
 os.environ["PRIVATUNE_CACHE"] = tempfile.mkdtemp(prefix="privatune-test-cache-")
 # The nodes' state (signing keys, anchors, the cache secret) of this test session only.
 os.environ["PRIVATUNE_STATE"] = tempfile.mkdtemp(prefix="privatune-test-state-")
@@ -34,7 +33,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reviews() -> pd.DataFrame:
     """Real patient reviews (UCI Drug Review) from the installed package."""
-    from simulations.prepare import load_drugreview
+    from privatune.simulations.prepare import load_drugreview
 
     train, _ = load_drugreview()
     return train

@@ -14,10 +14,9 @@ import pandas as pd
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.clientapp.typing import Mod
-
-from common.config import resolve
-from server.strategy import make_strategy
-from simulations.simulate import run_flat
+from privatune.common.config import resolve
+from privatune.server.strategy import make_strategy
+from privatune.simulations.simulate import run_flat
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the source tree (tests run from it)
 
@@ -59,7 +58,7 @@ def run_flat_argv(flat: dict, path: Path, num_supernodes: int = 3) -> list[str]:
     written to ``path``: for tests that crash, stop or watch a whole run."""
     path.write_text(json.dumps(flat))
     script = (
-        "import json; from simulations.simulate import run_flat; "
+        "import json; from privatune.simulations.simulate import run_flat; "
         f"run_flat(json.load(open({str(path)!r})), {num_supernodes})"
     )
     return [sys.executable, "-c", script]
@@ -104,7 +103,7 @@ def make_federation_dir(root: Path, reviews: pd.DataFrame) -> Path:
 
 def make_tiny_flat(model_dir: Path, data: Path, root: Path) -> dict:
     """A complete flat config for a fast 3-institution federation."""
-    from common.config import app_defaults
+    from privatune.common.config import app_defaults
 
     return {
         **app_defaults(),

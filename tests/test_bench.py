@@ -1,4 +1,4 @@
-"""The benchmark scripts work: ``python -m simulations.bench --quick`` runs all eight
+"""The benchmark scripts work: ``privatune bench.run --quick`` runs all eight
 benchmarks end to end (tiny BERT and Llama, tiny data, real Opacus, peft and Flower) and
 writes JSON of the expected shape with sane values. The numbers themselves are not checked:
 benchmarks are scripts, not timed tests."""
@@ -10,18 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from common.config import resolve
-from simulations import (
-    bench,
-    bench_causal_lm,
-    bench_gpu,
-    bench_grid,
-    bench_lora,
-    bench_overhead,
-    bench_utility,
-)
-from simulations.scenario import load_scenario
+from privatune.common.config import resolve
+from privatune.simulations.bench import causal_lm as bench_causal_lm
+from privatune.simulations.bench import gpu as bench_gpu
+from privatune.simulations.bench import grid as bench_grid
+from privatune.simulations.bench import lora as bench_lora
+from privatune.simulations.bench import overhead as bench_overhead
+from privatune.simulations.bench import run as bench
+from privatune.simulations.bench import utility as bench_utility
+from privatune.simulations.scenario import load_scenario
 
 
 @pytest.fixture(scope="module")

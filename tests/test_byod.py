@@ -10,14 +10,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from flwr.app import Context, RecordDict
+from privatune.cli.main import app
+from privatune.client.institution import Institution
+from privatune.common.config import RunConfig
+from privatune.common.data import DataError, load_labeled
+from privatune.simulations.byod import UserData, prepare_user_data, user_flat
+from privatune.simulations.scenario import load_scenario
 from typer.testing import CliRunner
-
-from client.institution import Institution
-from common.cli import app
-from common.config import RunConfig
-from common.data import DataError, load_labeled
-from simulations.byod import UserData, prepare_user_data, user_flat
-from simulations.scenario import load_scenario
 
 
 def ctx(partition_id: int) -> Context:

@@ -15,18 +15,18 @@ import torch
 from helpers import make_tiny_flat, simulate
 from opacus import GradSampleModule
 from peft import PeftModel
+from privatune.cli.main import app
+from privatune.common.config import ConfigError, resolve
+from privatune.common.data import LabeledText
+from privatune.common.model.build import build_model, encode, load_trained
+from privatune.common.model.causal_lm import ANSWER_CUE, encode_prompts, label_scores, prompt
+from privatune.common.model.gguf import GGUF_MODELS, gguf_file
+from privatune.common.model.hub import load_tokenizer
+from privatune.common.protocol import read_lines
+from privatune.simulations.bench.causal_lm import tiny_llama
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
-
-from common.causal_lm import ANSWER_CUE, encode_prompts, label_scores, prompt
-from common.cli import app
-from common.config import ConfigError, resolve
-from common.data import LabeledText
-from common.gguf import GGUF_MODELS, gguf_file
-from common.model import build_model, encode, load_tokenizer, load_trained
-from common.protocol import read_lines
-from simulations.bench_causal_lm import tiny_llama
 
 QUESTIONS = [
     "Which nerve supplies the deltoid?\nA. Axillary\nB. Radial\nC. Ulnar\nD. Median",
@@ -172,7 +172,7 @@ def test_causal_lm_refuses_what_it_does_not_support_in_one_line(tiny_llama_dir):
 @pytest.fixture(scope="module")
 def llm_run(tiny_llama_dir, tmp_path_factory) -> Path:
     """Three hospitals, two DP rounds of the tiny Llama on real MedMCQA instructions."""
-    from simulations.prepare import load_medmcqa_qa
+    from privatune.simulations.prepare import load_medmcqa_qa
 
     root = tmp_path_factory.mktemp("llm")
     train, test = load_medmcqa_qa(42)
@@ -240,7 +240,7 @@ def test_a_dp_federation_trains_the_adapter_and_plain_peft_reloads_it(llm_run, t
 
 
 def test_generate_refuses_a_classifier_run_in_one_line(tmp_path, tiny_cfg):
-    from common.config import write_toml
+    from privatune.common.config import write_toml
 
     write_toml(tiny_cfg, tmp_path / "config.toml")
     out = CliRunner().invoke(app, ["generate", str(tmp_path), "--prompt", "hi"])
@@ -251,8 +251,8 @@ def test_generate_refuses_a_classifier_run_in_one_line(tmp_path, tiny_cfg):
 def test_the_real_smollm2_trains_one_dp_round(tmp_path):
     """SmolLM2-135M-Instruct, converted from its packaged GGUF file, trains one DP-SGD round
     on real instructions: the LoRA factors move, the mechanism is recorded."""
-    from client.train import train_round
-    from simulations.prepare import load_medmcqa_qa
+    from privatune.client.train import train_round
+    from privatune.simulations.prepare import load_medmcqa_qa
 
     cfg = resolve(
         {

@@ -13,6 +13,15 @@ import numpy as np
 import pytest
 import torch
 from helpers import make_tiny_flat, simulate
+from privatune.client.secure_aggregation import secure_aggregation_mod
+from privatune.common.config import resolve
+from privatune.common.model.adapter import get_trainable
+from privatune.common.model.build import build_model
+from privatune.common.privacy.audit import audit
+from privatune.common.privacy.ledger import read_records
+from privatune.common.protocol import read_lines
+from privatune.simulations.bench.shared import write_federation
+from privatune.simulations.simulate import resume
 from safetensors.numpy import load_file
 from test_causal_lm import llm_flat
 from test_causal_lm import tiny_llama_dir as tiny_llama_dir  # the shared fixture
@@ -25,16 +34,6 @@ from test_secure_aggregation import (
     weighted_mean,
 )
 
-from client.secure_aggregation import secure_aggregation_mod
-from common.adapter import get_trainable
-from common.audit import audit
-from common.config import resolve
-from common.ledger import read_records
-from common.model import build_model
-from common.protocol import read_lines
-from simulations.bench_common import write_federation
-from simulations.simulate import resume
-
 CPU = torch.device("cpu")
 
 
@@ -42,7 +41,7 @@ CPU = torch.device("cpu")
 def medmcqa_dir(tmp_path_factory) -> Path:
     """Three hospitals of real MedMCQA instructions, the third with twice the rows of the
     others (unequal weights), and 30 test questions; shared by every federation here."""
-    from simulations.prepare import load_medmcqa_qa
+    from privatune.simulations.prepare import load_medmcqa_qa
 
     train, test = load_medmcqa_qa(42)
     parts = [train.iloc[:24], train.iloc[24:48], train.iloc[48:96]]

@@ -8,6 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from privatune.client.fused_clipping import FusedClipping
+from privatune.client.train import train_round
+from privatune.common.config import resolve
+from privatune.common.model.adapter import get_trainable
+from privatune.common.model.build import build_model
 from test_causal_lm import QUESTIONS, batch, llm_flat
 from test_causal_lm import tiny_llama_dir as tiny_llama_dir  # the shared fixture
 from test_fused_clipping import (
@@ -24,12 +29,6 @@ from test_fused_clipping import (
     _opacus_grads as opacus_grads,
 )
 from torch.utils.data import TensorDataset
-
-from client.fused_clipping import FusedClipping
-from client.train import train_round
-from common.adapter import get_trainable
-from common.config import resolve
-from common.model import build_model
 
 CPU = torch.device("cpu")
 LETTERS = "A,B,C,D"

@@ -6,11 +6,10 @@ import math
 from pathlib import Path
 
 import pandas as pd
+from privatune.cli.main import app
+from privatune.common.privacy.accounting import Mechanism, epsilon, sample_rate
+from privatune.common.protocol import append_line
 from typer.testing import CliRunner
-
-from common.cli import app
-from common.privacy import Mechanism, epsilon, sample_rate
-from common.protocol import append_line
 
 RUN = CliRunner()
 
@@ -72,9 +71,8 @@ def test_summary_reads_the_metrics_lines(tmp_path):
 
 
 def test_summary_gives_the_test_accuracy_an_interval_and_a_constant_baseline(tmp_path):
+    from privatune.common.config import resolve, write_toml
     from scipy.stats import binomtest
-
-    from common.config import resolve, write_toml
 
     labels = ["B"] * 60 + ["A"] * 30 + ["C"] * 10
     pd.DataFrame({"text": [f"q{i}" for i in range(100)], "label": labels}).to_csv(
@@ -107,8 +105,8 @@ def test_data_check_summarises_a_file_and_names_a_bad_label(tmp_path):
 def test_tune_scores_recipes_on_held_out_local_rows_never_the_test_set(tmp_path, monkeypatch):
     import json
 
-    from simulations import tune
-    from simulations.scenario import load_scenario
+    from privatune.simulations.scenario import load_scenario
+    from privatune.simulations.tools import tune
 
     seen: dict[str, list[str]] = {}
     real = tune.model_input

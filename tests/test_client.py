@@ -9,15 +9,15 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from helpers import metadata
-
-from client.app import DATA_FAILED, create_app
-from client.train import train_round
-from common.adapter import get_trainable, to_record
-from common.config import resolve
-from common.data import load_labeled, tokenize
-from common.ledger import Ledger, read_records
-from common.model import build_model, load_tokenizer
-from common.protocol import error_reason
+from privatune.client.app import DATA_FAILED, create_app
+from privatune.client.train import train_round
+from privatune.common.config import resolve
+from privatune.common.data import load_labeled, tokenize
+from privatune.common.model.adapter import get_trainable, to_record
+from privatune.common.model.build import build_model
+from privatune.common.model.hub import load_tokenizer
+from privatune.common.privacy.ledger import Ledger, read_records
+from privatune.common.protocol import error_reason
 
 # a deployed node's own policy and schema
 POLICY = {"max-delta": 1e-5, "accountants": "rdp", "labels": "negative,neutral,positive"}
@@ -143,7 +143,7 @@ def test_small_budget_refuses_the_round_that_would_cross_it(
     tiny_flat, tiny_cfg, federation_dir, tmp_path
 ):
     """Node config sets the institution's own budget; the ledger never exceeds it."""
-    from common.audit import audit
+    from privatune.common.privacy.audit import audit
 
     ledger = tmp_path / "ledger" / "a.jsonl"
     Ledger.create(ledger, "hospital-a")

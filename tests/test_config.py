@@ -10,10 +10,16 @@ from typing import Literal, get_args, get_origin, get_type_hints
 
 import pytest
 from helpers import PROJECT_ROOT
-
-from common.config import ConfigError, RunConfig, app_defaults, flatten, resolve, write_toml
-from simulations.scenario import SCENARIO_DIR, load_scenario
-from simulations.simulate import resolve_flat
+from privatune.common.config import (
+    ConfigError,
+    RunConfig,
+    app_defaults,
+    flatten,
+    resolve,
+    write_toml,
+)
+from privatune.simulations.scenario import SCENARIO_DIR, load_scenario
+from privatune.simulations.simulate import resolve_flat
 
 
 def test_defaults_resolve_and_round_trip(tmp_path):
@@ -122,11 +128,11 @@ def test_a_non_editable_install_runs_from_another_folder(tmp_path):
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
     script = (
-        "import common, simulations.scenario as s\n"
-        "from common.config import resolve\n"
+        "import common, privatune.simulations.scenario as s\n"
+        "from privatune.common.config import resolve\n"
         f"assert common.__file__.startswith({str(site)!r}), common.__file__\n"
         "print(resolve().dp.delta, s.load_scenario('medical').institutions)\n"
-        "from common.cli import main\n"
+        "from privatune.cli.main import main\n"
         "main()\n"
     )
     plan = ["plan", "--target-epsilon", "8", "--delta", "1e-5", "--rounds", "2"]
@@ -154,7 +160,7 @@ def _enumerated() -> dict[str, tuple[str, ...]]:
 
 
 def test_the_enumerations_are_the_ones_the_code_implements():
-    from server.strategy import AGGREGATORS
+    from privatune.server.strategy import AGGREGATORS
 
     keys = _enumerated()
     assert set(keys) >= {"train.optimizer", "dp.accountant", "aggregation.strategy"}
@@ -164,9 +170,8 @@ def test_the_enumerations_are_the_ones_the_code_implements():
 @pytest.mark.parametrize("key", sorted(_enumerated()))
 def test_a_bad_enumerated_value_is_one_line_before_anything_starts(key, tmp_path, monkeypatch):
     import ray
+    from privatune.cli.main import app
     from typer.testing import CliRunner
-
-    from common.cli import app
 
     monkeypatch.chdir(tmp_path)  # nothing may be prepared or written, here or anywhere
     result = CliRunner().invoke(

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
-from common.data import DataError, load_labeled, split_local
+from privatune.common.data import DataError, load_labeled, split_local
 
 LABELS = ["negative", "neutral", "positive"]
 ROWS = pd.DataFrame(
@@ -141,9 +140,8 @@ def test_data_encoding_reads_latin1(tmp_path, suffix):
 
 
 def test_data_check_has_an_encoding_flag(tmp_path):
+    from privatune.cli.main import app
     from typer.testing import CliRunner
-
-    from common.cli import app
 
     path = tmp_path / "latin.csv"
     path.write_bytes("review,stars\ncafé ok,positive\nbad,negative\n".encode("latin-1"))
@@ -157,10 +155,10 @@ def _prepared(tmp_path, name: str, seed: int = 42):
     """Prepare a scenario into tmp_path; (manifest, institution frames, test frame, config)."""
     import json
 
-    from common.config import resolve
-    from simulations.prepare import prepare
-    from simulations.scenario import load_scenario
-    from simulations.simulate import resolve_flat
+    from privatune.common.config import resolve
+    from privatune.simulations.prepare import prepare
+    from privatune.simulations.scenario import load_scenario
+    from privatune.simulations.simulate import resolve_flat
 
     scenario = load_scenario(name)
     out = prepare(scenario, seed=seed, out_dir=tmp_path / name)
@@ -173,7 +171,7 @@ def _prepared(tmp_path, name: str, seed: int = 42):
 
 
 def _check_split(manifest, parts, test, cfg, institutions, classes, rows):
-    from simulations.prepare import MIN_ROWS
+    from privatune.simulations.prepare import MIN_ROWS
 
     train = pd.concat(parts.values())
     assert len(parts) == institutions and all(len(p) >= MIN_ROWS for p in parts.values())
@@ -197,7 +195,7 @@ def test_prepare_medical_specialties(tmp_path):
 
 
 def test_prepare_complaints_by_company(tmp_path):
-    from simulations.prepare import COMPANIES, named_company
+    from privatune.simulations.prepare import COMPANIES, named_company
 
     manifest, parts, test, cfg = _prepared(tmp_path, "complaints")
     _check_split(manifest, parts, test, cfg, institutions=8, classes=8, rows=25795)

@@ -29,11 +29,10 @@ import pytest
 import tomli_w
 import yaml
 from helpers import PROJECT_ROOT
+from privatune.cli.main import app as cli
+from privatune.client.institution import NODE_KEYS
+from privatune.common.privacy.audit import audit
 from typer.testing import CliRunner
-
-from client.institution import NODE_KEYS
-from common.audit import audit
-from common.cli import app as cli
 
 DOCKER = PROJECT_ROOT / "docker"
 VENV_BIN = Path(sys.executable).parent
@@ -236,7 +235,7 @@ def app_copy(dest: Path) -> Path:
     would otherwise rewrite this checkout's pyproject.toml)."""
     for name in ("pyproject.toml", "README.md", ".gitignore"):
         shutil.copy(PROJECT_ROOT / name, dest / name)
-    for package in ("client", "common", "server", "simulations"):
+    for package in ("cli", "client", "common", "server", "simulations"):
         shutil.copytree(
             PROJECT_ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__")
         )

@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 
 from helpers import simulate
-
-from client.app import DATA_FAILED
-from common.audit import audit, notes
+from privatune.client.app import DATA_FAILED
+from privatune.common.privacy.audit import audit, notes
 
 
 def test_a_failing_institution_does_not_stop_the_run(tiny_flat, federation_dir):

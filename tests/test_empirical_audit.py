@@ -8,12 +8,9 @@ import math
 
 import numpy as np
 import pytest
-from scipy import optimize, stats
-from typer.testing import CliRunner
-
-from common.adapter import adapter_fingerprint
-from common.cli import app
-from common.empirical import (
+from privatune.cli.main import app
+from privatune.common.model.adapter import adapter_fingerprint
+from privatune.common.privacy.empirical import (
     RESULT,
     above_claim,
     audit_scores,
@@ -29,9 +26,11 @@ from common.empirical import (
     p_value,
     verdict,
 )
-from common.ledger import read_records
-from simulations.canary import run_canary_audit
-from simulations.scenario import load_scenario
+from privatune.common.privacy.ledger import read_records
+from privatune.simulations.scenario import load_scenario
+from privatune.simulations.tools.canary import run_canary_audit
+from scipy import optimize, stats
+from typer.testing import CliRunner
 
 
 def _direct(r: int, v: int, confidence: float) -> float:
@@ -46,7 +45,8 @@ def _direct(r: int, v: int, confidence: float) -> float:
 
 def _direct_f_dp_refutes(m: int, r: int, v: int, mu: float, alpha: float) -> bool:
     """Mahloujifar et al.'s test of mu-GDP written as the paper's arrays (h[i], r[i] for
-    i = v .. 0, no early stop), with scipy's normal: the check on common.empirical's loop."""
+    i = v .. 0, no early stop), with scipy's normal: the check on
+    common.privacy.empirical's loop."""
     h, rr = [0.0] * (v + 1), [0.0] * (v + 1)
     h[v], rr[v] = alpha * (r - v) / m, alpha * v / m
     for i in range(v - 1, -1, -1):

@@ -12,12 +12,11 @@ import torch
 from helpers import make_federation_dir, make_tiny_flat, outgoing_recorder, simulate
 from opacus.accountants import RDPAccountant
 from peft import PeftModel
+from privatune.common.config import resolve
+from privatune.common.model.adapter import get_trainable, to_record
+from privatune.common.model.build import build_model
 from safetensors.numpy import load_file
 from transformers import AutoModelForSequenceClassification
-
-from common.adapter import get_trainable, to_record
-from common.config import resolve
-from common.model import build_model
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,15 @@ import pytest
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
+from privatune.client.fused_clipping import FusedClipping
+from privatune.client.train import _loss as training_loss
+from privatune.client.train import make_optimizer, train_round
+from privatune.common.config import ConfigError, resolve
+from privatune.common.data import load_labeled, tokenize
+from privatune.common.model.adapter import get_trainable
+from privatune.common.model.build import build_model
+from privatune.common.model.hub import load_tokenizer
 from torch.utils.data import DataLoader, TensorDataset
-
-from client.fused_clipping import FusedClipping
-from client.train import _loss as training_loss
-from client.train import make_optimizer, train_round
-from common.adapter import get_trainable
-from common.config import ConfigError, resolve
-from common.data import load_labeled, tokenize
-from common.model import build_model, load_tokenizer
 
 CPU = torch.device("cpu")
 

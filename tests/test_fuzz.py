@@ -13,9 +13,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from helpers import metadata
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from common.data import DataError, load_labeled
-from server.validation import InvalidUpdate, check_update
+from privatune.common.data import DataError, load_labeled
+from privatune.server.validation import InvalidUpdate, check_update
 
 LABELS = ["negative", "positive"]
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))

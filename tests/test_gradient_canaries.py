@@ -1,4 +1,4 @@
-"""White-box gradient canaries (simulations.gradient_canary): the audit hook puts each
+"""White-box gradient canaries (simulations.tools.gradient_canary): the audit hook puts each
 canary's gradient into the clipped sum before the noise in every backend, and a real
 federation's bounds behave: near the ceiling without DP, below the claim with DP, above it
 with the noise off, and an estimate above it at half the noise or half the reported rate."""
@@ -11,17 +11,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from privatune.cli.main import app
+from privatune.client.dp_backends import audit_canaries
+from privatune.client.train import train_round
+from privatune.common.config import resolve
+from privatune.common.data import load_labeled, tokenize
+from privatune.common.model.adapter import get_trainable, set_trainable
+from privatune.common.model.build import build_model
+from privatune.common.model.hub import load_tokenizer
+from privatune.common.privacy.empirical import RESULT, above_claim
+from privatune.simulations.tools.gradient_canary import GradientCanaries, flatten, scores
 from typer.testing import CliRunner
-
-from client.dp_backends import audit_canaries
-from client.train import train_round
-from common.adapter import get_trainable, set_trainable
-from common.cli import app
-from common.config import resolve
-from common.data import load_labeled, tokenize
-from common.empirical import RESULT, above_claim
-from common.model import build_model, load_tokenizer
-from simulations.gradient_canary import GradientCanaries, flatten, scores
 
 CPU = torch.device("cpu")
 

@@ -11,10 +11,9 @@ import sys
 
 import pytest
 from helpers import PROJECT_ROOT, run_flat_argv
+from privatune.cli.main import app
+from privatune.common.privacy.accounting import NEIGHBOURING
 from typer.testing import CliRunner
-
-from common.cli import app
-from common.privacy import NEIGHBOURING
 
 pytestmark = pytest.mark.simulation
 

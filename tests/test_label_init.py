@@ -9,14 +9,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from privatune.client.train import train_round
+from privatune.common.config import ConfigError, resolve
+from privatune.common.data import load_labeled, tokenize
+from privatune.common.model.adapter import get_trainable
+from privatune.common.model.build import build_model, label_texts
+from privatune.common.model.features import embed
+from privatune.common.model.hub import load_tokenizer
 from test_pooling_and_head import _classifier_input, _probe_cfg
-
-from client.train import train_round
-from common.adapter import get_trainable
-from common.config import ConfigError, resolve
-from common.data import load_labeled, tokenize
-from common.features import embed
-from common.model import build_model, label_texts, load_tokenizer
 
 CPU = torch.device("cpu")
 LABELS = "Gynaecology_Obstetrics,social-preventive-medicine,ENT"

@@ -11,12 +11,11 @@ import dp_accounting
 import pytest
 from helpers import PROJECT_ROOT
 from opacus.accountants import RDPAccountant
+from privatune.cli.main import app as cli
+from privatune.common.privacy.accounting import NEIGHBOURING, Mechanism, epsilon, plan
+from privatune.common.privacy.audit import audit, notes, to_html
+from privatune.common.privacy.ledger import Ledger, LedgerError, read_records, spent, verify_chain
 from typer.testing import CliRunner
-
-from common.audit import audit, notes, to_html
-from common.cli import app as cli
-from common.ledger import Ledger, LedgerError, read_records, spent, verify_chain
-from common.privacy import NEIGHBOURING, Mechanism, epsilon, plan
 
 DELTA = 1e-5
 
@@ -136,7 +135,7 @@ def test_two_runs_compose_under_a_lifetime_budget(ledger_path):
 def test_crash_mid_write_leaves_a_verifiable_ledger(ledger_path):
     """Kill a writer process while it appends in a loop; the ledger must still verify."""
     script = f"""
-from common.ledger import Ledger
+from common.privacy.ledger import Ledger
 ledger = Ledger({str(ledger_path)!r})
 print("ready", flush=True)
 for r in range(4, 400):

@@ -15,18 +15,17 @@ import pytest
 import test_causal_lm
 import torch
 from peft import PeftModel
+from privatune.cli.main import app
+from privatune.common.config import resolve, stored_flat, write_toml
+from privatune.common.data import package_file
+from privatune.common.model.adapter import save_adapter
+from privatune.common.model.build import build_model, load_trained
+from privatune.common.model.causal_lm import encode_prompts, label_scores
+from privatune.simulations.prepare import load_medmcqa_qa
+from privatune.simulations.tools import llm_benchmarks as lb
 from scipy.stats import binomtest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
-
-from common.adapter import save_adapter
-from common.causal_lm import encode_prompts, label_scores
-from common.cli import app
-from common.config import resolve, stored_flat, write_toml
-from common.data import package_file
-from common.model import build_model, load_trained
-from simulations import llm_benchmarks as lb
-from simulations.prepare import load_medmcqa_qa
 
 RUN = CliRunner()
 CPU = torch.device("cpu")

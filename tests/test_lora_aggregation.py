@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 from helpers import ADAPTER, good, reply, simulate, strategy_for
+from privatune.client.train import train_round
+from privatune.common.config import resolve
+from privatune.common.data import load_labeled, tokenize
+from privatune.common.model.adapter import from_record, get_trainable, to_record
+from privatune.common.model.build import build_model
+from privatune.common.model.hub import load_tokenizer
+from privatune.server.lora_aggregation import exact_mean
 from safetensors.numpy import load_file
-
-from client.train import train_round
-from common.adapter import from_record, get_trainable, to_record
-from common.config import resolve
-from common.data import load_labeled, tokenize
-from common.model import build_model, load_tokenizer
-from server.lora_aggregation import exact_mean
 
 
 def test_ffa_freezes_a_and_sends_only_b_and_head(tiny_flat):

@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 import torch
 from helpers import simulate
+from privatune.client.train import train_round
+from privatune.common.config import ConfigError, resolve
+from privatune.common.data import load_labeled, tokenize
+from privatune.common.model import features
+from privatune.common.model.adapter import get_trainable
+from privatune.common.model.build import build_model, load_trained
+from privatune.common.model.features import cached_embed, embed
+from privatune.common.model.heads import MeanPooler
+from privatune.common.model.hub import load_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
-
-from client.train import train_round
-from common import features
-from common.adapter import get_trainable
-from common.config import ConfigError, resolve
-from common.data import load_labeled, tokenize
-from common.features import cached_embed, embed
-from common.model import MeanPooler, build_model, load_tokenizer, load_trained
 
 CPU = torch.device("cpu")
 

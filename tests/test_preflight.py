@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import ray
 from helpers import PROJECT_ROOT
-
-from common.config import resolve
-from common.data import DATA_PACKAGES, DataError, package_file, record_position
-from common.errors import ModelError
-from simulations.simulate import check_institutions, run_flat
+from privatune.common.config import resolve
+from privatune.common.data import DATA_PACKAGES, DataError, package_file, record_position
+from privatune.common.errors import ModelError
+from privatune.simulations.simulate import check_institutions, run_flat
 
 
 def test_a_file_too_small_to_split_is_refused_before_ray(tiny_flat, federation_dir):

@@ -18,22 +18,22 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from helpers import metadata, reply
 from opacus.data_loader import DPDataLoader
+from privatune.client.app import CONFIG_FAILED, LEDGER_FAILED, create_app, local_data
+from privatune.client.institution import Institution
+from privatune.client.train import train_round
+from privatune.common.config import ConfigError, resolve
+from privatune.common.data import DataError, tokenize
+from privatune.common.model.adapter import from_record, get_trainable, set_trainable, to_record
+from privatune.common.model.build import build_model
+from privatune.common.model.hub import load_tokenizer
+from privatune.common.privacy.accounting import Mechanism, epsilon, sample_rate, steps_per_epoch
+from privatune.common.privacy.audit import audit, audit_ledger
+from privatune.common.privacy.ledger import Ledger, LedgerError, read_records, record_hash, spent
+from privatune.common.protocol import error_reason
+from privatune.server.round_log import RoundLog
+from privatune.server.strategy import CentralDP, make_strategy
+from privatune.simulations.simulate import preflight, run_flat
 from torch.utils.data import DataLoader, TensorDataset
-
-from client.app import CONFIG_FAILED, LEDGER_FAILED, create_app, local_data
-from client.institution import Institution
-from client.train import train_round
-from common.adapter import from_record, get_trainable, set_trainable, to_record
-from common.audit import audit, audit_ledger
-from common.config import ConfigError, resolve
-from common.data import DataError, tokenize
-from common.ledger import Ledger, LedgerError, read_records, record_hash, spent
-from common.model import build_model, load_tokenizer
-from common.privacy import Mechanism, epsilon, sample_rate, steps_per_epoch
-from common.protocol import error_reason
-from server.round_log import RoundLog
-from server.strategy import CentralDP, make_strategy
-from simulations.simulate import preflight, run_flat
 
 CPU = torch.device("cpu")
 
@@ -439,7 +439,7 @@ def test_audit_checks_status_refusals_and_delta(tmp_path):
 
 
 def test_a_finished_run_is_never_overwritten_one_line_before_ray_starts(tiny_flat):
-    from server.resume import ResumeError
+    from privatune.server.resume import ResumeError
 
     cfg = resolve(tiny_flat)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name

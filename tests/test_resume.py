@@ -13,10 +13,9 @@ import time
 import numpy as np
 import psutil
 from helpers import PROJECT_ROOT, run_flat_argv
+from privatune.common.privacy.audit import audit
+from privatune.simulations.simulate import resume, run_flat
 from safetensors.numpy import load_file
-
-from common.audit import audit
-from simulations.simulate import resume, run_flat
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:

@@ -15,16 +15,15 @@ import torch
 from flwr.app import Error, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from helpers import simulate
-
-from client.secure_aggregation import secure_aggregation_mod
-from common.adapter import from_record, get_trainable
-from common.audit import audit
-from common.config import ConfigError, resolve
-from common.ledger import read_records
-from common.model import build_model
-from server.resume import load_checkpoint
-from server.secure_aggregation import check_secure, make_workflow
-from simulations.simulate import resume
+from privatune.client.secure_aggregation import secure_aggregation_mod
+from privatune.common.config import ConfigError, resolve
+from privatune.common.model.adapter import from_record, get_trainable
+from privatune.common.model.build import build_model
+from privatune.common.privacy.audit import audit
+from privatune.common.privacy.ledger import read_records
+from privatune.server.resume import load_checkpoint
+from privatune.server.secure_aggregation import check_secure, make_workflow
+from privatune.simulations.simulate import resume
 
 
 def handler_recorder(directory: str):

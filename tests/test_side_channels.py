@@ -14,31 +14,37 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import privatune.client.app as client_app
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from helpers import metadata, simulate
-
-import client.app as client_app
-from client.app import CONFIG_FAILED, DATA_FAILED, FAILED, LEDGER_FAILED, STOPPED, create_app
-from client.institution import Institution
-from common.adapter import get_trainable, to_record
-from common.audit import audit_ledger
-from common.config import resolve
-from common.data import load_labeled, split_local
-from common.features import cache_root, cached_embed
-from common.ledger import (
+from privatune.client.app import (
+    CONFIG_FAILED,
+    DATA_FAILED,
+    FAILED,
+    LEDGER_FAILED,
+    STOPPED,
+    create_app,
+)
+from privatune.client.institution import Institution
+from privatune.common.config import resolve
+from privatune.common.data import load_labeled, split_local
+from privatune.common.local import cache_root, state_root
+from privatune.common.model.adapter import get_trainable, to_record
+from privatune.common.model.build import build_model
+from privatune.common.model.features import cached_embed
+from privatune.common.privacy.accounting import public_size
+from privatune.common.privacy.audit import audit_ledger
+from privatune.common.privacy.ledger import (
     Ledger,
     LedgerError,
     default_anchor,
     read_records,
     record_hash,
-    state_root,
 )
-from common.model import build_model
-from common.privacy import public_size
-from common.protocol import LEDGER_SEEN, error_reason, read_lines
-from simulations.simulate import SimulationError
+from privatune.common.protocol import LEDGER_SEEN, error_reason, read_lines
+from privatune.simulations.simulate import SimulationError
 
 CPU = torch.device("cpu")
 LABELS = ["negative", "neutral", "positive"]

@@ -13,9 +13,8 @@ import time
 import psutil
 import pytest
 from helpers import PROJECT_ROOT, run_flat_argv
-
-from common.audit import audit
-from simulations.simulate import resume
+from privatune.common.privacy.audit import audit
+from privatune.simulations.simulate import resume
 
 pytestmark = pytest.mark.simulation
 

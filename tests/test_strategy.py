@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message
 from helpers import ADAPTER, good, metadata, reply, strategy_for
-
-from common.adapter import from_record
-from common.audit import audit
-from common.protocol import error_reason
-from server.recorder import summary
-from server.strategy import CentralDP
+from privatune.common.model.adapter import from_record
+from privatune.common.privacy.audit import audit
+from privatune.common.protocol import error_reason
+from privatune.server.recorder import summary
+from privatune.server.strategy import CentralDP
 
 
 def hostile() -> dict[str, dict]:

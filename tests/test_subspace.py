@@ -1,5 +1,5 @@
 """``model.subspace``: the probe's embedding projected onto public texts' principal directions
-(common.subspace), so that DP noise on the head reaches no prediction outside them; and
+(common.model.subspace), so that DP noise on the head reaches no prediction outside them; and
 ``model.feature-norm``. Real transformers code on the tiny random BERT, real Opacus."""
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from privatune.client.train import train_round
+from privatune.common.config import ConfigError
+from privatune.common.data import LabeledText, fingerprint, load_labeled, tokenize
+from privatune.common.local import cache_root
+from privatune.common.model.build import build_model
+from privatune.common.model.features import cached_embed, embed
+from privatune.common.model.hub import load_tokenizer
 from test_pooling_and_head import _classifier_input, _probe_cfg
-
-from client.train import train_round
-from common.config import ConfigError
-from common.data import LabeledText, fingerprint, load_labeled, tokenize
-from common.features import cache_root, cached_embed, embed
-from common.model import build_model, load_tokenizer
 
 CPU = torch.device("cpu")
 PUBLIC = [
@@ -133,9 +134,9 @@ def test_bad_subspace_settings_are_refused_in_one_line(tiny_flat, corpus, extra,
 
 def test_the_built_in_medical_corpus_holds_no_medmcqa_question():
     """The medical scenario's private data (MedMCQA) must not shape its public subspace."""
-    from common.data import one_line
-    from common.subspace import public_texts
-    from simulations.prepare import medmcqa_items
+    from privatune.common.data import one_line
+    from privatune.common.model.corpus import public_texts
+    from privatune.simulations.prepare import medmcqa_items
 
     public = set(public_texts("medical-public"))
     assert len(public) > 5000
@@ -154,8 +155,7 @@ def test_in_deployment_the_run_config_cannot_name_a_file_as_the_public_corpus(
     """The server writes the run config: a path it names could be the institution's own
     data file, and a subspace computed from it would carry that data outside DP."""
     from flwr.app import Context, RecordDict
-
-    from client.institution import Institution
+    from privatune.client.institution import Institution
 
     flat = {**tiny_flat, "model.pooling": "mean", "model.subspace": str(corpus)}
     cfg = _probe_cfg(tiny_flat, **{"model.subspace": str(corpus)})

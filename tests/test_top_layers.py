@@ -1,5 +1,5 @@
-"""LoRA on the top layers from cached lower layers (common.top_layers): the same logits and the
-same clipped per-sample gradients as the full model, a cache that never leaves the node and
+"""LoRA on the top layers from cached lower layers (common.model.top_layers): the same logits
+and the same clipped per-sample gradients as the full model, a cache that never leaves the node and
 is rebuilt when what it depends on changes, and an adapter of the chosen layers only."""
 
 from __future__ import annotations
@@ -12,17 +12,15 @@ import pytest
 import torch
 from helpers import outgoing_recorder, simulate
 from peft import PeftModel
-from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification
-
-from client.train import train_round
-from common.adapter import get_trainable
-from common.causal_lm import class_scores
-from common.config import resolve
-from common.data import load_labeled, tokenize
-from common.features import cache_root
-from common.model import build_model, load_tokenizer, load_trained
-from common.top_layers import (
+from privatune.client.train import train_round
+from privatune.common.config import resolve
+from privatune.common.data import load_labeled, tokenize
+from privatune.common.local import cache_root
+from privatune.common.model.adapter import get_trainable
+from privatune.common.model.build import build_model, load_trained
+from privatune.common.model.causal_lm import class_scores
+from privatune.common.model.hub import load_tokenizer
+from privatune.common.model.top_layers import (
     TopLayers,
     _encoder,
     _run,
@@ -31,6 +29,8 @@ from common.top_layers import (
     padded,
     split_point,
 )
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
 
 CPU = torch.device("cpu")
 

@@ -1,0 +1,1 @@
+"""The command line: above every other package (it may import any; none imports it)."""

@@ -1,0 +1,1 @@
+"""privacy: the accounting of DP mechanisms, the institution's signed ledger and its audits."""

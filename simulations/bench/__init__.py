@@ -1,0 +1,1 @@
+"""The benchmarks behind `privatune bench` (docs/benchmarks.md)."""

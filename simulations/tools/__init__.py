@@ -1,0 +1,1 @@
+"""Tools behind CLI commands: the canary audits, `tune` and the LLM benchmarks."""
