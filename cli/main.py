@@ -392,8 +392,8 @@ def predict(
     from privatune.common.config import RunConfig, stored_flat
     from privatune.common.data import READERS, LabeledText, read_table
     from privatune.common.errors import PrivatuneError
-    from privatune.common.evaluation import probabilities
     from privatune.common.model.build import encode, load_trained
+    from privatune.common.model.evaluation import probabilities
     from privatune.common.model.hub import pick_device
 
     if bool(text) == bool(file):
@@ -673,7 +673,7 @@ def _test_lines(run: str, first: dict, last: dict) -> None:
     from privatune.common.config import RunConfig, stored_flat
     from privatune.common.data import load_labeled
     from privatune.common.errors import PrivatuneError
-    from privatune.common.evaluation import best_constant, wilson
+    from privatune.common.model.evaluation import best_constant, wilson
 
     try:
         cfg = RunConfig.from_flat(stored_flat(Path(run)))

@@ -33,7 +33,6 @@ from privatune.client.secure_aggregation import secure_aggregation_mod
 from privatune.client.train import os_seed, train_round
 from privatune.common.config import ConfigError, RunConfig, Scalar
 from privatune.common.data import DataError, LabeledText, load_labeled, split_local
-from privatune.common.evaluation import noised_confusion
 from privatune.common.model.adapter import (
     adapter_fingerprint,
     fit_rank,
@@ -43,6 +42,7 @@ from privatune.common.model.adapter import (
     to_record,
 )
 from privatune.common.model.build import build_model, encode
+from privatune.common.model.evaluation import noised_confusion
 from privatune.common.model.features import cached_embed
 from privatune.common.model.hub import pick_device
 from privatune.common.model.top_layers import cached_lower_states, uses_top_layers

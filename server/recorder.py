@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 from peft import PeftModel
-from privatune.common.evaluation import evaluate_matrix
 from privatune.common.model.adapter import from_record, save_adapter, set_trainable
+from privatune.common.model.evaluation import evaluate_matrix
 from privatune.common.protocol import MetricsLine, append_line
 from privatune.server.round_log import RoundLog, dropped
 from torch.utils.data import TensorDataset

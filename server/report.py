@@ -13,8 +13,8 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from privatune.common.config import RunConfig
-from privatune.common.evaluation import per_class
 from privatune.common.htmltable import html_table
+from privatune.common.model.evaluation import per_class
 from privatune.common.privacy.accounting import NEIGHBOURING
 from privatune.common.privacy.audit import run_anchors
 from privatune.common.protocol import read_lines

@@ -37,8 +37,8 @@ from flwr.serverapp.strategy import (
     Krum,
 )
 from privatune.common.config import AggregationSettings, FederationSettings
-from privatune.common.evaluation import scores
 from privatune.common.model.adapter import adapter_fingerprint, adapter_rank, from_record, to_record
+from privatune.common.model.evaluation import scores
 from privatune.common.privacy.accounting import Mechanism, epsilon
 from privatune.common.privacy.ledger import NOISE_FROM_OS, Ledger, spent
 from privatune.common.protocol import (

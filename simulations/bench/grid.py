@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from privatune.common.config import Scalar
 from privatune.common.data import load_labeled
-from privatune.common.evaluation import macro_f1
+from privatune.common.model.evaluation import macro_f1
 from privatune.common.protocol import read_lines
 from privatune.simulations.bench.shared import LABELS, bench_flat, review_sample, write_federation
 from privatune.simulations.prepare import load_dataset, partition

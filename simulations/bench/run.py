@@ -89,9 +89,7 @@ def markdown(out_dir: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print) -> int:
-    parser = argparse.ArgumentParser(
-        prog="privatune bench", description=__doc__
-    )
+    parser = argparse.ArgumentParser(prog="privatune bench", description=__doc__)
     parser.add_argument(
         "--quick", action="store_true", help="tiny model and data; proves the scripts work"
     )

@@ -29,8 +29,8 @@ from privatune.client.institution import Policy
 from privatune.client.train import train_round
 from privatune.common.config import RunConfig, Scalar
 from privatune.common.data import LabeledText, fingerprint, load_labeled, split_local
-from privatune.common.evaluation import evaluate
 from privatune.common.model.build import build_model
+from privatune.common.model.evaluation import evaluate
 from privatune.common.privacy.accounting import epsilon
 from privatune.common.privacy.empirical import RESULT, measured_lower
 from privatune.simulations.bench.grid import (

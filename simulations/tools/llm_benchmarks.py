@@ -30,9 +30,9 @@ from privatune.common.data import (
     package_file,
 )
 from privatune.common.errors import PrivatuneError
-from privatune.common.evaluation import best_constant, confusion, scores, wilson
 from privatune.common.model.build import build_model, encode, load_trained
 from privatune.common.model.causal_lm import label_scores
+from privatune.common.model.evaluation import best_constant, confusion, scores, wilson
 from privatune.common.model.hub import resolve_model_path
 from privatune.simulations.prepare import load_medmcqa_qa
 from privatune.simulations.scenario import load_scenario
