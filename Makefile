@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SCENARIO ?= medical
+SCENARIO ?=
 STAMP := $(VENV)/.installed
 WHEELS := $(VENV)/wheels
 export HF_HUB_OFFLINE := 1
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/privatune simulate --scenario $(SCENARIO)
+	$(BIN)/privatune simulate $(if $(SCENARIO),--scenario $(SCENARIO))
 
 test: setup
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ import tomllib
 from typing import TYPE_CHECKING
 
 import typer
+from privatune.simulations.scenario import DEFAULT_SCENARIO
 
 if TYPE_CHECKING:  # imported by the commands that run, not at start-up
     from privatune.simulations.byod import Prepared, UserData
@@ -102,7 +103,7 @@ def _prepare_user_data(user: UserData, self_contained: bool = False) -> Prepared
 def simulate(
     scenario: str = typer.Option(
         "",
-        help="scenario name under simulations/ or a path (default medical); "
+        help=f"scenario name under simulations/ or a path (default {DEFAULT_SCENARIO}); "
         "with --data-dir it lends its training recipe only",
     ),
     set_: list[str] = typer.Option(
@@ -156,14 +157,14 @@ def simulate(
             flat = byod.user_flat(prepared, user, recipe, overrides)
             run_dir = sim.run_flat(flat, len(prepared.names))
         else:
-            run_dir = sim.simulate(load_scenario(scenario or "medical"), overrides)
+            run_dir = sim.simulate(load_scenario(scenario or DEFAULT_SCENARIO), overrides)
     except (PrivatuneError, sim.SimulationError) as e:
         _fail(str(e))
     typer.echo(f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
 
 
 @app.command()
-def prepare(scenario: str = typer.Argument("medical")) -> None:
+def prepare(scenario: str = typer.Argument(DEFAULT_SCENARIO)) -> None:
     """Prepare a scenario's data folder (one file per institution)."""
     from privatune.simulations.prepare import prepare as run
     from privatune.simulations.scenario import load_scenario
@@ -257,7 +258,9 @@ def audit(
 
 @app.command()
 def canary(
-    scenario: str = typer.Option("medical", help="scenario name under simulations/ or a path"),
+    scenario: str = typer.Option(
+        DEFAULT_SCENARIO, help="scenario name under simulations/ or a path"
+    ),
     set_: list[str] = typer.Option([], "--set", help="override a config key"),
     auditor: str = typer.Option(
         "white-box", help="white-box (gradient canaries) or black-box (input-space canaries)"
@@ -480,7 +483,9 @@ def evaluate(
 
 @app.command()
 def tune(
-    scenario: str = typer.Option("medical", help="scenario name under simulations/ or a path"),
+    scenario: str = typer.Option(
+        DEFAULT_SCENARIO, help="scenario name under simulations/ or a path"
+    ),
     try_: list[str] = typer.Option(
         [], "--try", help="one recipe: \"key=value key='a value'\" (repeat the option to compare)"
     ),
@@ -560,7 +565,7 @@ def data_check(
     file: str = typer.Argument(...),
     text_column: str = typer.Option("text"),
     label_column: str = typer.Option("label"),
-    labels: str = typer.Option("negative,neutral,positive", help="the federation's label set"),
+    labels: str = typer.Option(..., help="the label set a,b,... (the node config's labels)"),
     encoding: str = typer.Option("utf-8", help="of CSV/TSV/JSONL files, e.g. latin-1"),
 ) -> None:
     """Validate a data file exactly as a client would, and summarise it."""

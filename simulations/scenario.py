@@ -1,6 +1,10 @@
 """Scenario files: which real data set, how many simulated institutions, how it is split,
 and which ``[tool.flwr.app.config]`` keys to override. One flag selects one:
-``privatune simulate --scenario banks-small`` (a name under simulations/ or a path)."""
+``privatune simulate --scenario banks-small`` (a name under simulations/ or a path).
+
+A variant names its base (``extends = "hospitals-small"``) and lists only what it changes:
+its ``[scenario]`` and ``[config]`` keys replace the base's one by one. A variant that keeps
+the base's split (no ``[scenario]`` key changed) trains on the base's prepared files."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 from privatune.common.config import ConfigError, Scalar, flatten
 
 SCENARIO_DIR = Path(str(resources.files("privatune.simulations")))  # package data, installed too
+DEFAULT_SCENARIO = "medical"  # `make run`, `privatune simulate` and the CLI's defaults
 DATASETS = ("drugreview", "bankreviews", "medmcqa", "medmcqa-qa", "complaints")
 PARTITIONS = ("dirichlet", "iid", "by-lender", "by-company", "by-subject")
 
@@ -27,22 +32,45 @@ class Scenario:
     config: dict[str, Scalar]
     train_rows: int = 0  # a random subset of the training pool (0: all of it)
     test_rows: int = 0  # and of the central test set
+    data_name: str = ""  # the scenario whose prepared files it uses ("": its own)
 
     @property
     def data_dir(self) -> Path:
-        return Path("data") / self.name
+        return Path("data") / (self.data_name or self.name)
 
 
-def load_scenario(name_or_path: str) -> Scenario:
+def _path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if not path.suffix:
         path = SCENARIO_DIR / f"{name_or_path}.toml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
         raise ConfigError(f"scenario '{name_or_path}' not found (known: {known})")
+    return path
+
+
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict, str]:
+    """A scenario file's ``[scenario]`` and flat ``[config]`` keys with its bases' merged
+    under them, and the name of the scenario whose data it shares."""
     with open(path, "rb") as f:
         raw = tomllib.load(f)
-    s = raw.get("scenario", {})
+    unknown = set(raw) - {"extends", "scenario", "config"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown table or key(s) {sorted(unknown)}")
+    own, config = raw.get("scenario", {}), flatten(raw.get("config", {}))
+    if "extends" not in raw:
+        return own, config, path.stem
+    base_path = _path(str(raw["extends"]))
+    if base_path.resolve() in seen:
+        raise ConfigError(f"{path}: extends {raw['extends']!r} round a circle")
+    base, base_config, data_name = _read(base_path, (*seen, base_path.resolve()))
+    changed = any(base.get(k) != v for k, v in own.items())
+    return {**base, **own}, {**base_config, **config}, path.stem if changed else data_name
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    path = _path(name_or_path)
+    s, config, data_name = _read(path, (path.resolve(),))
     try:
         scenario = Scenario(
             name=path.stem,
@@ -51,9 +79,10 @@ def load_scenario(name_or_path: str) -> Scenario:
             prefix=str(s.get("prefix", "institution")),
             partition=str(s.get("partition", "dirichlet")),
             dirichlet_alpha=float(s.get("dirichlet-alpha", 1.0)),
-            config=flatten(raw.get("config", {})),
+            config=config,
             train_rows=int(s.get("train-rows", 0)),
             test_rows=int(s.get("test-rows", 0)),
+            data_name="" if data_name == path.stem else data_name,
         )
     except KeyError as e:
         raise ConfigError(f"{path}: [scenario] needs key {e.args[0]!r}") from e

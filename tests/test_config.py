@@ -128,7 +128,7 @@ def test_a_non_editable_install_runs_from_another_folder(tmp_path):
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
     script = (
-        "import common, privatune.simulations.scenario as s\n"
+        "import privatune.common as common, privatune.simulations.scenario as s\n"
         "from privatune.common.config import resolve\n"
         f"assert common.__file__.startswith({str(site)!r}), common.__file__\n"
         "print(resolve().dp.delta, s.load_scenario('medical').institutions)\n"
@@ -211,3 +211,41 @@ def test_the_configuration_page_lists_every_key_with_its_default():
     assert set(documented) == set(defaults), set(documented) ^ set(defaults)
     wrong = {k: (documented[k], v) for k, v in defaults.items() if not _same(documented[k], v)}
     assert not wrong
+
+
+def test_a_variant_lists_only_what_it_changes(tmp_path):
+    """``extends``: the variant's keys replace its base's one by one; one that keeps the split
+    shares the base's prepared files, one that changes it gets its own; a circle or an
+    unknown top-level key is one line naming the file."""
+    base = load_scenario("hospitals-small")
+    (tmp_path / "fast.toml").write_text(
+        f'extends = "{SCENARIO_DIR / "hospitals-small.toml"}"\n[config]\nfederation.rounds = 2\n'
+    )
+    fast = load_scenario(str(tmp_path / "fast.toml"))
+    assert fast.config == {**base.config, "federation.rounds": 2}
+    assert fast.data_dir == base.data_dir and fast.institutions == base.institutions
+    (tmp_path / "fewer.toml").write_text(
+        f'extends = "{tmp_path / "fast.toml"}"\n[scenario]\ninstitutions = 3\n'
+    )
+    fewer = load_scenario(str(tmp_path / "fewer.toml"))
+    assert fewer.institutions == 3 and fewer.config["federation.rounds"] == 2
+    assert fewer.data_dir.name == "fewer" and fewer.dataset == base.dataset
+    (tmp_path / "a.toml").write_text(f'extends = "{tmp_path / "b.toml"}"\n')
+    (tmp_path / "b.toml").write_text(f'extends = "{tmp_path / "a.toml"}"\n')
+    with pytest.raises(ConfigError, match=r"b\.toml: extends '.*a\.toml' round a circle"):
+        load_scenario(str(tmp_path / "a.toml"))
+    (tmp_path / "typo.toml").write_text('extend = "medical"\n')
+    with pytest.raises(ConfigError, match=r"typo\.toml: unknown table or key\(s\) \['extend'\]"):
+        load_scenario(str(tmp_path / "typo.toml"))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
+def test_a_variant_repeats_no_key_of_its_base(name):
+    raw = tomllib.loads((SCENARIO_DIR / f"{name}.toml").read_text())
+    if "extends" not in raw:
+        return
+    base = tomllib.loads((SCENARIO_DIR / f"{raw['extends']}.toml").read_text())
+    mine, theirs = flatten(raw.get("config", {})), flatten(base.get("config", {}))
+    assert not {k for k, v in mine.items() if theirs.get(k) == v}
+    assert not {k for k, v in raw.get("scenario", {}).items() if base["scenario"].get(k) == v}
+    assert "data.dir" not in flatten(raw.get("config", {}))

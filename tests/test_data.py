@@ -146,6 +146,7 @@ def test_data_check_has_an_encoding_flag(tmp_path):
     path = tmp_path / "latin.csv"
     path.write_bytes("review,stars\ncafé ok,positive\nbad,negative\n".encode("latin-1"))
     args = ["data", "check", str(path), "--text-column", "review", "--label-column", "stars"]
+    args += ["--labels", "negative,neutral,positive"]
     assert CliRunner().invoke(app, args).exit_code == 2
     result = CliRunner().invoke(app, [*args, "--encoding", "latin-1"])
     assert result.exit_code == 0 and "2 rows, valid" in result.output
