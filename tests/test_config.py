@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 import tomllib
-from typing import Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Literal, get_args, get_origin, get_type_hints
 
 import pytest
 from helpers import PROJECT_ROOT
@@ -152,19 +152,29 @@ def _enumerated() -> dict[str, tuple[str, ...]]:
     """Every config key whose values are an enumeration, read from the dataclasses."""
     out = {}
     for section in dataclasses.fields(RunConfig):
-        hints = get_type_hints(get_type_hints(RunConfig)[section.name])
+        hints = get_type_hints(get_type_hints(RunConfig)[section.name], include_extras=True)
         for name, typ in hints.items():
+            key = f"{section.name}.{name}".replace("_", "-")
             if get_origin(typ) is Literal:
-                out[f"{section.name}.{name}".replace("_", "-")] = get_args(typ)
+                out[key] = get_args(typ)
+            elif get_origin(typ) is Annotated:  # a registry (common.registry)
+                out[key] = typ.__metadata__[0].names()
     return out
 
 
 def test_the_enumerations_are_the_ones_the_code_implements():
-    from privatune.server.strategy import AGGREGATORS
+    from flwr.serverapp.strategy import FedAvg
+    from privatune.client.dp_backends import DPBackend
+    from privatune.common.registry import DP_BACKENDS, STRATEGIES, load
 
     keys = _enumerated()
     assert set(keys) >= {"train.optimizer", "dp.accountant", "aggregation.strategy"}
-    assert keys["aggregation.strategy"] == tuple(AGGREGATORS)
+    assert keys["aggregation.strategy"] == STRATEGIES.names()
+    assert keys["dp.grad-sample-mode"] == DP_BACKENDS.names() == ("hooks", "fused")
+    assert all(issubclass(load(STRATEGIES[n].implementation), FedAvg) for n in STRATEGIES)
+    protocol = {m for m in vars(DPBackend) if not m.startswith("_")}
+    assert protocol == {"prepare", "after_backward", "close", "mechanism"}
+    assert all(protocol <= set(dir(load(DP_BACKENDS[n].implementation))) for n in DP_BACKENDS)
 
 
 @pytest.mark.parametrize("key", sorted(_enumerated()))

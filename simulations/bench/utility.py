@@ -41,8 +41,7 @@ from privatune.simulations.bench.grid import (
     setting_flat,
 )
 from privatune.simulations.bench.shared import fmt, model_overrides, save_figure, table_head
-from privatune.simulations.prepare import SOURCES
-from privatune.simulations.scenario import Scenario
+from privatune.simulations.scenario import DATASETS, Scenario
 from privatune.simulations.tools.canary import run_canary_audit
 
 FULL = {
@@ -121,7 +120,7 @@ def run(
     result = {
         "benchmark": "utility",
         "quick": quick,
-        "scenario": f"{scenario} ({SOURCES[setup.dataset].split(', via ')[0]})",
+        "scenario": f"{scenario} ({DATASETS[setup.dataset].source.split(', via ')[0]})",
         "grid": grid,
         "rounds": settings[-1]["rounds"],
         "delta": 1e-5,
