@@ -711,4 +711,7 @@ def bench(ctx: typer.Context) -> None:
 
 
 def main() -> None:
+    from privatune.common.logs import quiet
+
+    quiet()
     sys.exit(app())

@@ -33,6 +33,7 @@ from privatune.client.secure_aggregation import secure_aggregation_mod
 from privatune.client.train import os_seed, train_round
 from privatune.common.config import ConfigError, RunConfig, Scalar
 from privatune.common.data import DataError, LabeledText, load_labeled, split_local
+from privatune.common.logs import quiet
 from privatune.common.model.adapter import (
     adapter_fingerprint,
     fit_rank,
@@ -464,6 +465,7 @@ def _guarded(
     stay in the node's own log."""
 
     def run(msg: Message, context: Context) -> Message:
+        quiet()  # the ClientApp's entry point, in whichever process runs it
         flat = {**context.run_config, **overrides}
         try:
             return handler(msg, context, RunConfig.from_flat(flat))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +28,6 @@ from privatune.common.model.heads import head_of
 from privatune.common.model.top_layers import TopLayers, lower_dataset, split_point, uses_top_layers
 from privatune.common.privacy.accounting import Mechanism, sample_rate, steps_per_epoch
 from torch.utils.data import DataLoader, TensorDataset
-
-# Our generators are CSPRNG-seeded (Opacus' secure mode needs torchcsprng, not built for
-# this torch); the second warning is expected with frozen embeddings. Both would otherwise
-# repeat on every round of every client.
-warnings.filterwarnings("ignore", message="Secure RNG turned off")
-warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 @dataclass(frozen=True)

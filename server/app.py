@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from privatune.common.config import RunConfig, Scalar, write_toml
 from privatune.common.data import load_labeled
+from privatune.common.logs import quiet
 from privatune.common.model.adapter import (
     from_record,
     get_trainable,
@@ -146,6 +147,7 @@ def create_app(overrides: Mapping[str, Scalar] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        quiet()
         run_federation(grid, RunConfig.from_flat({**context.run_config, **overrides}))
 
     return app

@@ -28,6 +28,7 @@ from privatune.client.app import create_app as create_client_app
 from privatune.client.institution import Policy, simulated_file, simulated_name, simulated_state
 from privatune.common.config import RunConfig, Scalar, app_defaults, stored_flat
 from privatune.common.data import DataError, load_labeled, package_file, split_local
+from privatune.common.logs import quiet
 from privatune.server.app import check_run_dir
 from privatune.server.app import create_app as create_server_app
 from privatune.server.recorder import WRITES
@@ -35,22 +36,9 @@ from privatune.server.resume import last_checkpoint
 from privatune.simulations.prepare import prepare
 from privatune.simulations.scenario import Scenario
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 class SimulationError(RuntimeError):
     """The simulation ended without producing its final adapter."""
-
-
-class _NoRunSimulationDeprecation(logging.Filter):
-    """Flower deprecates ``run_simulation`` for ``flwr run``; privatune calls it on purpose
-    (it hands the apps their resolved config in process), so a user need not read it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "`run_simulation` function is deprecated" not in record.getMessage()
-
-
-logging.getLogger("flwr").addFilter(_NoRunSimulationDeprecation())
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -190,6 +178,7 @@ def run_flat(
 ) -> Path:
     """Run a fully resolved configuration in Flower's simulation engine (one CPU per client);
     ``mods`` are Flower client mods, e.g. to record what clients send."""
+    quiet()
     preflight(flat)
     if not flat["run.resume"]:  # preflight found no run there: its node state is stale
         shutil.rmtree(

@@ -132,7 +132,7 @@ def test_tune_scores_recipes_on_held_out_local_rows_never_the_test_set(tmp_path,
     assert all(0 <= r["macro_f1"][0] <= 1 for r in rows) and "no DP" in res.output
     # validation = the institutions' own rows that their training splits leave out (the test
     # file is never read: the drug-review package repeats one test review in its training set)
-    data_dir = Path(str(load_scenario("hospitals-small-probe").config["data.dir"]))
+    data_dir = load_scenario("hospitals-small-probe").data_dir
     files = pd.concat(pd.read_csv(p) for p in data_dir.glob("hospital-*.csv"))["text"]
     held, trained = seen["tune"], seen["train"]
     assert held and not set(held) & set(trained)

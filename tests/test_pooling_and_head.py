@@ -167,8 +167,7 @@ def test_the_embedding_cache_is_reused_across_processes_and_splits(
     torch.testing.assert_close(first.tensors[0], direct.tensors[0], rtol=1e-4, atol=1e-5)
 
     # a new process (nothing in memory) and another split of the same texts: read, not run
-    monkeypatch.setattr(features, "_READ", {})
-    monkeypatch.setattr(features, "_KNOWN", {})
+    monkeypatch.setattr(features, "_FOLDERS", {})
     monkeypatch.setattr(features, "embed", lambda *_: pytest.fail("embedded again"))
     part = data.subset(np.arange(len(data))[::-1][:7])
     again = cached_embed(model, part, cfg)

@@ -9,7 +9,6 @@ every node, so the server's initial adapter and a client's model agree key for k
 from __future__ import annotations
 
 import math
-import warnings
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,16 +24,6 @@ from privatune.common.model.hub import load_tokenizer, pick_device, resolve_mode
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-from transformers import logging as hf_logging
-
-# transformers 5 warns on peft's use of a renamed attribute, once per model build.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-
-
-hf_logging.set_verbosity_error()
-
-
-hf_logging.disable_progress_bar()
 
 
 def encode(data: LabeledText, cfg: RunConfig) -> TensorDataset:

@@ -87,15 +87,18 @@ def _folder(cfg: RunConfig) -> Path:
     return cache_folder("embeddings", cfg, *shape)
 
 
-_READ: dict[Path, set[str]] = {}  # per folder: the files this process has read
-
-
-_KNOWN: dict[Path, dict[str, torch.Tensor]] = {}  # per folder: text key -> value
+# Per folder: the files this process has read and their values (text key -> value), for the
+# few folders used last (a process trains one model at a time).
+_FOLDERS: dict[Path, tuple[set[str], dict[str, torch.Tensor]]] = {}
+KEPT_FOLDERS = 4
 
 
 def _known(folder: Path) -> dict[str, torch.Tensor]:
     """Every value in ``folder``, reading only the files this process has not read."""
-    read, known = _READ.setdefault(folder, set()), _KNOWN.setdefault(folder, {})
+    read, known = _FOLDERS.pop(folder, None) or (set(), {})
+    _FOLDERS[folder] = read, known  # the most recent last
+    while len(_FOLDERS) > KEPT_FOLDERS:
+        del _FOLDERS[next(iter(_FOLDERS))]
     files = {f.name for f in folder.glob("*.pt")} if folder.is_dir() else set()
     for name in sorted(files - read):
         shard = torch.load(folder / name, weights_only=True)

@@ -11,10 +11,8 @@ same with Google's dp-accounting library, so audits need not trust Opacus either
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import random
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -29,11 +27,6 @@ NEIGHBOURING = (
     "add/remove one record (one row of the institution's file); "
     "the training-set size each node uses is itself a DP count"
 )
-logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's per-order chatter
-# Opacus' RDP: the bound is valid either way (only a larger alpha could tighten it).
-warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-# Opacus' PRV of an unsampled release (q = 1, a local evaluation) takes log(0) on the way.
-warnings.filterwarnings("ignore", category=RuntimeWarning, module="opacus.accountants.analysis.prv")
 
 
 class Mechanism(NamedTuple):

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from privatune.common.logs import quiet
 from privatune.simulations.scenario import SCENARIO_DIR
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BENCHMARKS = ("overhead", "traffic", "scale", "utility", "aggregation", "gpu", "causal-lm", "lora")
 DEFAULT_OUT = Path("outputs") / "bench"
 QUICK_OUT = Path("outputs") / "bench-quick"
@@ -89,6 +88,7 @@ def markdown(out_dir: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print) -> int:
+    quiet()
     parser = argparse.ArgumentParser(prog="privatune bench", description=__doc__)
     parser.add_argument(
         "--quick", action="store_true", help="tiny model and data; proves the scripts work"
