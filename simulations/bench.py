@@ -26,7 +26,17 @@ from simulations.scenario import SCENARIO_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-BENCHMARKS = ("overhead", "traffic", "scale", "utility", "aggregation", "gpu", "causal-lm", "lora")
+BENCHMARKS = (
+    "overhead",
+    "traffic",
+    "scale",
+    "utility",
+    "aggregation",
+    "gpu",
+    "causal-lm",
+    "lora",
+    "dashboard",
+)
 DEFAULT_OUT = Path("outputs") / "bench"
 QUICK_OUT = Path("outputs") / "bench-quick"
 
