@@ -25,6 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from common.empirical import RESULT as EMPIRICAL_RESULT
+from common.empirical import to_html as empirical_html
 from server import views
 
 POLL_MS = 2000
@@ -92,7 +94,10 @@ class Dashboard:
         section = (
             f"<h2>Files</h2><ul>{links}</ul><p>{checkpoints} checkpoint(s) under checkpoints/.</p>"
         )
-        return views.run_body(run_dir, [views.audit_section(run_dir), section])
+        extra = [views.audit_section(run_dir)]
+        if (result := run_dir / EMPIRICAL_RESULT).is_file():
+            extra.append(empirical_html(json.loads(result.read_text())))
+        return views.run_body(run_dir, [*extra, section])
 
     def compare_html(self, names: list[str]) -> str:
         rows = [r for r in self.rows() if not names or r["name"] in names]

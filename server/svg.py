@@ -184,7 +184,7 @@ def gauge(label: str, value: float | None, limit: float | None, note: str = "") 
     filled = min(max(share, 0.0), 1.0) * width
     fill = "url(#hatch)" if share >= 0.8 else "#0072B2"
     text = (
-        f"{label}: epsilon {value:.2f} of {limit:.2f} ({share:.0%})"
+        f"{label}: epsilon {value:.2f} of {limit:.2f} ({share:.1%})"
         if value is not None and limit
         else f"{label}: epsilon {'-' if value is None else f'{value:.2f}'} (no budget known)"
     )

@@ -25,6 +25,8 @@ from urllib.parse import quote
 import numpy as np
 
 from common.audit import audit, audit_ledger, notes, to_html
+from common.empirical import RESULT as EMPIRICAL_RESULT
+from common.empirical import verdict as empirical_verdict
 from common.evaluation import per_class
 from common.htmltable import html_table
 from common.ledger import LedgerError, read_records
@@ -361,9 +363,14 @@ def privacy_section(run_dir: Path, lines: list[dict], cfg: dict[str, Any]) -> st
         if cfg.get("dp.enabled", True)
         else "This run trained WITHOUT differential privacy (dp.enabled = false)."
     )
+    canary = ""
+    if (path := Path(run_dir) / EMPIRICAL_RESULT).is_file():  # privatune canary's lower bound
+        canary = (
+            f"<p id='canary'>{html.escape(empirical_verdict(json.loads(path.read_text())))}</p>"
+        )
     return (
-        f"<h2>Privacy</h2><p>{html.escape(dp)}</p><div class='gauges'>{''.join(gauges)}</div>"
-        f"{chart}{table}"
+        f"<h2>Privacy</h2><p>{html.escape(dp)}</p>{canary}"
+        f"<div class='gauges'>{''.join(gauges)}</div>{chart}{table}"
     )
 
 
