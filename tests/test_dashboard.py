@@ -11,14 +11,18 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import PROJECT_ROOT, run_flat_argv
+from typer.testing import CliRunner
 
+from common import cli
 from server.dashboard import DashboardServer, make_server, url_of
 from server.report import write_report
 from server.views import mark_status, run_body, run_status
@@ -133,6 +137,23 @@ def test_off_loopback_nothing_is_served_without_the_token(runs):
         assert status == 200 and "alpha" in json.loads(body)["html"]
     for server in _serve(runs):  # loopback: no token
         assert server.dashboard.token is None and request(server, "/")[0] == 200
+
+
+def test_the_command_prints_its_url_and_serves_it(runs, tmp_path):
+    command = str(Path(sys.executable).parent / "privatune")  # the installed entry point
+    argv = [command, "dashboard", str(runs), "--port", "0"]
+    proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith(f"privatune dashboard: runs in {runs}")
+        url = proc.stdout.readline().split("open ", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert "/run/alpha" in response.read().decode()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    missing = CliRunner().invoke(cli.app, ["dashboard", str(tmp_path / "none")])
+    assert missing.exit_code != 0 and "no such folder of runs" in missing.output
 
 
 def test_status_running_finished_and_a_crashed_run(runs):
