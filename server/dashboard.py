@@ -3,10 +3,11 @@
 
 Read-only by construction: GET and HEAD only (anything else is 405), no endpoint writes,
 deletes or starts anything, and a file is served only when its resolved path lies inside the
-folder. It binds 127.0.0.1 unless told otherwise; on any other address every request must
-carry the random token printed at start (``?token=``, then a cookie), and without it the
-answer is an empty 403. Pages poll their JSON twin every two seconds and swap in the new
-HTML, so a new round shows up without a reload.
+folder. It binds 127.0.0.1 unless told otherwise, and there answers only requests addressed
+to a loopback name (a page that rebinds its own name to 127.0.0.1 is refused); on any other
+address every request must carry the random token printed at start (``?token=``, then a
+cookie), and without it the answer is an empty 403. Pages poll their JSON twin every two
+seconds and swap in the new HTML, so a new round shows up without a reload.
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ class Handler(BaseHTTPRequestHandler):
         """Headers to add when the request may be served (a cookie for a good ``?token=``);
         None when a token is required and missing or wrong."""
         token = self.server.dashboard.token
-        if token is None:
-            return {}
+        if token is None:  # loopback: only a page of this address may ask (DNS rebinding)
+            return {} if self.headers.get("Host", "") in self.server.local_names else None
         given = query.get("token", [""])[0]
         if given and hmac.compare_digest(given, token):
             return {"Set-Cookie": f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"}
@@ -232,6 +233,10 @@ class DashboardServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], dashboard: Dashboard) -> None:
         self.dashboard = dashboard
         super().__init__(address, Handler)
+        port = self.server_address[1]
+        # The Host headers a browser sends to this server on loopback; a page of another
+        # site that rebinds its name to 127.0.0.1 sends its own and is refused.
+        self.local_names = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")}
 
 
 def make_server(

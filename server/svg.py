@@ -182,7 +182,8 @@ def gauge(label: str, value: float | None, limit: float | None, note: str = "") 
     width, height = 360, 26
     share = (value or 0.0) / limit if limit else 0.0
     filled = min(max(share, 0.0), 1.0) * width
-    fill = "url(#hatch)" if share >= 0.8 else "#0072B2"
+    hatch = "hatch-" + "".join(c if c.isalnum() else "-" for c in label)  # ids are unique
+    fill = f"url(#{hatch})" if share >= 0.8 else "#0072B2"
     text = (
         f"{label}: epsilon {value:.2f} of {limit:.2f} ({share:.1%})"
         if value is not None and limit
@@ -192,7 +193,7 @@ def gauge(label: str, value: float | None, limit: float | None, note: str = "") 
         f"<figure class='gauge' data-institution='{_e(label)}'>"
         f"<svg role='img' aria-label='{_e(text)}' width='{width + 2}' height='{height + 2}' "
         f"xmlns='http://www.w3.org/2000/svg'><title>{_e(text)}</title>"
-        "<defs><pattern id='hatch' width='6' height='6' patternUnits='userSpaceOnUse' "
+        f"<defs><pattern id='{_e(hatch)}' width='6' height='6' patternUnits='userSpaceOnUse' "
         "patternTransform='rotate(45)'><rect width='6' height='6' fill='#D55E00'/>"
         "<line x1='0' y1='0' x2='0' y2='6' stroke='#000' stroke-width='2'/></pattern></defs>"
         f"<rect x='1' y='1' width='{width}' height='{height}' fill='#eee' stroke='#444'/>"

@@ -61,7 +61,7 @@ def request(
 ) -> tuple[int, bytes, http.client.HTTPResponse]:
     """The raw request, path unnormalised (a browser or urllib would collapse ``..``)."""
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
-    conn.putrequest(method, path, skip_accept_encoding=True)
+    conn.putrequest(method, path, skip_host="Host" in (headers or {}), skip_accept_encoding=True)
     for key, value in (headers or {}).items():
         conn.putheader(key, value)
     conn.endheaders()
@@ -135,8 +135,12 @@ def test_off_loopback_nothing_is_served_without_the_token(runs):
         assert status == 200 and "HttpOnly" in cookie and "SameSite=Strict" in cookie
         status, body, _ = request(server, "/api/", headers={"Cookie": cookie.split(";")[0]})
         assert status == 200 and "alpha" in json.loads(body)["html"]
-    for server in _serve(runs):  # loopback: no token
+    for server in _serve(runs):  # loopback: no token, but a loopback name in Host
         assert server.dashboard.token is None and request(server, "/")[0] == 200
+        port = server.server_address[1]
+        assert request(server, "/", headers={"Host": f"localhost:{port}"})[0] == 200
+        rebound = request(server, "/", headers={"Host": f"evil.example:{port}"})
+        assert rebound[:2] == (403, b"")
 
 
 def test_the_command_prints_its_url_and_serves_it(runs, tmp_path):
