@@ -86,10 +86,12 @@ def line_chart(
     lines: Sequence[Line] = (),
     y_range: tuple[float, float] | None = None,
     scatter: bool = False,
+    x_max: int | None = None,
 ) -> str:
-    """A chart of ``series`` over whole rounds (or any x, ``scatter=True`` with points
-    labelled instead of joined), with reference ``lines``; the y-axis starts where
-    ``y_range`` says, so a small change does not look dramatic."""
+    """A chart of ``series`` over whole rounds up to ``x_max`` at least (the planned rounds,
+    so a running run's progress shows), or over any x with ``scatter=True`` (points not
+    joined), with reference ``lines``; the y-axis spans ``y_range``, so a small change does
+    not look dramatic."""
     xs = [x for s in series for x, _ in s.points]
     ys = [y for s in series for _, y in s.points] + [v.value for v in lines]
     ys += [v for s in series for _, lo, hi in s.band for v in (lo, hi)]
@@ -103,7 +105,7 @@ def line_chart(
         xticks: list[float] = _ticks(x0, x1)
     else:
         x0, x1 = int(min(xs, default=0)), int(max(xs, default=1))
-        x1 = max(x1, x0 + 1)
+        x1 = max(x1, x0 + 1, x_max or 0)
         xticks = list(_int_ticks(x0, x1))
     pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
 

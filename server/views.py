@@ -261,7 +261,13 @@ def utility_chart(run_dir: Path, lines: list[dict], cfg: dict[str, Any]) -> str:
             Line("best constant macro-F1", base["constant_f1"]),
         ]
     return line_chart(
-        "Utility per round", series, "round (0 = before training)", "score", refs, (0.0, 1.0)
+        "Utility per round",
+        series,
+        "round (0 = before training)",
+        "score",
+        refs,
+        (0.0, 1.0),
+        x_max=_planned(cfg),
     )
 
 
@@ -341,7 +347,13 @@ def privacy_section(run_dir: Path, lines: list[dict], cfg: dict[str, Any]) -> st
     refs = [Line(f"budget {b:g}", b) for b in limits]
     top = max([*(y for s in series for _, y in s.points), *limits, 1e-9]) * 1.08
     chart = line_chart(
-        "Privacy spent per institution", series, "round", "cumulative epsilon", refs, (0.0, top)
+        "Privacy spent per institution",
+        series,
+        "round",
+        "cumulative epsilon",
+        refs,
+        (0.0, top),
+        x_max=_planned(cfg),
     )
     table = html_table(
         [
@@ -374,13 +386,20 @@ def privacy_section(run_dir: Path, lines: list[dict], cfg: dict[str, Any]) -> st
     )
 
 
-def traffic_chart(lines: list[dict]) -> str:
+def _planned(cfg: dict[str, Any]) -> int | None:
+    rounds = cfg.get("federation.rounds")
+    return rounds if isinstance(rounds, int) else None
+
+
+def traffic_chart(lines: list[dict], cfg: dict[str, Any]) -> str:
     rows = [r for r in lines if r["round"] > 0]
     series = [
         Series("sent", [(r["round"], r["bytes_sent"] / 1e6) for r in rows]),
         Series("received", [(r["round"], r["bytes_received"] / 1e6) for r in rows]),
     ]
-    return line_chart("Server traffic per round", series, "round", "MB (adapter messages)")
+    return line_chart(
+        "Server traffic per round", series, "round", "MB (adapter messages)", x_max=_planned(cfg)
+    )
 
 
 def truncation_chart(lines: list[dict]) -> str:
@@ -471,7 +490,7 @@ def run_body(run_dir: Path, extra_sections: Iterable[str] = ()) -> str:
         f"<strong id='rounds-done'>{s['rounds_done']}</strong> of {planned}.</p>",
         f"<h2>Utility</h2>{utility_chart(run_dir, lines, cfg)}",
         privacy_section(run_dir, lines, cfg),
-        f"<h2>Traffic</h2>{traffic_chart(lines)}",
+        f"<h2>Traffic</h2>{traffic_chart(lines, cfg)}",
     ]
     if _series(lines, "truncation_energy_lost"):
         sections.append(f"<h2>Aggregation</h2>{truncation_chart(lines)}")
