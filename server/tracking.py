@@ -8,17 +8,19 @@ cumulative epsilon (step = the run's round), and at the end ``report.html``, the
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.protocol import METRICS_FILE, MetricsLine
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+log = logging.getLogger("flwr")
 EXPERIMENT = "privatune"
 # metrics.jsonl keys logged every round (those that are numbers in that round).
 ROUND_KEYS = (
@@ -40,8 +42,14 @@ class MlflowSink:
     """One MLflow run per privatune run start; called by the round recorder per line."""
 
     def __init__(self, uri: str, cfg: RunConfig, run_name: str) -> None:
-        from mlflow import MlflowClient
-        from mlflow.entities import Param
+        try:
+            from mlflow import MlflowClient
+            from mlflow.entities import Param
+        except ImportError as e:
+            raise ConfigError(
+                "tracking.mlflow-uri is set but MLflow is not installed: "
+                'pip install -e ".[tracking]" (or set tracking.mlflow-uri = "")'
+            ) from e
 
         self.client: MlflowClient = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(EXPERIMENT)
@@ -66,7 +74,10 @@ class MlflowSink:
             for key, v in values.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         ]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        try:
+            self.client.log_batch(self.run_id, metrics=metrics)
+        except Exception as e:  # tracking is a copy: metrics.jsonl keeps the record, go on
+            log.warning("[privatune] MLflow: round %d not logged (%s)", step, e)
 
     def finish(self, run_dir: Path, ok: bool) -> None:
         """The report, the audit and the metrics file as artifacts; the run closed."""
