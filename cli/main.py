@@ -710,6 +710,33 @@ def bench(ctx: typer.Context) -> None:
     raise typer.Exit(run(ctx.args))
 
 
+@app.command()
+def dashboard(
+    outputs: str = typer.Argument("outputs", help="a folder of run folders"),
+    port: int = typer.Option(8050, help="port to listen on (0: any free one)"),
+    host: str = typer.Option(
+        "127.0.0.1", help="address to bind; other than loopback, a token printed here is required"
+    ),
+    ledger: str = typer.Option(
+        "", help="node view: show this one ledger file only (nothing from the server)"
+    ),
+) -> None:
+    """A live, read-only web view of the runs in OUTPUTS (docs/dashboard.md): progress,
+    utility against baselines, epsilon against each budget, the audit; or --ledger."""
+    from pathlib import Path
+
+    from privatune.server.dashboard import serve
+
+    if ledger and not Path(ledger).is_file():
+        _fail(f"{ledger}: no such ledger file")
+    if not ledger and not Path(outputs).is_dir():
+        _fail(f"{outputs}: no such folder of runs")
+    try:
+        serve(Path(outputs), host, port, Path(ledger) if ledger else None)
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+
+
 def main() -> None:
     from privatune.common.logs import quiet
 

@@ -279,6 +279,13 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class TrackingSettings:
+    """Optional experiment tracking (server.tracking); empty = off."""
+
+    mlflow_uri: str  # an MLflow tracking URI, e.g. sqlite:///mlruns.db
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run: RunSettings
     model: ModelSettings
@@ -290,6 +297,7 @@ class RunConfig:
     central_dp: CentralDPSettings
     privacy: PrivacyPolicy
     data: DataSettings
+    tracking: TrackingSettings
 
     def __post_init__(self) -> None:
         """Checks across sections (each section checks its own values)."""

@@ -6,6 +6,8 @@ and leaves a complete run folder::
         checkpoints/round-NNN/
         metrics.jsonl         one line per round (round 0 = before training)
         config.toml           the resolved configuration
+        status.json           running, finished, failed or stopped (for the dashboard)
+        confusion.json        the final central confusion matrix (per-class scores)
         privacy/              institutions' ledgers (simulation only)
         report.html           plots and tables
 
@@ -39,11 +41,13 @@ from privatune.common.model.hub import pick_device
 from privatune.common.privacy.audit import audit, notes, to_html
 from privatune.common.protocol import RUN_NAME
 from privatune.server.recorder import WRITES, RoundRecorder
-from privatune.server.report import per_class_section, write_model_card, write_report
+from privatune.server.report import write_model_card, write_report
 from privatune.server.resume import ResumeError, last_checkpoint, load_checkpoint, truncate_metrics
 from privatune.server.round_log import RoundLog
 from privatune.server.secure_aggregation import run_secure
 from privatune.server.strategy import CentralDP, make_strategy
+from privatune.server.tracking import MlflowSink, mlflow_sink
+from privatune.server.views import mark_status, write_confusion
 
 log = logging.getLogger("flwr")
 
@@ -71,8 +75,29 @@ def run_dir_for(cfg: RunConfig) -> tuple[str, Path]:
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> Path:
-    """Run the whole federation and return the run folder."""
+    """Run the whole federation and return the run folder, whose ``status.json`` says
+    running, then finished or failed (a stopped simulation marks itself stopped)."""
     run_name, run_dir = run_dir_for(cfg)
+    mark_status(run_dir, "running")
+    sink = mlflow_sink(cfg, run_name)
+    try:
+        _federate(grid, cfg, run_name, run_dir, sink)
+    except Exception:
+        with WRITES:  # held for good by a stopping simulation, which marks "stopped"
+            mark_status(run_dir, "failed")
+            if sink:
+                sink.finish(run_dir, ok=False)
+        raise
+    with WRITES:
+        mark_status(run_dir, "finished")
+        if sink:
+            sink.finish(run_dir, ok=True)
+    return run_dir
+
+
+def _federate(
+    grid: Grid, cfg: RunConfig, run_name: str, run_dir: Path, sink: MlflowSink | None
+) -> None:
     write_toml(cfg, run_dir / "config.toml")
     device = pick_device()
     model = build_model(cfg, device)
@@ -112,6 +137,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     recorder = RoundRecorder(
         run_dir, model, round_log, len(cfg.data.label_names), device, test_set, fed.rounds
     )
+    if sink:
+        recorder.sinks.append(sink)
     rounds = f"{fed.rounds} round{'s' if fed.rounds != 1 else ''}"
     log.info("[privatune] run %s: %s, output in %s", run_name, rounds, run_dir)
     if cfg.aggregation.secure:
@@ -134,10 +161,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         results = audit(run_dir)
         sections = [to_html(results, notes(run_dir, results))]
         if recorder.confusion is not None:
-            sections.insert(0, per_class_section(recorder.confusion, cfg.data.label_names))
+            write_confusion(run_dir, recorder.confusion, cfg.data.label_names)
         report = write_report(run_dir, sections)
     log.info("[privatune] done: adapter in %s, report in %s", run_dir / "adapter", report)
-    return run_dir
 
 
 def create_app(overrides: Mapping[str, Scalar] | None = None) -> ServerApp:

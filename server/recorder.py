@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ class RoundRecorder:
         self.total_rounds = total_rounds
         self.round_started = time.monotonic()
         self.confusion: np.ndarray | None = None  # of the last central evaluation
+        self.sinks: list[Callable[[MetricsLine], None]] = []  # e.g. server.tracking's MLflow
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and self.log.offset:
@@ -98,6 +100,8 @@ class RoundRecorder:
             if server_round > 0:
                 save_adapter(self.model, self.run_dir / "checkpoints" / f"round-{server_round:03d}")
             append_line(self.run_dir, line)
+        for sink in self.sinks:
+            sink(line)
         log.info("%s", summary(line, self.total_rounds))
         self.round_started = time.monotonic()
         return MetricRecord({k: v for k, v in central.items() if k != "num-examples"}) or None

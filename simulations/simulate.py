@@ -33,6 +33,7 @@ from privatune.server.app import check_run_dir
 from privatune.server.app import create_app as create_server_app
 from privatune.server.recorder import WRITES
 from privatune.server.resume import last_checkpoint
+from privatune.server.views import STATUS_FILE, mark_status
 from privatune.simulations.prepare import prepare
 from privatune.simulations.scenario import Scenario
 
@@ -287,6 +288,8 @@ def _halt(run_dir: Path, signum: int) -> None:
     if ray.is_initialized():
         ray.shutdown()
     WRITES.acquire(timeout=STOP_GRACE_S)  # never released: nothing is written after this
+    if (run_dir / STATUS_FILE).is_file():
+        mark_status(run_dir, "stopped")
     done = last_checkpoint(run_dir)
     finished = f"round {done[0]} is the last complete one" if done else "no round finished"
     how = (

@@ -135,7 +135,7 @@ def test_two_runs_compose_under_a_lifetime_budget(ledger_path):
 def test_crash_mid_write_leaves_a_verifiable_ledger(ledger_path):
     """Kill a writer process while it appends in a loop; the ledger must still verify."""
     script = f"""
-from common.privacy.ledger import Ledger
+from privatune.common.privacy.ledger import Ledger
 ledger = Ledger({str(ledger_path)!r})
 print("ready", flush=True)
 for r in range(4, 400):

@@ -14,6 +14,7 @@ import psutil
 import pytest
 from helpers import PROJECT_ROOT, run_flat_argv
 from privatune.common.privacy.audit import audit
+from privatune.server.views import run_status
 from privatune.simulations.simulate import resume
 
 pytestmark = pytest.mark.simulation
@@ -67,12 +68,14 @@ def test_sigterm_mid_round_stops_cleanly_and_the_run_resumes(tiny_flat, tmp_path
         time.sleep(0.2)
     assert not _alive(family), [psutil.Process(p).cmdline()[:3] for p in _alive(family)]
     assert not (run_dir / "adapter").exists()
+    assert run_status(run_dir) == "stopped"  # what the dashboard shows
     rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == [f"round-{r:03d}" for r in rounds[1:]]  # both or neither per round
 
     resumed = resume(run_dir)
     assert (resumed / "adapter" / "adapter_model.safetensors").is_file()
+    assert run_status(resumed) == "finished"
     rounds = [json.loads(x)["round"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2, 3]
     assert all(r.ok for r in audit(resumed)), [r.problems for r in audit(resumed)]

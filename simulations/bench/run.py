@@ -24,7 +24,17 @@ import torch
 from privatune.common.logs import quiet
 from privatune.simulations.scenario import SCENARIO_DIR
 
-BENCHMARKS = ("overhead", "traffic", "scale", "utility", "aggregation", "gpu", "causal-lm", "lora")
+BENCHMARKS = (
+    "overhead",
+    "traffic",
+    "scale",
+    "utility",
+    "aggregation",
+    "gpu",
+    "causal-lm",
+    "lora",
+    "dashboard",
+)
 DEFAULT_OUT = Path("outputs") / "bench"
 QUICK_OUT = Path("outputs") / "bench-quick"
 
@@ -71,7 +81,7 @@ def run(
 
 
 def _module(name: str):
-    """The benchmark's script: ``simulations.bench.<name>``, a hyphen read as underscore."""
+    """The benchmark's script: ``simulations.bench.run.<name>``, a hyphen read as underscore."""
     return importlib.import_module(f"privatune.simulations.bench.{name.replace('-', '_')}")
 
 

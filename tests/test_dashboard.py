@@ -1,0 +1,279 @@
+"""The dashboard (server.dashboard over server.views): its security (read-only, nothing
+outside the folder, a token off loopback), the views report.html shares with it, and, in
+Debian's chromium driven by Playwright, a real federation watched live: the round counter
+advances without a reload, a gauge per institution, the audit verdict, the node view."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import PROJECT_ROOT, run_flat_argv
+from privatune.cli import main as cli
+from privatune.server.dashboard import DashboardServer, make_server, url_of
+from privatune.server.report import write_report
+from privatune.server.views import mark_status, run_body, run_status
+from privatune.simulations.bench.dashboard import fabricate
+from typer.testing import CliRunner
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture()
+def runs(tmp_path) -> Path:
+    root = tmp_path / "outputs"
+    fabricate(root, "alpha", rounds=3, planned=5, seed=1)
+    mark_status(fabricate(root, "beta", rounds=5, seed=2), "finished")
+    (tmp_path / "secret.txt").write_text("not for the dashboard")
+    return root
+
+
+def _serve(root: Path, **kwargs) -> Iterator[DashboardServer]:
+    server = make_server(root, port=0, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture()
+def served(runs) -> Iterator[DashboardServer]:
+    yield from _serve(runs)
+
+
+def request(
+    server: DashboardServer, path: str, method: str = "GET", headers: dict | None = None
+) -> tuple[int, bytes, http.client.HTTPResponse]:
+    """The raw request, path unnormalised (a browser or urllib would collapse ``..``)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    conn.putrequest(method, path, skip_host="Host" in (headers or {}), skip_accept_encoding=True)
+    for key, value in (headers or {}).items():
+        conn.putheader(key, value)
+    conn.endheaders()
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, body, response
+
+
+def test_pages_list_runs_and_show_one(served):
+    status, body, response = request(served, "/")
+    page = body.decode()
+    assert status == 200 and "default-src 'none'" in response.getheader("Content-Security-Policy")
+    assert "<th scope='col'>status</th>" in page and "/run/alpha" in page
+    assert "3 of 5" in page and "5 of 5" in page
+    status, body, _ = request(served, "/api/run/alpha")
+    data = json.loads(body)
+    assert status == 200 and "id='rounds-done'>3<" in data["html"]
+    assert data["html"].count("class='gauge'") == 3  # one per institution
+    assert "<title>Utility per round</title>" in data["html"] and "<desc>" in data["html"]
+    status, body, _ = request(served, "/compare")
+    assert status == 200 and "Privacy against utility" in body.decode()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/files/../secret.txt",
+        "/files/%2e%2e/secret.txt",
+        "/files/alpha/../../secret.txt",
+        "/files/%2E%2E%2Fsecret.txt",
+        "/files//etc/passwd",
+        "/run/..",
+        "/run/%2e%2e%2foutputs%2falpha",
+        "/api/run/../../secret.txt",
+    ],
+)
+def test_a_path_outside_the_folder_is_refused(served, path):
+    status, body, _ = request(served, path)
+    assert status in (403, 404), (path, status)
+    assert b"not for the dashboard" not in body and b"root:" not in body
+
+
+def test_a_file_inside_the_folder_is_served(served):
+    status, body, _ = request(served, "/files/alpha/config.toml")
+    assert status == 200 and b"[config]" in body
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+def test_only_get_and_head_are_answered(served, runs, method):
+    before = sorted(p.name for p in runs.rglob("*"))
+    status, _, response = request(served, "/files/alpha/config.toml", method)
+    assert status == 405 and response.getheader("Allow") == "GET, HEAD"
+    assert sorted(p.name for p in runs.rglob("*")) == before
+    status, body, _ = request(served, "/", "HEAD")
+    assert status == 200 and body == b""
+
+
+def test_off_loopback_nothing_is_served_without_the_token(runs):
+    for server in _serve(runs, host="0.0.0.0"):
+        token = server.dashboard.token
+        assert token and f"?token={token}" in url_of(server)
+        for path in ("/", "/api/", "/run/alpha", "/files/alpha/config.toml", "/nothing"):
+            status, body, _ = request(server, path)
+            assert (status, body) == (403, b""), path
+            status, body, _ = request(server, path + "?token=wrong")
+            assert (status, body) == (403, b""), path
+        assert request(server, "/", "POST")[:2] == (403, b"")
+        status, _, response = request(server, f"/?token={token}")
+        cookie = response.getheader("Set-Cookie")
+        assert status == 200 and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        status, body, _ = request(server, "/api/", headers={"Cookie": cookie.split(";")[0]})
+        assert status == 200 and "alpha" in json.loads(body)["html"]
+    for server in _serve(runs):  # loopback: no token, but a loopback name in Host
+        assert server.dashboard.token is None and request(server, "/")[0] == 200
+        port = server.server_address[1]
+        assert request(server, "/", headers={"Host": f"localhost:{port}"})[0] == 200
+        rebound = request(server, "/", headers={"Host": f"evil.example:{port}"})
+        assert rebound[:2] == (403, b"")
+
+
+def test_the_command_prints_its_url_and_serves_it(runs, tmp_path):
+    command = str(Path(sys.executable).parent / "privatune")  # the installed entry point
+    argv = [command, "dashboard", str(runs), "--port", "0"]
+    proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith(f"privatune dashboard: runs in {runs}")
+        url = proc.stdout.readline().split("open ", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert "/run/alpha" in response.read().decode()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    missing = CliRunner().invoke(cli.app, ["dashboard", str(tmp_path / "none")])
+    assert missing.exit_code != 0 and "no such folder of runs" in missing.output
+
+
+def test_status_running_finished_and_a_crashed_run(runs):
+    assert run_status(runs / "alpha") == "running"  # this process
+    assert run_status(runs / "beta") == "finished"
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    status = json.loads((runs / "alpha" / "status.json").read_text())
+    (runs / "alpha" / "status.json").write_text(json.dumps({**status, "pid": proc.pid}))
+    assert run_status(runs / "alpha") == "failed"  # marked running, its process gone
+
+
+def test_the_report_is_the_dashboards_run_view(runs):
+    report = write_report(runs / "beta", ["<h2>Extra</h2>"]).read_text()
+    assert run_body(runs / "beta") in report and report.endswith(
+        "<h2>Extra</h2></main></body></html>"
+    )
+    assert "<script" not in report and "<img" not in report  # static, self-contained SVG
+    assert report.count("<svg") >= 3 and report.count("<title>") > report.count("<svg")
+
+
+def _screenshot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def _round_shown(page, above: int, within: float) -> int:
+    """The page's round counter once it shows more than ``above`` (read by Playwright; the
+    page's CSP forbids the string evaluation ``wait_for_function`` uses)."""
+    deadline = time.monotonic() + within
+    while (shown := int(page.locator("#rounds-done").inner_text())) <= above:
+        assert time.monotonic() < deadline, f"round counter stayed at {shown}"
+        page.wait_for_timeout(200)
+    return shown
+
+
+def _tracked_every_round(store: str, rounds: int) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("privatune").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["federation.rounds"] == str(rounds)
+    f1 = client.get_metric_history(run.info.run_id, "central_macro_f1")
+    assert sorted(m.step for m in f1) == list(range(rounds + 1))
+    for who in ("hospital-a", "hospital-b", "hospital-c"):
+        eps = client.get_metric_history(run.info.run_id, f"epsilon.{who}")
+        assert sorted(m.step for m in eps) == list(range(1, rounds + 1))
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"report.html", "audit.json"}
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (.ci/run installs Debian's)")
+def test_a_live_federation_in_a_real_browser(tiny_flat, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the MLflow sink under a real run, too
+    flat = {**tiny_flat, "federation.rounds": 4, "tracking.mlflow-uri": store}
+    outputs = Path(flat["run.output-dir"])
+    outputs.mkdir(parents=True)
+    run_dir = outputs / flat["run.name"]
+    proc = subprocess.Popen(
+        run_flat_argv(flat, tmp_path / "run.json"),
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,  # its own process group: stopped with Ray's workers
+    )
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM)
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            for server in _serve(outputs):
+                base = url_of(server)
+                page.goto(base)
+                # the run appears on the runs page by polling, no reload
+                expect(page.locator("#runs a", has_text="test-run")).to_be_visible(timeout=120_000)
+                page.goto(base.rstrip("/") + "/run/test-run")
+                page.evaluate("window.notReloaded = true")
+                seen = _round_shown(page, above=0, within=120)
+                _screenshot(page, tmp_path, "run-live")
+                assert seen < 4, "the run finished before the page saw it under way"
+                _round_shown(page, above=seen, within=60)
+                assert page.evaluate("window.notReloaded") is True  # updated in place
+                expect(page.locator(".gauge")).to_have_count(3)
+                expect(page.locator("#status")).to_have_text("finished", timeout=120_000)
+                expect(
+                    page.get_by_text("All ledgers verify and are within budget.")
+                ).to_be_visible()
+                assert page.evaluate("window.notReloaded") is True
+                _screenshot(page, tmp_path, "run-finished")
+                page.screenshot(path=str(shot := tmp_path / "dashboard.png"))  # the first screen
+                page.goto(base)
+                expect(page.locator("#runs td", has_text="OK")).to_be_visible()
+                _screenshot(page, tmp_path, "runs")
+            ledger = run_dir / "privacy" / "hospital-a.jsonl"
+            for server in _serve(outputs, ledger=ledger):
+                page.goto(url_of(server))
+                expect(page.locator("#verdict")).to_have_text("OK")
+                expect(page.locator(".gauge")).to_have_count(1)
+                expect(page.locator("nav")).to_have_count(0)  # nothing from the server
+                assert request(server, "/run/test-run")[0] == 404
+                _screenshot(page, tmp_path, "node-view")
+            browser.close()
+        assert run_status(run_dir) == "finished"
+        _tracked_every_round(store, rounds=4)
+        if os.environ.get("PRIVATUNE_UPDATE_DOCS_IMG"):
+            shutil.copy(shot, PROJECT_ROOT / "docs" / "img" / "dashboard.png")
+    finally:
+        _stop(proc)
