@@ -14,7 +14,10 @@ import pytest
 import torch
 from helpers import make_federation_dir, make_tiny_flat
 from privatune.common.config import resolve
+from privatune.common.model.gguf import GGUF_MODELS, gguf_file
+from privatune.simulations.bench.causal_lm import tiny_llama
 from privatune.simulations.bench.shared import tiny_model
+from transformers import AutoTokenizer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -39,6 +42,14 @@ def reviews() -> pd.DataFrame:
     return train
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (random weights) with SmolLM2's tokenizer, read from the GGUF file."""
+    source = gguf_file(GGUF_MODELS["SmolLM2-135M-Instruct"])
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
 @pytest.fixture()
 def federation_dir(tmp_path, reviews) -> Path:
     return make_federation_dir(tmp_path, reviews)
@@ -54,21 +65,29 @@ def tiny_cfg(tiny_flat):
     return resolve(tiny_flat)
 
 
+# What runs a federation (Flower's simulation engine, or `privatune tune`'s own rounds).
+FEDERATION = re.compile(r"\bsimulate\(|run_flat|run_simulation|\[\"tune\"|\btune\(")
+TIERS = ("simulation", "deployment", "benchmark", "slow")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tiers: ``deployment`` (real SuperLink/SuperNodes), ``benchmark`` (the benchmark
-    scripts) and ``simulation`` (any test that runs a federation) are left out of
-    ``make test-fast``, together with ``slow`` (the real pretrained model)."""
-    for item in items:
-        module = item.module.__name__ if item.module else ""
-        if module == "test_deployment":
-            item.add_marker("deployment")
-        elif module == "test_bench":
-            item.add_marker("benchmark")
-        elif any(
-            re.search(r"\bsimulate\(|run_flat|run_simulation", inspect.getsource(f))
+    """Tiers are explicit markers: ``deployment`` (real SuperLink/SuperNodes), ``benchmark``
+    (the benchmark scripts), ``simulation`` (a federation runs) and ``slow`` (the real
+    pretrained model) are left out of ``make test-fast``. A test whose code, or a fixture's,
+    runs a federation without its marker fails collection: the fast tier stays fast."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if not any(item.get_closest_marker(t) for t in TIERS)
+        and any(
+            FEDERATION.search(inspect.getsource(f))
             for f in [item.function, *_fixture_functions(item)]
-        ):
-            item.add_marker("simulation")
+        )
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "mark these @pytest.mark.simulation (they run a federation): " + ", ".join(unmarked)
+        )
 
 
 def _fixture_functions(item: pytest.Item) -> list:

@@ -15,6 +15,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.clientapp.typing import Mod
 from privatune.common.config import resolve
+from privatune.common.data import LabeledText
+from privatune.common.model.causal_lm import encode_prompts
+from privatune.common.model.hub import load_tokenizer
 from privatune.server.strategy import make_strategy
 from privatune.simulations.simulate import run_flat
 
@@ -145,3 +148,29 @@ def outgoing_recorder(path: str):
         return reply
 
     return record
+
+
+# The causal-LM track's questions and config (tests/test_causal_lm*.py).
+QUESTIONS = [
+    "Which nerve supplies the deltoid?\nA. Axillary\nB. Radial\nC. Ulnar\nD. Median",
+    "Drug of choice in absence seizures?\nA. Phenytoin\nB. Ethosuximide\nC. Carbamazepine\n"
+    "D. Phenobarbitone, given in a long sentence that makes this the longest prompt here",
+    "Vitamin deficient in scurvy?\nA. A\nB. B12\nC. C\nD. D",
+]
+
+
+def llm_flat(model_dir: Path, labels: str = "A,B,C,D", **keys) -> dict:
+    return {
+        "model.name": str(model_dir),
+        "model.task": "causal-lm",
+        "model.max-length": 96,
+        "lora.target-modules": "q_proj,k_proj,v_proj,o_proj",
+        "lora.dropout": 0.0,
+        "data.labels": labels,
+        **keys,
+    }
+
+
+def batch(cfg, texts: list[str], labels: list[int]):
+    data = LabeledText(Path("q"), texts, np.asarray(labels), "")
+    return encode_prompts(data, load_tokenizer(cfg), cfg.model.max_length, cfg.model.chat_template)

@@ -168,3 +168,20 @@ def test_a_built_wheel_holds_privatune_only(tmp_path):
     assert "privatune/common/defaults.toml" in names
     assert "privatune/simulations/medical.toml" in names
     assert "privatune/cli/main.py" in names
+
+
+def test_nothing_imports_a_folder_by_its_bare_name():
+    """From the repository root ``import common`` would load a second copy of a module
+    beside ``privatune.common``'s: every import names the installed package."""
+    bare = []
+    for path in [*modules().values(), *(PROJECT_ROOT / "tests").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            bare += [f"{path.name}: {n}" for n in names if n.split(".")[0] in TOPS]
+    assert bare == []

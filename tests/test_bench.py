@@ -20,6 +20,8 @@ from privatune.simulations.bench import run as bench
 from privatune.simulations.bench import utility as bench_utility
 from privatune.simulations.scenario import load_scenario
 
+pytestmark = pytest.mark.benchmark
+
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> tuple[Path, str]:

@@ -12,53 +12,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import make_tiny_flat, simulate
+from helpers import QUESTIONS, batch, llm_flat, make_tiny_flat, simulate
 from opacus import GradSampleModule
 from peft import PeftModel
 from privatune.cli.main import app
 from privatune.common.config import ConfigError, resolve
 from privatune.common.data import LabeledText
 from privatune.common.model.build import build_model, encode, load_trained
-from privatune.common.model.causal_lm import ANSWER_CUE, encode_prompts, label_scores, prompt
-from privatune.common.model.gguf import GGUF_MODELS, gguf_file
+from privatune.common.model.causal_lm import ANSWER_CUE, label_scores, prompt
 from privatune.common.model.hub import load_tokenizer
 from privatune.common.protocol import read_lines
-from privatune.simulations.bench.causal_lm import tiny_llama
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
-
-QUESTIONS = [
-    "Which nerve supplies the deltoid?\nA. Axillary\nB. Radial\nC. Ulnar\nD. Median",
-    "Drug of choice in absence seizures?\nA. Phenytoin\nB. Ethosuximide\nC. Carbamazepine\n"
-    "D. Phenobarbitone, given in a long sentence that makes this the longest prompt here",
-    "Vitamin deficient in scurvy?\nA. A\nB. B12\nC. C\nD. D",
-]
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer Llama (random weights) with SmolLM2's tokenizer, read from the GGUF file."""
-    source = gguf_file(GGUF_MODELS["SmolLM2-135M-Instruct"])
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
-
-
-def llm_flat(model_dir: Path, labels: str = "A,B,C,D", **keys) -> dict:
-    return {
-        "model.name": str(model_dir),
-        "model.task": "causal-lm",
-        "model.max-length": 96,
-        "lora.target-modules": "q_proj,k_proj,v_proj,o_proj",
-        "lora.dropout": 0.0,
-        "data.labels": labels,
-        **keys,
-    }
-
-
-def batch(cfg, texts: list[str], labels: list[int]):
-    data = LabeledText(Path("q"), texts, np.asarray(labels), "")
-    return encode_prompts(data, load_tokenizer(cfg), cfg.model.max_length, cfg.model.chat_template)
 
 
 def one_row_log_likelihood(model, tokenizer, text: str, answer: str, chat: bool) -> float:

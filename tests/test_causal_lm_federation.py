@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_tiny_flat, simulate
+from helpers import llm_flat, make_tiny_flat, simulate
 from privatune.client.secure_aggregation import secure_aggregation_mod
 from privatune.common.config import resolve
 from privatune.common.model.adapter import get_trainable
@@ -23,8 +23,6 @@ from privatune.common.protocol import read_lines
 from privatune.simulations.bench.shared import write_federation
 from privatune.simulations.simulate import resume
 from safetensors.numpy import load_file
-from test_causal_lm import llm_flat
-from test_causal_lm import tiny_llama_dir as tiny_llama_dir  # the shared fixture
 from test_secure_aggregation import (
     checkpoint,
     handler_recorder,

@@ -8,13 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import QUESTIONS, batch, llm_flat
 from privatune.client.fused_clipping import FusedClipping
 from privatune.client.train import train_round
 from privatune.common.config import resolve
 from privatune.common.model.adapter import get_trainable
 from privatune.common.model.build import build_model
-from test_causal_lm import QUESTIONS, batch, llm_flat
-from test_causal_lm import tiny_llama_dir as tiny_llama_dir  # the shared fixture
 from test_fused_clipping import (
     _SHIPPED_PER_SAMPLE,
     _lora_only,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import pytest
 from privatune.cli.main import app
 from privatune.common.privacy.accounting import Mechanism, epsilon, sample_rate
 from privatune.common.protocol import append_line
@@ -101,6 +102,7 @@ def test_data_check_summarises_a_file_and_names_a_bad_label(tmp_path):
     assert bad.exit_code != 0 and "'pos'" in bad.output and "y" in bad.output
 
 
+@pytest.mark.simulation
 def test_tune_scores_recipes_on_held_out_local_rows_never_the_test_set(tmp_path, monkeypatch):
     import json
 
@@ -138,6 +140,7 @@ def test_tune_scores_recipes_on_held_out_local_rows_never_the_test_set(tmp_path,
     assert sorted(held + trained) == sorted(list(files) * 2)  # each row once a federation
 
 
+@pytest.mark.simulation  # (refused before any round, but `tune` runs federations)
 def test_tune_refuses_a_recipe_it_cannot_run_in_one_line():
     res = RUN.invoke(app, ["tune", "--scenario", "hospitals-small", "--repeats", "1"])
     assert res.exit_code == 2 and "only train.trainable = 'head'" in res.output

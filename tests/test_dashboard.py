@@ -218,6 +218,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+@pytest.mark.simulation
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (.ci/run installs Debian's)")
 def test_a_live_federation_in_a_real_browser(tiny_flat, tmp_path):
     from playwright.sync_api import expect, sync_playwright

@@ -40,6 +40,8 @@ CONNECTION = "privatune"
 RUN_NAME = "deploy"
 BUDGETS = {"hospital-a": 10.0, "hospital-b": 9.0}
 
+pytestmark = pytest.mark.deployment
+
 
 def free_port() -> int:
     with socket.socket() as s:

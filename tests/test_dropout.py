@@ -8,11 +8,13 @@ import html
 import json
 from pathlib import Path
 
+import pytest
 from helpers import simulate
 from privatune.client.app import DATA_FAILED
 from privatune.common.privacy.audit import audit, notes
 
 
+@pytest.mark.simulation
 def test_a_failing_institution_does_not_stop_the_run(tiny_flat, federation_dir):
     bad = federation_dir / "hospital-c.csv"
 

@@ -29,6 +29,7 @@ def finished_run(tiny_model_dir, reviews, tmp_path_factory):
     return Path(resolve(flat).run.output_dir) / "test-run", sent
 
 
+@pytest.mark.simulation
 def test_federation_end_to_end(finished_run, tiny_cfg):
     run_dir, _ = finished_run
     for name in (
@@ -101,6 +102,7 @@ TRAIN_METRICS = {"refused", "num-examples", "epsilon", "delta", "noise-multiplie
 INFO = {"institution", "ledger-records", "ledger-head"}
 
 
+@pytest.mark.simulation
 def test_only_adapter_tensors_and_scalars_leave_an_institution(finished_run, tiny_cfg, reviews):
     """Every message every client sent in the run: adapter tensors and exactly the values of
     the threat model's table (no train loss, no evaluation: DP is on and the institutions
@@ -124,6 +126,7 @@ def test_only_adapter_tensors_and_scalars_leave_an_institution(finished_run, tin
     assert len(train) == 6 and all(set(e["arrays"]) == set(trainable) for e in train)
 
 
+@pytest.mark.simulation
 @pytest.mark.slow
 def test_one_round_with_the_real_pretrained_minilm(tiny_flat, federation_dir):
     """The packaged all-MiniLM-L6-v2 weights, loaded offline, through one DP round."""
@@ -146,6 +149,7 @@ def test_one_round_with_the_real_pretrained_minilm(tiny_flat, federation_dir):
     assert final["base_model.model.classifier.weight"].shape == (3, 384)
 
 
+@pytest.mark.simulation
 def test_float16_transport_halves_the_adapter_bytes_both_ways(tiny_flat, tiny_cfg, tmp_path):
     seen = tmp_path / "dtypes.jsonl"
 

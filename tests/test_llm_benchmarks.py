@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import test_causal_lm
 import torch
+from helpers import llm_flat
 from peft import PeftModel
 from privatune.cli.main import app
 from privatune.common.config import resolve, stored_flat, write_toml
@@ -29,8 +29,6 @@ from typer.testing import CliRunner
 
 RUN = CliRunner()
 CPU = torch.device("cpu")
-llm_flat = test_causal_lm.llm_flat
-tiny_llama_dir = test_causal_lm.tiny_llama_dir  # the fixture: 2 random layers, SmolLM2's tokenizer
 
 
 def raw(relative: str) -> list[dict]:

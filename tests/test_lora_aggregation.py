@@ -21,6 +21,7 @@ from privatune.server.lora_aggregation import exact_mean
 from safetensors.numpy import load_file
 
 
+@pytest.mark.simulation
 def test_ffa_freezes_a_and_sends_only_b_and_head(tiny_flat):
     full = get_trainable(build_model(resolve(tiny_flat), torch.device("cpu")))
     flat = {
@@ -177,6 +178,7 @@ def test_a_smaller_rank_shares_the_first_rows_of_a_and_the_scale(tiny_flat):
     assert small.get_submodule(layer).scaling == full.get_submodule(layer).scaling
 
 
+@pytest.mark.simulation
 def test_exact_mode_with_mixed_ranks_runs_a_federation(tiny_flat):
     flat = {
         **tiny_flat,

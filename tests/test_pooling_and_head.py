@@ -82,6 +82,7 @@ def test_head_only_training_moves_the_head_and_nothing_else(tiny_flat, federatio
     assert moved == set(get_trainable(model))
 
 
+@pytest.mark.simulation
 def test_a_federated_linear_probe_runs_end_to_end(tiny_flat):
     flat = {
         **tiny_flat,

@@ -12,6 +12,7 @@ from privatune.common.errors import ModelError
 from privatune.simulations.simulate import check_institutions, run_flat
 
 
+@pytest.mark.simulation
 def test_a_file_too_small_to_split_is_refused_before_ray(tiny_flat, federation_dir):
     """A file whose every row falls on the local evaluation side (no record moves to fill
     the other side: that would break the neighbouring relation) cannot train."""
@@ -23,6 +24,7 @@ def test_a_file_too_small_to_split_is_refused_before_ray(tiny_flat, federation_d
     assert not ray.is_initialized()
 
 
+@pytest.mark.simulation
 def test_a_label_outside_the_set_is_refused_before_ray(tiny_flat, federation_dir):
     (federation_dir / "hospital-b.csv").write_text("text,label\n" + "odd,maybe\n" * 20)
     with pytest.raises(DataError, match=r"hospital-b\.csv: row 0: label 'maybe'"):
@@ -53,6 +55,7 @@ def test_labels_held_by_one_institution_or_absent_from_the_test_file_are_warned(
     )
 
 
+@pytest.mark.simulation
 def test_a_missing_model_is_named_before_ray_in_one_line(tiny_flat, tmp_path):
     with pytest.raises(ModelError, match="not a local model folder") as e:
         run_flat({**tiny_flat, "model.name": str(tmp_path / "no-model")}, 3)

@@ -167,6 +167,7 @@ def test_bad_privacy_values_are_one_line_errors_before_ray_starts(tiny_flat, key
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.simulation
 def test_a_missing_central_test_file_is_one_line_before_ray_starts(tiny_flat, tmp_path):
     missing = tmp_path / "nowhere" / "test.csv"
     with pytest.raises(DataError, match=r"test\.csv: data\.test-path: file not found") as e:

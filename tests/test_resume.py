@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import psutil
+import pytest
 from helpers import PROJECT_ROOT, run_flat_argv
 from privatune.common.privacy.audit import audit
 from privatune.simulations.simulate import resume, run_flat
@@ -30,6 +31,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(family, timeout=30)
 
 
+@pytest.mark.simulation
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_flat, tmp_path):
     flat = {
         **tiny_flat,

@@ -137,6 +137,7 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
+@pytest.mark.simulation
 def test_secure_rounds_aggregate_the_weighted_mean_and_hide_each_adapter(
     tiny_flat, federation_dir, reviews, tmp_path
 ):
@@ -179,6 +180,7 @@ def test_secure_rounds_aggregate_the_weighted_mean_and_hide_each_adapter(
                 assert value.astype(np.float32).tobytes()[:64] not in wire
 
 
+@pytest.mark.simulation
 def test_a_dropout_below_the_threshold_still_yields_the_mean_of_the_others(tiny_flat, tmp_path):
     flat = secure_flat(tiny_flat, rounds=1, min_train_nodes=2)
     cfg = resolve(flat)
@@ -196,6 +198,7 @@ def test_a_dropout_below_the_threshold_still_yields_the_mean_of_the_others(tiny_
     assert len(line["epsilon"]) == 2
 
 
+@pytest.mark.simulation
 def test_refusing_institutions_take_part_with_zero_weight(
     tiny_flat, federation_dir, reviews, tmp_path
 ):
@@ -221,6 +224,7 @@ def test_refusing_institutions_take_part_with_zero_weight(
     assert sorted(line["refused"]) == ["hospital-a", "hospital-b"] and not line["failed"]
 
 
+@pytest.mark.simulation
 def test_a_round_every_institution_refuses_keeps_the_adapter(tiny_flat, tmp_path):
     """Every reply has weight 0, so there is no mean to unmask: the round must end with the
     adapter unchanged and the refusals on record, not with a division by zero."""
@@ -239,6 +243,7 @@ def test_a_round_every_institution_refuses_keeps_the_adapter(tiny_flat, tmp_path
     assert not line["failed"] and line["train_loss"] is None
 
 
+@pytest.mark.simulation
 def test_a_resumed_secure_run_continues_the_round_numbers(tiny_flat):
     """One secure round, then the run resumed to two: only round 2 runs, the clients are
     told it is round 2 (their ledgers say so) and the audit holds. Fixed noise and a large

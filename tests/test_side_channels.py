@@ -181,6 +181,7 @@ def test_oracle_every_exception_reaches_the_server_as_fixed_text(
     assert bad.error.reason == error_reason("broken", DATA_FAILED)  # no file, column or value
 
 
+@pytest.mark.simulation
 def test_oracle_in_a_real_simulation_metrics_hold_no_data_dependent_numbers(tiny_flat):
     """The reviewer's simulation: metrics.jsonl stored each institution's tensor-size error
     (its longest record's token length, its first batch size). Now every failure it records

@@ -162,6 +162,7 @@ def test_top_layers_cache_is_rebuilt_when_what_it_depends_on_changes(tiny_flat, 
     assert len(torch.load(new, weights_only=True)["keys"]) == 1  # only the changed text
 
 
+@pytest.mark.simulation
 def test_top_layers_federation_sends_and_saves_the_chosen_layers_adapter_only(
     tiny_flat, tiny_model_dir, tmp_path
 ):
