@@ -40,12 +40,13 @@ from privatune.common.model.features import cached_embed
 from privatune.common.model.hub import pick_device
 from privatune.common.privacy.audit import audit, notes, to_html
 from privatune.common.protocol import RUN_NAME
+from privatune.server.central_dp import CentralDP
 from privatune.server.recorder import WRITES, RoundRecorder
 from privatune.server.report import write_model_card, write_report
 from privatune.server.resume import ResumeError, last_checkpoint, load_checkpoint, truncate_metrics
 from privatune.server.round_log import RoundLog
 from privatune.server.secure_aggregation import run_secure
-from privatune.server.strategy import CentralDP, make_strategy
+from privatune.server.strategy import make_strategy
 from privatune.server.tracking import MlflowSink, mlflow_sink
 from privatune.server.views import mark_status, write_confusion
 

@@ -16,25 +16,19 @@ becomes the round's accuracy and macro-F1.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
-import secrets
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
 )
 from privatune.common.config import AggregationSettings, FederationSettings
-from privatune.common.model.adapter import adapter_fingerprint, adapter_rank, from_record, to_record
+from privatune.common.model.adapter import adapter_rank, from_record, to_record
 from privatune.common.model.evaluation import scores
-from privatune.common.privacy.accounting import Mechanism, epsilon
-from privatune.common.privacy.ledger import NOISE_FROM_OS, Ledger, spent
 from privatune.common.protocol import (
     CONFUSION,
     EPSILON,
@@ -61,7 +55,8 @@ def _institution(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
-def _arrays(msg: Message) -> ArrayRecord:
+def reply_arrays(msg: Message) -> ArrayRecord:
+    """The one array record of a reply (its adapter tensors)."""
     return next(iter(msg.content.array_records.values()))
 
 
@@ -220,8 +215,10 @@ class AdapterRounds(FedAvg):
                 log.warning("rejected update from %s (node %d): %s", who, node, e)
                 continue
             stats.ranks[who] = rank
-            if any(a.dtype != "float32" for a in _arrays(msg).values()):
-                _replace_arrays(msg, to_record(from_record(_arrays(msg))))  # float32 from here on
+            if any(a.dtype != "float32" for a in reply_arrays(msg).values()):
+                _replace_arrays(
+                    msg, to_record(from_record(reply_arrays(msg)))
+                )  # float32 from here on
             accepted.append(msg)
             self._accepted.add(msg.metadata.message_id)
         return accepted
@@ -255,9 +252,9 @@ class AdapterRounds(FedAvg):
 
     def pad_ranks(self, replies: list[Message]) -> None:
         """Replace smaller-rank replies' arrays by their rank-aware padding, in place."""
-        if all(adapter_rank(_arrays(m)) in (0, self.full_rank) for m in replies):
+        if all(adapter_rank(reply_arrays(m)) in (0, self.full_rank) for m in replies):
             return
-        arrays = [from_record(_arrays(m)) for m in replies]
+        arrays = [from_record(reply_arrays(m)) for m in replies]
         padded = rank_aware_padding(arrays, self._weights(replies), self.global_arrays)
         for msg, values in zip(replies, padded, strict=True):
             _replace_arrays(msg, to_record(values))
@@ -265,7 +262,9 @@ class AdapterRounds(FedAvg):
     def aggregate_exact(self, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """Exact LoRA aggregation; the truncation's energy loss joins the train metrics."""
         arrays, lost = exact_mean(
-            [from_record(_arrays(m)) for m in replies], self._weights(replies), self.global_arrays
+            [from_record(reply_arrays(m)) for m in replies],
+            self._weights(replies),
+            self.global_arrays,
         )
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
         metrics["truncation-energy-lost"] = lost
@@ -329,85 +328,3 @@ def make_strategy(
         min_available_nodes=fed.min_available_nodes,
         **options,
     )
-
-
-class CentralDP(DifferentialPrivacyServerSideFixedClipping):
-    """Institution-level DP added by the server, with the aggregator's own ledger (the same
-    signed, hash-chained format as the institutions', so ``privatune audit`` verifies it).
-
-    Each accepted update (reply minus the global adapter) is clipped to L2 norm C, the
-    clipped updates are summed with equal weights (reported example counts do not weigh
-    them), Gaussian noise of std z·C is added to the sum, and the result is divided by m, the
-    number of updates actually aggregated after refusals and rejections. One institution
-    therefore moves the released mean by at most C/m against noise of std z·C/m: a Gaussian
-    mechanism of noise multiplier z whatever m turns out to be, accounted without sampling
-    amplification (sample rate 1), one step per round, in the run's round numbering. Noise
-    comes from a generator seeded by the operating system's CSPRNG. FedAvg's mean only:
-    :meth:`common.config.RunConfig` refuses other strategies, ``exact`` and mixed ranks.
-    """
-
-    def __init__(
-        self,
-        strategy: AdapterRounds,
-        noise_multiplier: float,
-        clipping_norm: float,
-        ledger_path: Path,
-        run_id: str,
-        delta: float,
-    ) -> None:
-        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients=1)
-        self.adapter = strategy
-        path = Path(ledger_path)
-        self.ledger = Ledger(path) if path.exists() else Ledger.create(path, "aggregator")
-        self.run_id = run_id
-        self.delta = delta
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        adapter = self.adapter
-        run_round = adapter.log.run_round(server_round)
-        accepted = adapter.accept(server_round, replies)
-        if len(accepted) < max(1, adapter.min_train_nodes):
-            log.warning("round %d: too few valid updates for central DP; unchanged", run_round)
-            return None, None
-        current = adapter.global_arrays
-        total = {k: np.zeros_like(v, dtype=np.float64) for k, v in current.items()}
-        for msg in accepted:
-            reply = from_record(_arrays(msg))
-            update = {k: reply[k].astype(np.float64) - current[k] for k in current}
-            norm = math.sqrt(sum(float(np.sum(u * u)) for u in update.values()))
-            factor = min(1.0, self.clipping_norm / max(norm, 1e-12))
-            for k, u in update.items():
-                total[k] += factor * u
-        rng = np.random.default_rng(secrets.randbits(128))
-        std, m = self.noise_multiplier * self.clipping_norm, len(accepted)
-        released = {
-            k: (current[k] + (t + rng.normal(0.0, std, t.shape)) / m).astype(np.float32)
-            for k, t in total.items()
-        }
-        metrics = adapter.train_metrics_aggr_fn(
-            [msg.content for msg in accepted], adapter.weighted_by_key
-        )
-        adapter.log.at(server_round).train = dict(metrics)
-        step = Mechanism(self.noise_multiplier, 1.0, 1)
-        self.ledger.append(
-            institution="aggregator",
-            run_id=self.run_id,
-            round=run_round,
-            time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            status="trained",
-            mechanism=f"gaussian, clipped sum of {m} equally weighted updates (client-level DP)",
-            noise_multiplier=step.noise_multiplier,
-            sample_rate=1.0,
-            steps=1,
-            max_grad_norm=self.clipping_norm,
-            delta=self.delta,
-            accountant="rdp",
-            max_epsilon=math.inf,
-            epsilon=epsilon([*spent(self.ledger.records), step], self.delta),
-            noise_source=NOISE_FROM_OS,
-            data_fingerprint="",
-            adapter_fingerprint=adapter_fingerprint(released),
-        )
-        return to_record(released), metrics

@@ -30,8 +30,9 @@ from privatune.common.privacy.accounting import Mechanism, epsilon, sample_rate,
 from privatune.common.privacy.audit import audit, audit_ledger
 from privatune.common.privacy.ledger import Ledger, LedgerError, read_records, record_hash, spent
 from privatune.common.protocol import error_reason
+from privatune.server.central_dp import CentralDP
 from privatune.server.round_log import RoundLog
-from privatune.server.strategy import CentralDP, make_strategy
+from privatune.server.strategy import make_strategy
 from privatune.simulations.simulate import preflight, run_flat
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -13,8 +13,8 @@ from helpers import ADAPTER, good, metadata, reply, strategy_for
 from privatune.common.model.adapter import from_record
 from privatune.common.privacy.audit import audit
 from privatune.common.protocol import error_reason
+from privatune.server.central_dp import CentralDP
 from privatune.server.recorder import summary
-from privatune.server.strategy import CentralDP
 
 
 def hostile() -> dict[str, dict]:
