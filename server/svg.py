@@ -180,7 +180,9 @@ def line_chart(
 
 def gauge(label: str, value: float | None, limit: float | None, note: str = "") -> str:
     """One institution's spend against its budget as a horizontal bar: the share in words
-    beside it, and a hatched fill past 80% so that it reads without colour."""
+    beside it, and a hatched fill past 80% so that it reads without colour. Without a known
+    budget (a deployment run: the ledgers are the institutions') only the words: an empty
+    bar would read as nothing spent."""
     width, height = 360, 26
     share = (value or 0.0) / limit if limit else 0.0
     filled = min(max(share, 0.0), 1.0) * width
@@ -191,8 +193,7 @@ def gauge(label: str, value: float | None, limit: float | None, note: str = "") 
         if value is not None and limit
         else f"{label}: epsilon {'-' if value is None else f'{value:.2f}'} (no budget known)"
     )
-    return (
-        f"<figure class='gauge' data-institution='{_e(label)}'>"
+    bar = (
         f"<svg role='img' aria-label='{_e(text)}' width='{width + 2}' height='{height + 2}' "
         f"xmlns='http://www.w3.org/2000/svg'><title>{_e(text)}</title>"
         f"<defs><pattern id='{_e(hatch)}' width='6' height='6' patternUnits='userSpaceOnUse' "
@@ -200,5 +201,10 @@ def gauge(label: str, value: float | None, limit: float | None, note: str = "") 
         "<line x1='0' y1='0' x2='0' y2='6' stroke='#000' stroke-width='2'/></pattern></defs>"
         f"<rect x='1' y='1' width='{width}' height='{height}' fill='#eee' stroke='#444'/>"
         f"<rect x='1' y='1' width='{filled:.1f}' height='{height}' fill='{fill}'/></svg>"
+        if limit
+        else ""
+    )
+    return (
+        f"<figure class='gauge' data-institution='{_e(label)}'>{bar}"
         f"<figcaption>{_e(text)}{(' — ' + _e(note)) if note else ''}</figcaption></figure>"
     )

@@ -42,14 +42,9 @@ class MlflowSink:
     """One MLflow run per privatune run start; called by the round recorder per line."""
 
     def __init__(self, uri: str, cfg: RunConfig, run_name: str) -> None:
-        try:
-            from mlflow import MlflowClient
-            from mlflow.entities import Param
-        except ImportError as e:
-            raise ConfigError(
-                "tracking.mlflow-uri is set but MLflow is not installed: "
-                'pip install -e ".[tracking]" (or set tracking.mlflow-uri = "")'
-            ) from e
+        require_mlflow()
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
 
         self.client: MlflowClient = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(EXPERIMENT)
@@ -92,6 +87,18 @@ class MlflowSink:
             path.write_text(json.dumps(to_json(audit(run_dir)), indent=1))
             self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def require_mlflow() -> None:
+    """MLflow importable, else one line with the install command: checked by the sink and,
+    before Ray starts, by a simulation's preflight (the ServerApp would learn it in Ray)."""
+    try:
+        import mlflow  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            "tracking.mlflow-uri is set but MLflow is not installed: "
+            'pip install -e ".[tracking]" (or set tracking.mlflow-uri = "")'
+        ) from e
 
 
 def artifacts_beside(uri: str) -> str | None:

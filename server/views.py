@@ -3,9 +3,9 @@ export, written at the end of a run) and the dashboard (``server.dashboard``, th
 live over a folder of runs) both render them, so the two cannot drift apart.
 
 Everything here only reads a run folder (``metrics.jsonl``, ``config.toml``, ``privacy/``,
-``status.json``, ``confusion.json``); what is costly (the audit, the test file) is cached by
-the files' size and modification time, so a page polled every two seconds recomputes only
-what changed.
+``status.json``, ``confusion.json``) and a simulation's data manifest; what is costly (the
+audit, the test file) is cached by the files' size and modification time, so a page polled
+every two seconds recomputes only what changed.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ STATUSES = ("running", "finished", "failed", "stopped")
 STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:75em}"
     "table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #bbb;"
-    "padding:3px 6px;text-align:right}th{vertical-align:bottom}th[scope=row]{text-align:left}"
+    "padding:3px 6px;text-align:right}th{vertical-align:bottom}"
+    "tr>:first-child{text-align:left}"
     "nav a{margin-right:1.2em}.gauge{margin:.3em 0}.gauge figcaption{font-size:.9em}"
     ".status-failed,.status-stopped{font-weight:bold}.note{color:#333;font-size:.9em}"
 )
@@ -385,6 +386,60 @@ def privacy_section(run_dir: Path, lines: list[dict], cfg: dict[str, Any]) -> st
     )
 
 
+def data_manifest(run_dir: Path, cfg: dict[str, Any]) -> tuple[Path, dict | None]:
+    """The manifest of the run's data folder (``data.dir``) and where it was looked for; a
+    relative ``data.dir`` is the folder the run started in: the working folder, else the
+    one above the folder of runs (``outputs/``' parent, when the dashboard runs elsewhere)."""
+    data_dir = Path(str(cfg.get("data.dir", "")))
+    candidates = (
+        [data_dir] if data_dir.is_absolute() else [data_dir, run_dir.parent.parent / data_dir]
+    )
+    paths = [d / "manifest.json" for d in candidates]
+    found = next((p for p in paths if p.is_file()), None)
+    if found is None:
+        return paths[0], None
+
+    def load() -> dict | None:
+        try:
+            return json.loads(found.read_text())
+        except (OSError, ValueError):
+            return None
+
+    return found, cached("manifest", [found], load)
+
+
+def data_section(run_dir: Path, cfg: dict[str, Any]) -> str:
+    """Rows and label counts per institution, from the simulation's manifest (written when
+    its data were prepared), so a reader sees how skewed the federation's data are; the
+    server of a deployment knows none of this, and the section says so."""
+    path, manifest = data_manifest(Path(run_dir), cfg)
+    private = "In a deployment these counts stay at the institutions: the server never sees them."
+    counts = (manifest or {}).get("rows")
+    if not isinstance(counts, dict) or not counts:
+        found = "holds no row counts" if path.is_file() else "was not found"
+        return (
+            f"<h2>Data</h2><p class='note'>No data summary: {html.escape(str(path))} {found}. "
+            f"{private}</p>"
+        )
+    labels = [x.strip() for x in str(cfg.get("data.labels", "")).split(",") if x.strip()]
+    names = [n for n in manifest.get("institutions", []) if n in counts]
+    extra = sorted(
+        {k for n in names for k, v in counts[n].items() if k != "total" and isinstance(v, int)}
+        - set(labels)
+    )
+    columns = [*labels, *extra]
+    rows = [[n, counts[n].get("total"), *(counts[n].get(c, 0) for c in columns)] for n in names]
+    if isinstance(test := counts.get("test"), dict) and "test" not in names:
+        rows.append(
+            ["test set (the server's)", test.get("total"), *(test.get(c, 0) for c in columns)]
+        )
+    table = html_table(["institution", "rows", *columns], rows)
+    return (
+        f"<h2>Data</h2>{table}<p class='note'>Rows per institution and label, from the "
+        f"simulation's data manifest ({html.escape(str(path))}). {private}</p>"
+    )
+
+
 def _planned(cfg: dict[str, Any]) -> int | None:
     rounds = cfg.get("federation.rounds")
     return rounds if isinstance(rounds, int) else None
@@ -476,7 +531,7 @@ def _or_unknown(value: object) -> str:
 
 
 def run_body(run_dir: Path, extra_sections: Iterable[str] = ()) -> str:
-    """Everything known about one run, as HTML: headline, utility, privacy, traffic,
+    """Everything known about one run, as HTML: headline, utility, privacy, data, traffic,
     aggregation, rounds, per-class scores, then ``extra_sections`` (the audit...)."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
@@ -489,6 +544,7 @@ def run_body(run_dir: Path, extra_sections: Iterable[str] = ()) -> str:
         f"<strong id='rounds-done'>{s['rounds_done']}</strong> of {planned}.</p>",
         f"<h2>Utility</h2>{utility_chart(run_dir, lines, cfg)}",
         privacy_section(run_dir, lines, cfg),
+        data_section(run_dir, cfg),
         f"<h2>Traffic</h2>{traffic_chart(lines, cfg)}",
     ]
     if _series(lines, "truncation_energy_lost"):

@@ -33,6 +33,7 @@ from privatune.server.app import check_run_dir
 from privatune.server.app import create_app as create_server_app
 from privatune.server.recorder import WRITES
 from privatune.server.resume import last_checkpoint
+from privatune.server.tracking import require_mlflow
 from privatune.server.views import STATUS_FILE, mark_status
 from privatune.simulations.prepare import prepare
 from privatune.simulations.scenario import Scenario
@@ -67,8 +68,8 @@ def resolve_flat(
 
 def preflight(flat: Mapping[str, Scalar]) -> None:
     """Fail with one line before Ray starts: a bad key or value, a request the simulated
-    institutions' policy (the ``privacy`` section) would refuse, or a run folder that holds
-    a finished run (or none to resume)."""
+    institutions' policy (the ``privacy`` section) would refuse, a run folder that holds a
+    finished run (or none to resume), or a package the run needs and cannot import."""
     cfg = RunConfig.from_flat(flat)
     check_request(cfg, Policy.simulated(cfg.privacy), "privacy")
     check_run_dir(cfg)
@@ -76,13 +77,16 @@ def preflight(flat: Mapping[str, Scalar]) -> None:
 
 
 def check_packages(cfg: RunConfig) -> None:
-    """The model's package (or folder) and a built-in public corpus's package are found
-    before anything starts, in one line with the install command (a fresh install without
-    them used to learn it from a Ray worker half a minute in). Nothing is loaded here."""
+    """MLflow when ``tracking.mlflow-uri`` is set, the model's package (or folder) and a
+    built-in public corpus's package are found before anything starts, in one line with the
+    install command (a fresh install without them used to learn it from a Ray worker half a
+    minute in). Nothing is loaded here."""
     from privatune.common.model.corpus import CORPORA
     from privatune.common.model.gguf import GGUF_MODELS, gguf_file
     from privatune.common.model.hub import resolve_model_path
 
+    if cfg.tracking.mlflow_uri:
+        require_mlflow()
     if cfg.model.name in GGUF_MODELS:
         gguf_file(GGUF_MODELS[cfg.model.name])  # located only: converted on first use
     else:

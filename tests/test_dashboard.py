@@ -5,6 +5,7 @@ advances without a reload, a gauge per institution, the audit verdict, the node 
 
 from __future__ import annotations
 
+import html
 import http.client
 import json
 import os
@@ -16,13 +17,18 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import PROJECT_ROOT, run_flat_argv
 from privatune.cli import main as cli
+from privatune.common.privacy.empirical import RESULT as EMPIRICAL_RESULT
+from privatune.common.privacy.empirical import audit_scores, verdict
 from privatune.server.dashboard import DashboardServer, make_server, url_of
 from privatune.server.report import write_report
+from privatune.server.svg import gauge
 from privatune.server.views import mark_status, run_body, run_status
 from privatune.simulations.bench.dashboard import fabricate
 from typer.testing import CliRunner
@@ -176,6 +182,71 @@ def test_the_report_is_the_dashboards_run_view(runs):
     )
     assert "<script" not in report and "<img" not in report  # static, self-contained SVG
     assert report.count("<svg") >= 3 and report.count("<title>") > report.count("<svg")
+
+
+def test_the_run_view_summarises_the_data_per_institution(runs, tmp_path, monkeypatch):
+    """Rows and labels per institution from the manifest of the simulation's data folder
+    (a relative data.dir found beside the folder of runs when the dashboard runs elsewhere);
+    label columns in data.labels' order, a label an institution lacks counted 0."""
+    data = tmp_path / "data" / "hospitals-small"  # the fabricated runs' data.dir
+    data.mkdir(parents=True)
+    rows = {
+        "hospital-a": {"total": 40, "negative": 30, "positive": 10, "conditions": {"acne": 3}},
+        "hospital-b": {"total": 25, "neutral": 5, "positive": 20},
+        "test": {"total": 12, "negative": 4, "neutral": 4, "positive": 4},
+    }
+    manifest = {"institutions": ["hospital-a", "hospital-b"], "test": "test.csv", "rows": rows}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path / "outputs")  # data/hospitals-small is not under here
+    body = run_body(runs / "beta")
+    head = "<tr><th>institution</th><th>rows</th><th>negative</th><th>neutral</th><th>positive"
+    assert "<h2>Data</h2>" + "<table>" + head + "</th></tr>" in body
+    for row in (
+        ["hospital-a", 40, 30, 0, 10],
+        ["hospital-b", 25, 0, 5, 20],
+        ["test set (the server's)", 12, 4, 4, 4],
+    ):
+        assert "<tr>" + "".join(f"<td>{v}</td>" for v in row).replace("'", "&#x27;") in body
+    assert "acne" not in body and "conditions" not in body  # a group count is no label
+    assert "In a deployment these counts stay at the institutions" in body
+    assert body in write_report(runs / "beta").read_text()  # report.html: the same section
+    (data / "manifest.json").unlink()
+    body = run_body(runs / "beta")
+    assert "No data summary: data/hospitals-small/manifest.json was not found." in body
+    assert "In a deployment these counts stay at the institutions" in body
+
+
+def test_a_canary_audit_shows_its_bound_beside_the_claim(runs):
+    """``privatune canary``'s result in the run folder: the measured lower bound on epsilon
+    and the claimed one, in the privacy section right after delta and the accountant, and
+    ABOVE when the measurement refutes the claim."""
+    run_dir = runs / "beta"
+    assert "id='canary'" not in run_body(run_dir)  # no canary audit, no line
+    rng = np.random.default_rng(0)
+    included = rng.random(200) < 0.5
+    black_box = audit_scores(rng.normal(size=200) + 4 * included, included, delta=1e-5)
+    assert black_box.epsilon_lower > 0.5
+    result = {"canaries": 200, "confidence": 0.95, "black_box": asdict(black_box)}
+    for claimed, said in (
+        (black_box.epsilon_lower + 5, f"claimed {black_box.epsilon_lower + 5:.2f}: consistent"),
+        (black_box.epsilon_lower / 2, f"ABOVE the claimed {black_box.epsilon_lower / 2:.2f}"),
+        (None, "no DP claimed"),
+    ):
+        result["claimed_epsilon"] = claimed
+        (run_dir / EMPIRICAL_RESULT).write_text(json.dumps(result))
+        privacy = run_body(run_dir).split("<h2>Privacy</h2>", 1)[1]
+        line = f"<p id='canary'>{html.escape(verdict(result))}</p>"
+        assert privacy.startswith("<p>DP-SGD at each institution") and said in line
+        assert privacy.split("</p>", 1)[1].startswith(line)  # beside the DP claim
+        assert f"measured epsilon &gt;= {black_box.epsilon_lower:.2f}" in line
+
+
+def test_a_gauge_without_a_known_budget_draws_no_bar():
+    """A deployment run's folder holds no ledger: an empty bar would read as nothing spent."""
+    budgeted = gauge("hospital-a", 1.2, 8.0)
+    assert "<svg" in budgeted and "hospital-a: epsilon 1.20 of 8.00 (15.0%)" in budgeted
+    unknown = gauge("hospital-a", 1.2, None)
+    assert "<svg" not in unknown and "hospital-a: epsilon 1.20 (no budget known)" in unknown
 
 
 def _screenshot(page, tmp_path: Path, name: str) -> Path:

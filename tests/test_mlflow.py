@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib.util import find_spec
 
 import pytest
+import ray
 from helpers import PROJECT_ROOT
+from privatune.cli import main as cli
 from privatune.common.config import resolve, write_toml
 from privatune.common.protocol import read_lines
 from privatune.server.report import write_report
 from privatune.server.tracking import ROUND_KEYS, MlflowSink, mlflow_sink
+from privatune.simulations import simulate as sim
 from privatune.simulations.bench.dashboard import INSTITUTIONS, fabricate
+from typer.testing import CliRunner
 
-pytest.importorskip("mlflow", reason="the tracking extra (mlflow-skinny) is not installed")
+needs_mlflow = pytest.mark.skipif(
+    find_spec("mlflow") is None, reason="the tracking extra (mlflow-skinny) is not installed"
+)
 
 
 def read_back(uri: str, run_name: str) -> tuple[object, object]:
@@ -31,6 +38,7 @@ def read_back(uri: str, run_name: str) -> tuple[object, object]:
     return client, run
 
 
+@needs_mlflow
 def test_every_round_metric_epsilon_param_and_artifact_reads_back(tmp_path):
     run_dir = fabricate(tmp_path / "outputs", "tracked", rounds=4, seed=3)
     cfg = resolve({"run.name": "tracked", "tracking.mlflow-uri": "x"})
@@ -71,3 +79,23 @@ def test_off_by_default_and_then_mlflow_is_never_imported():
         [sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True
     )
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_missing_mlflow_fails_the_simulation_in_one_line_before_ray(tmp_path, monkeypatch):
+    """``tracking.mlflow-uri`` set, MLflow not importable: ``privatune simulate`` stops in its
+    preflight with the install command, before any data is prepared or Ray starts (the
+    ServerApp used to find out inside Ray)."""
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow: ImportError
+    started: list[object] = []
+    monkeypatch.setattr(sim, "start_ray", started.append)
+    monkeypatch.chdir(tmp_path)  # the scenario's data folder would be prepared here
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = CliRunner().invoke(
+        cli.app,
+        ["simulate", "--set", f"tracking.mlflow-uri={uri}", "--set", "run.output-dir=outputs"],
+    )
+    assert out.exit_code == 2 and out.output.strip().count("\n") == 0, out.output
+    assert "tracking.mlflow-uri is set but MLflow is not installed" in out.output
+    assert 'pip install -e ".[tracking]"' in out.output
+    assert started == [] and not ray.is_initialized()
+    assert list(tmp_path.iterdir()) == []  # nothing prepared, no run folder
