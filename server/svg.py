@@ -37,7 +37,9 @@ def _e(text: object) -> str:
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round-numbered ticks covering [low, high]."""
+    """Round-numbered ticks covering [low, high] (none for a range that is not finite)."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return []
     span = max(high - low, 1e-12)
     raw = span / count
     step = 10 ** math.floor(math.log10(raw))

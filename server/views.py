@@ -294,7 +294,8 @@ def privacy_section(run_dir: Path, lines: list[dict], cfg: dict[str, Any]) -> st
     the round at which it runs out at the last round's pace, a chart with the budget line,
     refusals and failures by name, delta and the accountant."""
     names = _institutions(lines)
-    budgets = _budgets(run_dir)
+    # An infinite budget or spend (no DP; the aggregator's ledger) has no place on a scale.
+    budgets = {k: v for k, v in _budgets(run_dir).items() if math.isfinite(v)}
     rows, gauges = [], []
     planned = cfg.get("federation.rounds")
     for name in names:
@@ -341,6 +342,7 @@ def privacy_section(run_dir: Path, lines: list[dict], cfg: dict[str, Any]) -> st
             for r in lines
             if (r.get("epsilon") or {}).get(name) is not None
         ]
+        pts = [(x, y) for x, y in pts if math.isfinite(y)]
         if pts:
             series.append(Series(name, pts))
     limits = sorted(set(budgets.values()))

@@ -349,3 +349,13 @@ def test_a_live_federation_in_a_real_browser(tiny_flat, tmp_path):
             shutil.copy(shot, PROJECT_ROOT / "docs" / "img" / "dashboard.png")
     finally:
         _stop(proc)
+
+
+def test_an_infinite_epsilon_or_budget_draws_a_finite_chart(tmp_path):
+    """No DP (epsilon inf) and the aggregator's ledger (budget inf) must not break the
+    report: the chart keeps the finite points and the table says inf."""
+    from privatune.server.svg import Series, line_chart
+
+    svg = line_chart("eps", [Series("a", [(1, 1.0), (2, 2.0)])], "round", "eps", [], (0.0, 2.2))
+    assert "<svg" in svg
+    assert line_chart("eps", [], "round", "eps", [], (0.0, float("inf"))).startswith("<")

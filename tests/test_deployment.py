@@ -649,6 +649,8 @@ def test_dockerfile_pins_copies_and_entrypoints():
             assert f"!{source}" in ignore or f"!{source}/**" in ignore, source
     for command in re.findall(r'^ENTRYPOINT \["([\w-]+)"\]$', text, re.M):
         assert (VENV_BIN / command).is_file(), command
+    folders = pyproject["tool"]["setuptools"]["package-dir"].values()  # `pip install .` needs all
+    assert {f"COPY {f} ./{f}" for f in folders} <= set(text.splitlines())
 
 
 def test_gpu_override_reserves_gpus_for_existing_institutions():
