@@ -11,6 +11,7 @@ medical recipe about a quarter of an hour), so ``--compare-epsilons`` runs a sub
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +46,8 @@ def run(
     methods = {"probe": scenario, "lora": scenario if quick else f"{scenario}-lora"}
     settings = []
     for method, name in methods.items():
-        recipe = load_scenario(name)
+        # the grid's split (3 institutions in quick mode), the recipe's config
+        recipe = dataclasses.replace(load_scenario(name), institutions=split.institutions)
         # quick: the tiny BERT's top layer on the drug reviews, the code path only
         overrides = (
             {"train.trainable": "adapter", "lora.layers": 1} if quick and method == "lora" else {}
