@@ -494,7 +494,7 @@ def tune(
     no_dp_too: bool = typer.Option(False, help="also run each recipe without DP"),
     out: str = typer.Option("outputs/tune.json", help="all scores, as JSON"),
 ) -> None:
-    """Compare linear-probe recipes on the institutions' held-out local splits (never the
+    """Compare recipes (linear probe or LoRA) on the institutions' held-out local splits (never the
     test set): in-process federations, real DP training, no ledgers."""
     import json
     from pathlib import Path

@@ -56,6 +56,7 @@ def test_writes_every_benchmark_plots_and_a_table(quick_run):
         "DP-SGD on a GPU",
         "Causal-LM DP step",
         "LoRA on the top layers",
+        "LoRA against the probe",
     )
     for heading in headings:
         assert f"### {heading}" in summary

@@ -142,8 +142,10 @@ def test_tune_scores_recipes_on_held_out_local_rows_never_the_test_set(tmp_path,
 
 @pytest.mark.simulation  # (refused before any round, but `tune` runs federations)
 def test_tune_refuses_a_recipe_it_cannot_run_in_one_line():
-    res = RUN.invoke(app, ["tune", "--scenario", "hospitals-small", "--repeats", "1"])
-    assert res.exit_code == 2 and "only train.trainable = 'head'" in res.output
+    # tune averages like FedAvg: a recipe that names another server strategy is refused
+    argv = ["tune", "--scenario", "hospitals-small", "--repeats", "1"]
+    res = RUN.invoke(app, [*argv, "--try", "aggregation.strategy=fedprox"])
+    assert res.exit_code == 2 and "only classifiers with strategy fedavg" in res.output
     assert len(res.output.strip().splitlines()) == 1
 
 

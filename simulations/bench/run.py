@@ -34,6 +34,7 @@ BENCHMARKS = (
     "causal-lm",
     "lora",
     "dashboard",
+    "lora-compare",
 )
 DEFAULT_OUT = Path("outputs") / "bench"
 QUICK_OUT = Path("outputs") / "bench-quick"
@@ -123,6 +124,17 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
         parser.add_argument(
             f"--causal-lm-{size}", type=int, default=None, help=f"causal-lm: {what}"
         )
+    parser.add_argument(
+        "--compare-scenario",
+        default="medical",
+        choices=["medical", "complaints"],
+        help="lora-compare: the federation whose probe and -lora recipe are compared",
+    )
+    parser.add_argument(
+        "--compare-epsilons",
+        default="none,1,2,4,8",
+        help="lora-compare: the epsilons of the grid ('none': without DP), a subset for a CPU",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(BENCHMARKS))
@@ -131,6 +143,10 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
     out_dir = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     options = {
         "utility": {"rounds": args.utility_rounds, "scenario": args.utility_scenario},
+        "lora-compare": {
+            "scenario": args.compare_scenario,
+            "epsilons": _module("lora-compare").parse_epsilons(args.compare_epsilons),
+        },
         "causal-lm": {
             "batch_size": args.causal_lm_batch,
             "seq_len": args.causal_lm_length,
