@@ -6,7 +6,6 @@ GPU ones adapt every layer. Config only: nothing trains here."""
 from __future__ import annotations
 
 import pytest
-
 from privatune.common.config import resolve
 from privatune.common.model.top_layers import uses_top_layers
 from privatune.simulations.scenario import load_scenario

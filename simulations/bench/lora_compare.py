@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from privatune.simulations.bench.shared import fmt, model_overrides, table_head
 from privatune.simulations.bench.grid import federated, make_data, setting_flat
+from privatune.simulations.bench.shared import fmt, model_overrides, table_head
 from privatune.simulations.scenario import load_scenario
 
 EPSILONS: tuple[float | None, ...] = (None, 1.0, 2.0, 4.0, 8.0)

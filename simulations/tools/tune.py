@@ -29,7 +29,6 @@ from privatune.common.config import ConfigError, RunConfig, Scalar
 from privatune.common.data import LabeledText, fingerprint, load_labeled, split_local
 from privatune.common.model.build import build_model
 from privatune.common.model.evaluation import evaluate
-from privatune.common.model.heads import head_of
 from privatune.simulations.scenario import Scenario
 from privatune.simulations.simulate import prepared_dir, resolve_flat
 
