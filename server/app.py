@@ -89,9 +89,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             if sink:
                 sink.finish(run_dir, ok=False)
         raise
-    with WRITES:
-        mark_status(run_dir, "finished")
-        if sink:
+    if sink:
+        with WRITES:
             sink.finish(run_dir, ok=True)
     return run_dir
 
@@ -163,6 +162,7 @@ def _federate(
         sections = [to_html(results, notes(run_dir, results))]
         if recorder.confusion is not None:
             write_confusion(run_dir, recorder.confusion, cfg.data.label_names)
+        mark_status(run_dir, "finished")  # before the report, which shows the status
         report = write_report(run_dir, sections)
     log.info("[privatune] done: adapter in %s, report in %s", run_dir / "adapter", report)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,8 @@ def test_the_adapter_has_a_model_card(finished):
     assert f"base model: {model_dir.name}" in card and str(model_dir) not in card
     assert ".venv" not in card and "/" not in card.split("base model: ")[1].split("\n")[0]
     assert "labels: negative, neutral, positive" in card
+    report = (run_dir / "report.html").read_text()  # written last: the run's final status
+    assert re.search(r"status <strong[^>]*>finished</strong>", report), report[:2000]
     assert "delta: 1e-05" in card and NEIGHBOURING in card
     heads = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["ledger_heads"]
     for who, (count, head) in heads.items():
