@@ -146,7 +146,10 @@ def test_white_box_without_dp_reaches_the_ceiling(tmp_path):
     assert code == 0 and result["claimed_epsilon"] is None
     updates = result["gradient_updates"]
     assert updates["included"]["count"] + updates["excluded"]["count"] == 1000
-    assert updates["epsilon_lower"] >= 0.85 * result["ceiling"]  # 4.30 of 5.00 when watched
+    # 4.30, 4.30 and 4.00 of 5.00 in three runs (the canaries are drawn anew each run): the
+    # bound's steps are whole correct guesses, so 0.7 of the ceiling leaves room for the draw
+    # while staying far above what DP at epsilon 2 lets through
+    assert updates["epsilon_lower"] >= 0.7 * result["ceiling"]
     assert updates["gaussian_fit_epsilon"] > 20  # an estimate: no DP, no limit
 
 
