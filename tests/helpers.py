@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,6 +67,18 @@ def run_flat_argv(flat: dict, path: Path, num_supernodes: int = 3) -> list[str]:
         f"run_flat(json.load(open({str(path)!r})), {num_supernodes})"
     )
     return [sys.executable, "-c", script]
+
+
+def start_run(flat: dict, path: Path, **popen) -> subprocess.Popen:
+    """:func:`run_flat_argv` started in the background from the project root, offline and
+    silent unless ``popen`` says otherwise (e.g. ``stderr=subprocess.PIPE``)."""
+    options = {
+        "cwd": PROJECT_ROOT,
+        "stdout": subprocess.DEVNULL,
+        "stderr": subprocess.DEVNULL,
+        "env": {**os.environ, "HF_HUB_OFFLINE": "1"},
+    }
+    return subprocess.Popen(run_flat_argv(flat, path), **{**options, **popen})
 
 
 def simulate(flat: dict, num_supernodes: int = 3, mods: list[Mod] | None = None) -> Path:

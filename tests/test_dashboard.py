@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import PROJECT_ROOT, run_flat_argv
+from helpers import PROJECT_ROOT, start_run
 from privatune.cli import main as cli
 from privatune.common.privacy.empirical import RESULT as EMPIRICAL_RESULT
 from privatune.common.privacy.empirical import audit_scores, verdict
@@ -299,12 +299,9 @@ def test_a_live_federation_in_a_real_browser(tiny_flat, tmp_path):
     outputs = Path(flat["run.output-dir"])
     outputs.mkdir(parents=True)
     run_dir = outputs / flat["run.name"]
-    proc = subprocess.Popen(
-        run_flat_argv(flat, tmp_path / "run.json"),
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    proc = start_run(
+        flat,
+        tmp_path / "run.json",
         start_new_session=True,  # its own process group: stopped with Ray's workers
     )
     try:

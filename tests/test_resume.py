@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import time
@@ -13,7 +12,7 @@ import time
 import numpy as np
 import psutil
 import pytest
-from helpers import PROJECT_ROOT, run_flat_argv
+from helpers import start_run
 from privatune.common.privacy.audit import audit
 from privatune.simulations.simulate import resume, run_flat
 from safetensors.numpy import load_file
@@ -44,13 +43,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_flat, tmp_path):
     reference = run_flat({**flat, "run.name": "uninterrupted"}, 3)
 
     crashed = {**flat, "run.name": "crashed"}
-    proc = subprocess.Popen(
-        run_flat_argv(crashed, tmp_path / "crashed.json"),
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    proc = start_run(crashed, tmp_path / "crashed.json")
     run_dir = tmp_path / "outputs" / "crashed"
     try:
         deadline = time.monotonic() + 240

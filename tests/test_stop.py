@@ -12,7 +12,7 @@ import time
 
 import psutil
 import pytest
-from helpers import PROJECT_ROOT, run_flat_argv
+from helpers import start_run
 from privatune.common.privacy.audit import audit
 from privatune.server.views import run_status
 from privatune.simulations.simulate import resume
@@ -33,13 +33,11 @@ def _alive(pids: list[int]) -> list[int]:
 
 def test_sigterm_mid_round_stops_cleanly_and_the_run_resumes(tiny_flat, tmp_path):
     flat = {**tiny_flat, "federation.rounds": 3, "run.name": "stopped"}
-    proc = subprocess.Popen(
-        run_flat_argv(flat, tmp_path / "stopped.json"),
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.DEVNULL,
+    proc = start_run(
+        flat,
+        tmp_path / "stopped.json",
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
         start_new_session=True,  # its own process group, so that cleanup can reach all of it
     )
     run_dir = tmp_path / "outputs" / "stopped"
