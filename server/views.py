@@ -298,12 +298,15 @@ def privacy_section(run_dir: Path, lines: list[dict], cfg: dict[str, Any]) -> st
     budgets = {k: v for k, v in _budgets(run_dir).items() if math.isfinite(v)}
     rows, gauges = [], []
     planned = cfg.get("federation.rounds")
-    for name in names:
-        pts = [
+    spent = {
+        name: [
             (r["round"], r["epsilon"][name])
             for r in lines
             if (r.get("epsilon") or {}).get(name) is not None
         ]
+        for name in names
+    }
+    for name, pts in spent.items():
         now = pts[-1][1] if pts else None
         limit = budgets.get(name)
         pace = pts[-1][1] - pts[-2][1] if len(pts) > 1 else None
@@ -336,15 +339,10 @@ def privacy_section(run_dir: Path, lines: list[dict], cfg: dict[str, Any]) -> st
             ]
         )
     series = []
-    for name in names:
-        pts = [
-            (r["round"], r["epsilon"][name])
-            for r in lines
-            if (r.get("epsilon") or {}).get(name) is not None
-        ]
-        pts = [(x, y) for x, y in pts if math.isfinite(y)]
-        if pts:
-            series.append(Series(name, pts))
+    for name, pts in spent.items():
+        finite = [(x, y) for x, y in pts if math.isfinite(y)]
+        if finite:
+            series.append(Series(name, finite))
     limits = sorted(set(budgets.values()))
     refs = [Line(f"budget {b:g}", b) for b in limits]
     top = max([*(y for s in series for _, y in s.points), *limits, 1e-9]) * 1.08
