@@ -62,8 +62,7 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         adapter = self.adapter
         run_round = adapter.log.run_round(server_round)
         accepted = adapter.accept(server_round, replies)
-        if len(accepted) < max(1, adapter.min_train_nodes):
-            log.warning("round %d: too few valid updates for central DP; unchanged", run_round)
+        if not adapter.log.enough(server_round, len(accepted), adapter.min_train_nodes):
             return None, None
         current = adapter.global_arrays
         total = {k: np.zeros_like(v, dtype=np.float64) for k, v in current.items()}

@@ -33,10 +33,8 @@ from privatune.common.config import AggregationSettings, ConfigError, Federation
 from privatune.common.model.adapter import to_record
 from privatune.common.protocol import (
     INSTITUTION,
-    LEDGER_RECORDS,
     LEDGER_SEEN,
     NAMES_KEY,
-    REFUSED,
     RUN_NAME,
     SERVER_ROUND,
 )
@@ -108,7 +106,6 @@ class SecureRounds(LegacyFedAvg):
         self.names = names
         self.log = log
         self._sampled: set[int] = set()
-        self._seen: dict[int, int] = {}  # node id -> ledger records it last reported
 
     def _fit_config(self, server_round: int) -> dict[str, str | int]:
         return {
@@ -124,7 +121,7 @@ class SecureRounds(LegacyFedAvg):
             (
                 proxy,
                 FitIns(
-                    ins.parameters, {**ins.config, LEDGER_SEEN: self._seen.get(proxy.node_id, 0)}
+                    ins.parameters, {**ins.config, LEDGER_SEEN: self.log.seen.get(proxy.node_id, 0)}
                 ),
             )
             for proxy, ins in super().configure_fit(server_round, parameters, client_manager)
@@ -142,25 +139,15 @@ class SecureRounds(LegacyFedAvg):
         stats = self.log.at(server_round)
         for node in sorted(self._sampled - {proxy.node_id for proxy, _ in results}):
             self.log.fail(server_round, node, "dropped out of secure aggregation")
-        trained = []
-        for proxy, res in results:
-            if LEDGER_RECORDS in res.metrics:
-                self._seen[proxy.node_id] = int(res.metrics[LEDGER_RECORDS])
-            who = str(res.metrics.get(INSTITUTION, "?"))
-            self.log.names[proxy.node_id] = who
-            stats.note(who, res.metrics)
-            if res.metrics.get(REFUSED):
-                stats.refused.append(who)
-            elif res.num_examples > 0:
-                trained.append(res)
-        if len(trained) < max(1, self.min_fit_clients):
-            log.warning(
-                "round %d: %d update(s) in the secure sum, fewer than min-train-nodes %d; "
-                "adapter unchanged",
-                real_round,
-                len(trained),
-                self.min_fit_clients,
+        trained = [
+            res
+            for proxy, res in results
+            if self.log.reply(
+                server_round, proxy.node_id, str(res.metrics.get(INSTITUTION, "?")), res.metrics
             )
+            and res.num_examples > 0
+        ]
+        if not self.log.enough(server_round, len(trained), self.min_fit_clients):
             return None, {}
         mean = trained[0].parameters  # the workflow put the unmasked mean in every reply
         if not all(np.isfinite(a).all() for a in parameters_to_ndarrays(mean)):

@@ -34,10 +34,8 @@ from privatune.common.protocol import (
     EPSILON,
     EVALUATED,
     INSTITUTION,
-    LEDGER_RECORDS,
     LEDGER_SEEN,
     NUM_EXAMPLES,
-    REFUSED,
     TRAIN_LOSS,
 )
 from privatune.common.registry import STRATEGIES, load
@@ -65,7 +63,7 @@ def _replace_arrays(msg: Message, record: ArrayRecord) -> None:
 
 
 def _metrics(msg: Message) -> MetricRecord:
-    return next(iter(msg.content.metric_records.values()))
+    return next(iter(msg.content.metric_records.values()), MetricRecord())
 
 
 def _message_bytes(content: RecordDict) -> int:
@@ -133,7 +131,6 @@ class AdapterRounds(FedAvg):
         self.global_arrays = {k: np.asarray(v) for k, v in expected.items()}
         self.max_update_norm = max_update_norm
         self._accepted: set[str] = set()  # message ids already validated and counted
-        self._seen: dict[int, int] = {}  # node id -> ledger records it last reported
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -167,14 +164,17 @@ class AdapterRounds(FedAvg):
                 _replace_arrays(msg, wire)
         for msg in messages:
             config = ConfigRecord(dict(msg.content["config"]))
-            config[LEDGER_SEEN] = self._seen.get(msg.metadata.dst_node_id, 0)
+            config[LEDGER_SEEN] = self.log.seen.get(msg.metadata.dst_node_id, 0)
             msg.content["config"] = config
         return messages
 
-    def _note_ledger(self, msg: Message) -> None:
-        info = msg.content.config_records.get("info", {})
-        if LEDGER_RECORDS in info:
-            self._seen[msg.metadata.src_node_id] = int(info[LEDGER_RECORDS])
+    def _file(self, server_round: int, msg: Message, training: bool = True) -> bool:
+        """Count a reply's bytes and file its scalars in the round log (see
+        :meth:`RoundLog.reply`); False for a refused training round."""
+        self.log.at(server_round).bytes_received += _message_bytes(msg.content)
+        values = {**_metrics(msg), **msg.content.config_records.get("info", {})}
+        who = _institution(msg)
+        return self.log.reply(server_round, msg.metadata.src_node_id, who, values, training)
 
     def accept(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The replies that may be aggregated; everything else is logged and counted.
@@ -191,18 +191,9 @@ class AdapterRounds(FedAvg):
                 who = self.log.fail(server_round, node, str(msg.error.reason))
                 log.warning("%s (node %d) failed: %s", who, node, stats.failed[who])
                 continue
-            stats.bytes_received += _message_bytes(msg.content)
-            self._note_ledger(msg)
-            who = _institution(msg)
-            self.log.names[node] = who
-            metrics = next(iter(msg.content.metric_records.values()), {})
-            stats.note(who, {**metrics, **msg.content.config_records.get("info", {})})
-            if metrics.get(REFUSED):
-                stats.refused.append(who)
-                log.warning(
-                    "%s refused round %d (privacy budget)", who, self.log.run_round(server_round)
-                )
+            if not self._file(server_round, msg):
                 continue
+            who = self.log.names[node]
             try:
                 rank = check_update(msg, self.global_arrays, self.max_update_norm)
                 if rank < self.full_rank and not self.pads_ranks:
@@ -231,13 +222,7 @@ class AdapterRounds(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self.accept(server_round, replies)
-        if len(accepted) < max(1, self.min_train_nodes):
-            log.warning(
-                "round %d: %d valid update(s), fewer than min-train-nodes %d; adapter unchanged",
-                self.log.run_round(server_round),
-                len(accepted),
-                self.min_train_nodes,
-            )
+        if not self.log.enough(server_round, len(accepted), self.min_train_nodes):
             return None, None
         if self.mode == "exact":
             arrays, metrics = self.aggregate_exact(accepted)
@@ -283,11 +268,8 @@ class AdapterRounds(FedAvg):
             if msg.has_error():
                 self.log.fail(server_round, node, str(msg.error.reason))
                 continue
-            stats.bytes_received += _message_bytes(msg.content)
-            self._note_ledger(msg)
+            self._file(server_round, msg, training=False)
             metrics = _metrics(msg)
-            who = self.log.names[node] = _institution(msg)
-            stats.note(who, {**metrics, **msg.content.config_records.get("info", {})})
             if metrics.get(EVALUATED):
                 matrix = np.asarray(metrics[CONFUSION], dtype=float)
                 total = matrix if total is None else total + matrix

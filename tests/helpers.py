@@ -1,5 +1,7 @@
-"""Test helpers: crafted Flower messages (real Message objects, no mocks) and an in-process
-simulation of a tiny federation."""
+"""Test helpers shared by test modules (which never import each other): crafted Flower
+messages (real Message objects, no mocks), a tiny federation and its in-process
+simulation, recorders of what clients send, and the reference computations the secure
+aggregation and probe tests compare against."""
 
 from __future__ import annotations
 
@@ -14,12 +16,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp.typing import Mod
 from privatune.common.config import resolve
 from privatune.common.data import LabeledText
+from privatune.common.model.adapter import from_record
+from privatune.common.model.build import build_model
 from privatune.common.model.causal_lm import encode_prompts
 from privatune.common.model.hub import load_tokenizer
+from privatune.server.resume import load_checkpoint
 from privatune.server.strategy import make_strategy
 from privatune.simulations.simulate import run_flat
 
@@ -188,3 +201,76 @@ def llm_flat(model_dir: Path, labels: str = "A,B,C,D", **keys) -> dict:
 def batch(cfg, texts: list[str], labels: list[int]):
     data = LabeledText(Path("q"), texts, np.asarray(labels), "")
     return encode_prompts(data, load_tokenizer(cfg), cfg.model.max_length, cfg.model.chat_template)
+
+
+def handler_recorder(directory: str):
+    """Inside the SecAgg+ mod: each institution's plain reply (arrays and weight) per round."""
+
+    def record(msg, context, call_next):
+        reply = call_next(msg, context)
+        trained = not reply.has_error() and "arrays" in reply.content
+        if msg.metadata.message_type == MessageType.TRAIN and trained:
+            stem = Path(directory) / f"{context.node_config['partition-id']}-round-"
+            stem = Path(f"{stem}{msg.content['config']['server-round']}")
+            np.savez(stem.with_suffix(".npz"), **from_record(reply.content["arrays"]))
+            weight = reply.content["metrics"]["num-examples"]
+            stem.with_suffix(".json").write_text(json.dumps({"weight": weight}))
+        return reply
+
+    return record
+
+
+def quantisation_bound(cfg, weights: list[float]) -> float:
+    """Stochastic rounding moves each weighted value by < one quantum (2c / levels); the mean
+    divides the sum of ``n`` such errors by the total weight as a fraction of max-weight."""
+    agg = cfg.aggregation
+    quantum = 2 * agg.secure_clipping_range / agg.secure_quantization_range
+    return len(weights) * quantum * agg.secure_max_weight / sum(weights) + 1e-6
+
+
+def plain_replies(directory: Path, server_round: int) -> tuple[list[dict], list[float]]:
+    arrays, weights = [], []
+    for path in sorted(directory.glob(f"*-round-{server_round}.npz")):
+        arrays.append(dict(np.load(path)))
+        weights.append(json.loads(path.with_suffix(".json").read_text())["weight"])
+    return arrays, weights
+
+
+def weighted_mean(arrays: list[dict], weights: list[float]) -> dict[str, np.ndarray]:
+    total = sum(weights)
+    return {
+        k: sum(w * a[k] for a, w in zip(arrays, weights, strict=True)) / total for k in arrays[0]
+    }
+
+
+def checkpoint(cfg, run_dir: Path, server_round: int) -> dict[str, np.ndarray]:
+    model = build_model(cfg, torch.device("cpu"))
+    return load_checkpoint(model, run_dir / "checkpoints" / f"round-{server_round:03d}")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def classifier_input(model, ids, mask) -> torch.Tensor:
+    seen = []
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    return seen[0]
+
+
+def probe_cfg(tiny_flat, **extra):
+    return resolve(
+        {
+            **tiny_flat,
+            "model.pooling": "mean",
+            "train.trainable": "head",
+            "train.optimizer": "sgd",
+            "train.head-learning-rate": 4.0,
+            **extra,
+        }
+    )

@@ -47,6 +47,17 @@ def imports(path: Path, known: set[str]) -> set[str]:
     return found
 
 
+def imported_names(path: Path) -> list[str]:
+    """Every module name ``path`` imports absolutely (``import a.b``, ``from a.b import c``)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            names.append(node.module or "")
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    return names
+
+
 def part(module: str) -> str:
     """The part of FLOORS a module belongs to."""
     dotted = module.removeprefix("privatune.")
@@ -173,15 +184,23 @@ def test_a_built_wheel_holds_privatune_only(tmp_path):
 def test_nothing_imports_a_folder_by_its_bare_name():
     """From the repository root ``import common`` would load a second copy of a module
     beside ``privatune.common``'s: every import names the installed package."""
-    bare = []
-    for path in [*modules().values(), *(PROJECT_ROOT / "tests").glob("*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = (
-                [node.module or ""]
-                if isinstance(node, ast.ImportFrom) and not node.level
-                else [a.name for a in node.names]
-                if isinstance(node, ast.Import)
-                else []
-            )
-            bare += [f"{path.name}: {n}" for n in names if n.split(".")[0] in TOPS]
+    bare = [
+        f"{path.name}: {name}"
+        for path in [*modules().values(), *(PROJECT_ROOT / "tests").glob("*.py")]
+        for name in imported_names(path)
+        if name.split(".")[0] in TOPS
+    ]
     assert bare == []
+
+
+def test_test_modules_share_code_through_helpers_only():
+    """A test module that imports another runs (and collects) that one's module-level code
+    and ties the two together; shared code lives in conftest.py and the helper modules."""
+    tests = {p.stem for p in (PROJECT_ROOT / "tests").glob("test_*.py")}
+    crossing = [
+        f"{path.name}: {name}"
+        for path in (PROJECT_ROOT / "tests").glob("*.py")
+        for name in imported_names(path)
+        if name.split(".")[0] in tests
+    ]
+    assert crossing == []

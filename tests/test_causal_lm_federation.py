@@ -12,7 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import llm_flat, make_tiny_flat, simulate
+from helpers import (
+    checkpoint,
+    handler_recorder,
+    llm_flat,
+    make_tiny_flat,
+    max_diff,
+    plain_replies,
+    quantisation_bound,
+    simulate,
+    weighted_mean,
+)
 from privatune.client.secure_aggregation import secure_aggregation_mod
 from privatune.common.config import resolve
 from privatune.common.model.adapter import get_trainable
@@ -23,14 +33,6 @@ from privatune.common.protocol import read_lines
 from privatune.simulations.bench.shared import write_federation
 from privatune.simulations.simulate import resume
 from safetensors.numpy import load_file
-from test_secure_aggregation import (
-    checkpoint,
-    handler_recorder,
-    max_diff,
-    plain_replies,
-    quantisation_bound,
-    weighted_mean,
-)
 
 CPU = torch.device("cpu")
 

@@ -8,25 +8,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gradient_checks import (
+    SHIPPED_PER_SAMPLE,
+    fused_grads,
+    lora_only,
+    norm_product_per_sample_gradients,
+    opacus_grads,
+    relative_error,
+    token_mean_per_sample_gradients,
+)
 from helpers import QUESTIONS, batch, llm_flat
 from privatune.client.fused_clipping import FusedClipping
 from privatune.client.train import train_round
 from privatune.common.config import resolve
 from privatune.common.model.adapter import get_trainable
 from privatune.common.model.build import build_model
-from test_fused_clipping import (
-    _SHIPPED_PER_SAMPLE,
-    _lora_only,
-    _norm_product_per_sample_gradients,
-    _relative_error,
-    _token_mean_per_sample_gradients,
-)
-from test_fused_clipping import (
-    _fused_grads as fused_grads,
-)
-from test_fused_clipping import (
-    _opacus_grads as opacus_grads,
-)
 from torch.utils.data import TensorDataset
 
 CPU = torch.device("cpu")
@@ -46,11 +42,11 @@ def _setup(model_dir, labels: str):
 
 def _opacus_grads(cfg, data: TensorDataset, sigma: float, seed: int) -> list[torch.Tensor]:
     """Opacus' hooks on the model with random LoRA B (A has a gradient, B's is not small)."""
-    return opacus_grads(cfg, data, sigma, CLIP, seed, prepare=_lora_only)
+    return opacus_grads(cfg, data, sigma, CLIP, seed, prepare=lora_only)
 
 
 def _fused_grads(cfg, data: TensorDataset, sigma: float, seed: int) -> list[torch.Tensor]:
-    return fused_grads(cfg, data, sigma, CLIP, seed, prepare=_lora_only)[0]
+    return fused_grads(cfg, data, sigma, CLIP, seed, prepare=lora_only)[0]
 
 
 def _kept_positions_only(keep: int):
@@ -61,7 +57,7 @@ def _kept_positions_only(keep: int):
     def per_sample(self, batch_size):
         self._inputs = {k: v[:, -keep:] for k, v in self._inputs.items()}
         self._grads = {k: v[:, -keep:] for k, v in self._grads.items()}
-        return _SHIPPED_PER_SAMPLE(self, batch_size)
+        return SHIPPED_PER_SAMPLE(self, batch_size)
 
     return per_sample
 
@@ -85,7 +81,7 @@ def test_fused_step_equals_opacus_hooks_on_left_padded_prompts_with_answers(
             x, g = self._inputs[layer], self._grads[layer]
             assert x.shape == (len(TEXTS), ids.shape[1] + (width if width > 1 else 0), x.shape[2])
             assert g.abs().sum() > 0 and not g[:, : ids.shape[1]][mask == 0].any()
-        per_sample = _SHIPPED_PER_SAMPLE(self, batch_size)
+        per_sample = SHIPPED_PER_SAMPLE(self, batch_size)
         seen.append(torch.cat([g.flatten(1) for g in per_sample.values()], 1).norm(dim=1))
         return per_sample
 
@@ -96,7 +92,7 @@ def test_fused_step_equals_opacus_hooks_on_left_padded_prompts_with_answers(
     for got, want in zip(fused, expected, strict=True):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
-    assert _relative_error(fused, expected) < 1e-5
+    assert relative_error(fused, expected) < 1e-5
     (norms,) = seen
     assert (norms > 1.2 * CLIP).all(), norms  # the clip binds for every row
     if sigma == 0:
@@ -115,13 +111,13 @@ def test_the_causal_lm_comparison_catches_wrong_per_sample_gradients(
     expected = _opacus_grads(cfg, data, 0.0, seed=3)
     keep = int(build_model(cfg, CPU).answers.lengths.max()) + (labels != LETTERS)
     wrong = {
-        "token mean": _token_mean_per_sample_gradients,
-        "norm product": _norm_product_per_sample_gradients,
+        "token mean": token_mean_per_sample_gradients,
+        "norm product": norm_product_per_sample_gradients,
         "kept positions": _kept_positions_only(keep),
     }[mutant]
     monkeypatch.setattr(FusedClipping, "_per_sample_gradients", wrong)
     fused = _fused_grads(cfg, data, 0.0, seed=3)
-    assert _relative_error(fused, expected) > 0.1
+    assert relative_error(fused, expected) > 0.1
     with pytest.raises(AssertionError):  # the equality test above fails on it
         for got, want in zip(fused, expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)

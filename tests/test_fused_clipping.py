@@ -6,19 +6,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from opacus import PrivacyEngine
+from gradient_checks import (
+    CPU,
+    SHIPPED_PER_SAMPLE,
+    fused_grads,
+    lora_only,
+    norm_product_per_sample_gradients,
+    opacus_grads,
+    relative_error,
+    token_count_scaled_per_sample_gradients,
+    token_mean_per_sample_gradients,
+)
 from opacus.accountants import RDPAccountant
 from privatune.client.fused_clipping import FusedClipping
-from privatune.client.train import _loss as training_loss
 from privatune.client.train import make_optimizer, train_round
 from privatune.common.config import ConfigError, resolve
 from privatune.common.data import load_labeled, tokenize
 from privatune.common.model.adapter import get_trainable
 from privatune.common.model.build import build_model
 from privatune.common.model.hub import load_tokenizer
-from torch.utils.data import DataLoader, TensorDataset
-
-CPU = torch.device("cpu")
+from torch.utils.data import TensorDataset
 
 
 def _batch(cfg, federation_dir, rows: int = 8) -> TensorDataset:
@@ -26,66 +33,12 @@ def _batch(cfg, federation_dir, rows: int = 8) -> TensorDataset:
     return tokenize(data.subset(np.arange(rows)), load_tokenizer(cfg), cfg.model.max_length)
 
 
-def _loss(module, batch) -> torch.Tensor:
-    """The training loop's own loss: a classifier's cross-entropy, a causal LM's answer NLL."""
-    ids, mask, labels = batch
-    return training_loss(module, [ids, mask], labels)
-
-
-def _opacus_grads(
-    cfg, data, sigma: float, clip: float, seed: int, prepare=None
-) -> list[torch.Tensor]:
-    model = build_model(cfg, CPU)
-    if prepare is not None:
-        prepare(model)
-    loader = DataLoader(data, batch_size=len(data))
-    module, optimizer, loader = PrivacyEngine().make_private(
-        module=model,
-        optimizer=make_optimizer(model, cfg),
-        data_loader=loader,
-        noise_multiplier=sigma,
-        max_grad_norm=clip,
-        poisson_sampling=False,
-        noise_generator=torch.Generator().manual_seed(seed),
-    )
-    optimizer.zero_grad()
-    _loss(module, next(iter(loader))).backward()
-    optimizer.pre_step()  # clip, sum, noise and scale: everything but the parameter update
-    grads = [p.grad.clone() for p in optimizer.params]
-    module._close()
-    return grads
-
-
-def _fused_grads(cfg, data, sigma: float, clip: float, seed: int, prepare=None):
-    model = build_model(cfg, CPU)
-    if prepare is not None:
-        prepare(model)
-    optimizer = make_optimizer(model, cfg)
-    accountant = RDPAccountant()
-    loader = DataLoader(data, batch_size=len(data))
-    clipping = FusedClipping.attach(
-        model,
-        optimizer,
-        loader,
-        noise_multiplier=sigma,
-        max_grad_norm=clip,
-        generator=torch.Generator().manual_seed(seed),
-        accountant=accountant,
-    )
-    batch = next(iter(loader))
-    _loss(model, batch).backward()
-    plain = [p.grad.clone() for p in clipping.params]
-    clipping.privatise(len(batch[0]))
-    clipping.close()
-    return [p.grad.clone() for p in clipping.params], plain, accountant
-
-
 # 0.05 is below every sample's gradient norm here (every sample is clipped), 1e3 above all
 @pytest.mark.parametrize(("sigma", "clip"), [(0.0, 0.05), (0.0, 1e3), (1.0, 0.05)])
 def test_fused_step_equals_opacus_per_sample_clipping(tiny_cfg, federation_dir, sigma, clip):
     data = _batch(tiny_cfg, federation_dir)
-    expected = _opacus_grads(tiny_cfg, data, sigma, clip, seed=3)
-    fused, plain, accountant = _fused_grads(tiny_cfg, data, sigma, clip, seed=3)
+    expected = opacus_grads(tiny_cfg, data, sigma, clip, seed=3)
+    fused, plain, accountant = fused_grads(tiny_cfg, data, sigma, clip, seed=3)
     assert len(fused) == len(expected) > 0
     for got, want in zip(fused, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
@@ -109,74 +62,6 @@ def _padded_batch(cfg, federation_dir, rows: int = 8) -> TensorDataset:
     return TensorDataset(ids, mask, labels)
 
 
-def _lora_only(model) -> None:
-    """Random LoRA B (peft starts it at 0, which leaves A without gradient and B's small)
-    and a frozen head: the per-sample norm is then all LoRA, nothing hides an error in it."""
-    generator = torch.Generator().manual_seed(7)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            with torch.no_grad():
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-        elif "classifier" in name:
-            param.requires_grad_(False)
-    assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
-    assert not any("classifier" in n for n, p in model.named_parameters() if p.requires_grad)
-
-
-def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    diff = torch.cat([(g - w).flatten() for g, w in zip(got, want, strict=True)])
-    return (diff.norm() / torch.cat([w.flatten() for w in want]).norm()).item()
-
-
-def _token_mean_per_sample_gradients(self, batch_size):
-    """Mutant (a): the LoRA layers' per-sample gradients from the token means of input and
-    output gradient instead of the sum over tokens of their products."""
-    self._inputs = {
-        k: v.mean(1, keepdim=True) if v.dim() == 3 else v for k, v in self._inputs.items()
-    }
-    self._grads = {
-        k: v.mean(1, keepdim=True) if v.dim() == 3 else v for k, v in self._grads.items()
-    }
-    return _SHIPPED_PER_SAMPLE(self, batch_size)
-
-
-def _token_count_scaled_per_sample_gradients(self, batch_size):
-    """Mutant (a'): the per-token sum divided by the token count, the LoRA layers'
-    per-sample gradients T times too small."""
-    self._grads = {k: v / v.shape[1] if v.dim() == 3 else v for k, v in self._grads.items()}
-    return _SHIPPED_PER_SAMPLE(self, batch_size)
-
-
-class _ShortcutNorms(dict):
-    """Per-sample gradients whose ``values()`` -- all that ``privatise`` takes the norm
-    from -- are the outer products (sum_t g_t)(sum_t x_t)^T, of Frobenius norm
-    ||sum_t g_t|| * ||sum_t x_t||; indexing still gives the true per-sample gradients."""
-
-    def __init__(self, exact, shortcut):
-        super().__init__(exact)
-        self.shortcut = shortcut
-
-    def values(self):
-        return self.shortcut.values()
-
-
-def _norm_product_per_sample_gradients(self, batch_size):
-    """Mutant (b): each linear layer's per-sample norm as ||sum_t g_t|| * ||sum_t x_t||
-    (exact for one token only), used for the clip factor alone."""
-    shortcut = {}
-    if batch_size:
-        for layer in self.layers:
-            x = self._inputs[layer].float().reshape(batch_size, -1, layer.in_features).sum(1)
-            g = self._grads[layer].float().reshape(batch_size, -1, layer.out_features).sum(1)
-            g = g * batch_size
-            if layer.weight.requires_grad:
-                shortcut[layer.weight] = torch.einsum("bo,bi->boi", g, x)
-            if layer.bias is not None and layer.bias.requires_grad:
-                shortcut[layer.bias] = g
-    return _ShortcutNorms(_SHIPPED_PER_SAMPLE(self, batch_size), shortcut)
-
-
-_SHIPPED_PER_SAMPLE = FusedClipping._per_sample_gradients
 LORA_CLIP = 0.002  # below every sample's LoRA gradient norm: every sample is clipped
 
 
@@ -189,18 +74,18 @@ def test_fused_lora_gradients_equal_opacus_with_random_b_frozen_head_and_padding
     norms = []
 
     def recording(self, batch_size):
-        per_sample = _SHIPPED_PER_SAMPLE(self, batch_size)
+        per_sample = SHIPPED_PER_SAMPLE(self, batch_size)
         norms.append(torch.cat([g.flatten(1) for g in per_sample.values()], 1).norm(dim=1))
         return per_sample
 
     monkeypatch.setattr(FusedClipping, "_per_sample_gradients", recording)
-    expected = _opacus_grads(tiny_cfg, data, sigma, LORA_CLIP, seed=3, prepare=_lora_only)
-    fused, _, _ = _fused_grads(tiny_cfg, data, sigma, LORA_CLIP, seed=3, prepare=_lora_only)
+    expected = opacus_grads(tiny_cfg, data, sigma, LORA_CLIP, seed=3, prepare=lora_only)
+    fused, _, _ = fused_grads(tiny_cfg, data, sigma, LORA_CLIP, seed=3, prepare=lora_only)
     assert len(fused) == len(expected) == 2 * 2 * 2  # A and B of query and value, 2 layers
     for got, want in zip(fused, expected, strict=True):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
-    assert _relative_error(fused, expected) < 1e-5
+    assert relative_error(fused, expected) < 1e-5
     # every sample is clipped, so the clip factor (and any error in the norm) is in play
     assert (norms[0] > 1.2 * LORA_CLIP).all(), norms
     if sigma == 0:
@@ -210,9 +95,9 @@ def test_fused_lora_gradients_equal_opacus_with_random_b_frozen_head_and_padding
 @pytest.mark.parametrize(
     "mutant",
     [
-        _token_mean_per_sample_gradients,
-        _token_count_scaled_per_sample_gradients,
-        _norm_product_per_sample_gradients,
+        token_mean_per_sample_gradients,
+        token_count_scaled_per_sample_gradients,
+        norm_product_per_sample_gradients,
     ],
 )
 @pytest.mark.parametrize("sigma", [0.0, 1.0])
@@ -222,11 +107,11 @@ def test_lora_comparison_with_opacus_catches_wrong_per_sample_gradients(
     """The comparison above has power: a per-sample gradient from token means, or the
     ||g||*||x|| norm shortcut, changes the released gradient far beyond its tolerance."""
     data = _padded_batch(tiny_cfg, federation_dir)
-    expected = _opacus_grads(tiny_cfg, data, sigma, LORA_CLIP, seed=3, prepare=_lora_only)
+    expected = opacus_grads(tiny_cfg, data, sigma, LORA_CLIP, seed=3, prepare=lora_only)
     monkeypatch.setattr(FusedClipping, "_per_sample_gradients", mutant)
-    fused, _, _ = _fused_grads(tiny_cfg, data, sigma, LORA_CLIP, seed=3, prepare=_lora_only)
+    fused, _, _ = fused_grads(tiny_cfg, data, sigma, LORA_CLIP, seed=3, prepare=lora_only)
     # the noise is the same draw in both, so the error is the signal's
-    signal = _opacus_grads(tiny_cfg, data, 0.0, LORA_CLIP, seed=3, prepare=_lora_only)
+    signal = opacus_grads(tiny_cfg, data, 0.0, LORA_CLIP, seed=3, prepare=lora_only)
     diff = torch.cat([(g - w).flatten() for g, w in zip(fused, expected, strict=True)])
     error = (diff.norm() / torch.cat([w.flatten() for w in signal]).norm()).item()
     assert error > 0.1, error

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import classifier_input, probe_cfg
 from privatune.client.train import train_round
 from privatune.common.config import ConfigError, resolve
 from privatune.common.data import load_labeled, tokenize
@@ -16,7 +17,6 @@ from privatune.common.model.adapter import get_trainable
 from privatune.common.model.build import build_model, label_texts
 from privatune.common.model.features import embed
 from privatune.common.model.hub import load_tokenizer
-from test_pooling_and_head import _classifier_input, _probe_cfg
 
 CPU = torch.device("cpu")
 LABELS = "Gynaecology_Obstetrics,social-preventive-medicine,ENT"
@@ -43,7 +43,7 @@ def test_label_names_read_as_words_unless_texts_are_given(tiny_flat):
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_each_row_is_its_label_names_embedding_and_names_classify_as_themselves(tiny_flat, pooling):
-    cfg = _probe_cfg(
+    cfg = probe_cfg(
         tiny_flat,
         **{"model.pooling": pooling, "model.label-init": 5.0, "data.labels": LABELS},
     )
@@ -52,7 +52,7 @@ def test_each_row_is_its_label_names_embedding_and_names_classify_as_themselves(
 
     # computed independently: the pooled input the head sees for each name, as words
     tok = load_tokenizer(cfg)(label_texts(cfg), padding=True, return_tensors="pt")
-    names = _classifier_input(model.eval(), tok["input_ids"], tok["attention_mask"])
+    names = classifier_input(model.eval(), tok["input_ids"], tok["attention_mask"])
     expected = torch.nn.functional.normalize(names, dim=-1) * 5.0
     assert torch.allclose(head.weight, expected, atol=1e-5)
     assert torch.equal(head.bias, torch.zeros(3))
@@ -64,17 +64,17 @@ def test_each_row_is_its_label_names_embedding_and_names_classify_as_themselves(
 
 
 def test_every_node_and_the_server_start_from_the_same_head(tiny_flat):
-    cfg = _probe_cfg(tiny_flat, **{"model.label-init": 10.0})
+    cfg = probe_cfg(tiny_flat, **{"model.label-init": 10.0})
     first, second = get_trainable(build_model(cfg, CPU)), get_trainable(build_model(cfg, CPU))
     assert first.keys() == second.keys()
     assert all(np.array_equal(first[k], second[k]) for k in first)
-    random_start = get_trainable(build_model(_probe_cfg(tiny_flat), CPU))
+    random_start = get_trainable(build_model(probe_cfg(tiny_flat), CPU))
     heads = [k for k in first if "classifier" in k and k.endswith("weight")]
     assert heads and not np.array_equal(first[heads[0]], random_start[heads[0]])
 
 
 def test_a_dp_round_trains_the_head_from_the_label_start(tiny_flat, federation_dir):
-    cfg = _probe_cfg(tiny_flat, **{"model.label-init": 5.0})
+    cfg = probe_cfg(tiny_flat, **{"model.label-init": 5.0})
     model = build_model(cfg, CPU)
     data = load_labeled(federation_dir / "hospital-a.csv", "text", "label", cfg.data.label_names)
     cached = embed(model, tokenize(data, load_tokenizer(cfg), cfg.model.max_length))

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import simulate
+from helpers import classifier_input, probe_cfg, simulate
 from privatune.client.train import train_round
 from privatune.common.config import ConfigError, resolve
 from privatune.common.data import load_labeled, tokenize
@@ -25,16 +25,6 @@ from transformers import AutoModel, AutoTokenizer
 CPU = torch.device("cpu")
 
 
-def _classifier_input(model, ids, mask) -> torch.Tensor:
-    seen = []
-    head = model.base_model.model.classifier.modules_to_save["default"]
-    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask)
-    handle.remove()
-    return seen[0]
-
-
 def test_mean_pooling_is_the_unit_length_masked_mean_and_ignores_padding(tiny_flat):
     cfg = resolve({**tiny_flat, "model.pooling": "mean"})
     model = build_model(cfg, CPU).eval()
@@ -42,8 +32,8 @@ def test_mean_pooling_is_the_unit_length_masked_mean_and_ignores_padding(tiny_fl
     texts = ["no side effects at all", "it made my headaches much worse, stopped it"]
     short = tok(texts, padding=True, return_tensors="pt")
     long = tok(texts, padding="max_length", max_length=40, return_tensors="pt")
-    pooled = _classifier_input(model, short["input_ids"], short["attention_mask"])
-    padded = _classifier_input(model, long["input_ids"], long["attention_mask"])
+    pooled = classifier_input(model, short["input_ids"], short["attention_mask"])
+    padded = classifier_input(model, long["input_ids"], long["attention_mask"])
     torch.testing.assert_close(pooled, padded, rtol=1e-4, atol=1e-5)
 
     # the same embedding computed from the plain encoder (LoRA's B starts at zero)
@@ -126,23 +116,10 @@ def test_untrained_directions_stay_zero(tiny_flat):
             assert not p.requires_grad and np.all(p.detach().numpy() == 0)
 
 
-def _probe_cfg(tiny_flat, **extra):
-    return resolve(
-        {
-            **tiny_flat,
-            "model.pooling": "mean",
-            "train.trainable": "head",
-            "train.optimizer": "sgd",
-            "train.head-learning-rate": 4.0,
-            **extra,
-        }
-    )
-
-
 def test_training_on_cached_embeddings_is_training_on_the_texts(tiny_flat, federation_dir):
     """The probe's shortcut changes nothing but speed: the head trained on embeddings from
     the disk cache ends exactly where training on the tokenised texts ends (same seed)."""
-    cfg = _probe_cfg(tiny_flat)
+    cfg = probe_cfg(tiny_flat)
     data = load_labeled(federation_dir / "hospital-a.csv", "text", "label", cfg.data.label_names)
     heads = []
     for inputs in (
@@ -160,7 +137,7 @@ def test_training_on_cached_embeddings_is_training_on_the_texts(tiny_flat, feder
 def test_the_embedding_cache_is_reused_across_processes_and_splits(
     tiny_flat, federation_dir, monkeypatch
 ):
-    cfg = _probe_cfg(tiny_flat, **{"model.max-length": 24})
+    cfg = probe_cfg(tiny_flat, **{"model.max-length": 24})
     model = build_model(cfg, CPU)
     data = load_labeled(federation_dir / "hospital-b.csv", "text", "label", cfg.data.label_names)
     first = cached_embed(model, data, cfg)
@@ -176,6 +153,6 @@ def test_the_embedding_cache_is_reused_across_processes_and_splits(
     assert again.tensors[1].tolist() == part.labels.tolist()
 
     # another length or pooling is another cache: computed, not mixed up
-    other = _probe_cfg(tiny_flat, **{"model.max-length": 8})
+    other = probe_cfg(tiny_flat, **{"model.max-length": 8})
     with pytest.raises(pytest.fail.Exception, match="embedded again"):
         cached_embed(model, data, other)

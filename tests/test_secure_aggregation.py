@@ -14,33 +14,23 @@ import pytest
 import torch
 from flwr.app import Error, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from helpers import simulate
+from helpers import (
+    checkpoint,
+    handler_recorder,
+    max_diff,
+    plain_replies,
+    quantisation_bound,
+    simulate,
+    weighted_mean,
+)
 from privatune.client.secure_aggregation import secure_aggregation_mod
 from privatune.common.config import ConfigError, resolve
-from privatune.common.model.adapter import from_record, get_trainable
+from privatune.common.model.adapter import get_trainable
 from privatune.common.model.build import build_model
 from privatune.common.privacy.audit import audit
 from privatune.common.privacy.ledger import read_records
-from privatune.server.resume import load_checkpoint
 from privatune.server.secure_aggregation import check_secure, make_workflow
 from privatune.simulations.simulate import resume
-
-
-def handler_recorder(directory: str):
-    """Inside the SecAgg+ mod: each institution's plain reply (arrays and weight) per round."""
-
-    def record(msg, context, call_next):
-        reply = call_next(msg, context)
-        trained = not reply.has_error() and "arrays" in reply.content
-        if msg.metadata.message_type == MessageType.TRAIN and trained:
-            stem = Path(directory) / f"{context.node_config['partition-id']}-round-"
-            stem = Path(f"{stem}{msg.content['config']['server-round']}")
-            np.savez(stem.with_suffix(".npz"), **from_record(reply.content["arrays"]))
-            weight = reply.content["metrics"]["num-examples"]
-            stem.with_suffix(".json").write_text(json.dumps({"weight": weight}))
-        return reply
-
-    return record
 
 
 def wire_recorder(directory: str):
@@ -93,34 +83,6 @@ def secure_flat(tiny_flat: dict, rounds: int, min_train_nodes: int = 3) -> dict:
     }
 
 
-def quantisation_bound(cfg, weights: list[float]) -> float:
-    """Stochastic rounding moves each weighted value by < one quantum (2c / levels); the mean
-    divides the sum of ``n`` such errors by the total weight as a fraction of max-weight."""
-    agg = cfg.aggregation
-    quantum = 2 * agg.secure_clipping_range / agg.secure_quantization_range
-    return len(weights) * quantum * agg.secure_max_weight / sum(weights) + 1e-6
-
-
-def plain_replies(directory: Path, server_round: int) -> tuple[list[dict], list[float]]:
-    arrays, weights = [], []
-    for path in sorted(directory.glob(f"*-round-{server_round}.npz")):
-        arrays.append(dict(np.load(path)))
-        weights.append(json.loads(path.with_suffix(".json").read_text())["weight"])
-    return arrays, weights
-
-
-def weighted_mean(arrays: list[dict], weights: list[float]) -> dict[str, np.ndarray]:
-    total = sum(weights)
-    return {
-        k: sum(w * a[k] for a, w in zip(arrays, weights, strict=True)) / total for k in arrays[0]
-    }
-
-
-def checkpoint(cfg, run_dir: Path, server_round: int) -> dict[str, np.ndarray]:
-    model = build_model(cfg, torch.device("cpu"))
-    return load_checkpoint(model, run_dir / "checkpoints" / f"round-{server_round:03d}")
-
-
 def dp_count(run_dir: Path, name: str) -> int:
     """An institution's weight: the DP count of its training rows, as its ledger records it."""
     (count,) = [r.count for r in read_records(run_dir / "privacy" / f"{name}.jsonl")[1:2]]
@@ -130,11 +92,6 @@ def dp_count(run_dir: Path, name: str) -> int:
 # A fixed seed draws the same count noise at every institution (+0.77 rows, rounded to +1),
 # so that the one with twice the rows keeps about twice the weight (testing only).
 SAME_COUNT_NOISE = {"privacy.insecure-seed": 9}
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert set(a) == set(b)
-    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
 @pytest.mark.simulation

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import classifier_input, probe_cfg
 from privatune.client.train import train_round
 from privatune.common.config import ConfigError
 from privatune.common.data import LabeledText, fingerprint, load_labeled, tokenize
@@ -16,7 +17,6 @@ from privatune.common.local import cache_root
 from privatune.common.model.build import build_model
 from privatune.common.model.features import cached_embed, embed
 from privatune.common.model.hub import load_tokenizer
-from test_pooling_and_head import _classifier_input, _probe_cfg
 
 CPU = torch.device("cpu")
 PUBLIC = [
@@ -44,11 +44,11 @@ def corpus(tmp_path):
 
 def _pooled(model, cfg, texts) -> torch.Tensor:
     tok = load_tokenizer(cfg)(texts, padding=True, return_tensors="pt")
-    return _classifier_input(model.eval(), tok["input_ids"], tok["attention_mask"])
+    return classifier_input(model.eval(), tok["input_ids"], tok["attention_mask"])
 
 
 def test_the_embedding_is_the_public_projection_at_the_chosen_length(tiny_flat, corpus):
-    cfg = _probe_cfg(
+    cfg = probe_cfg(
         tiny_flat,
         **{"model.subspace": str(corpus), "model.subspace-dim": 4, "model.feature-norm": 2.0},
     )
@@ -60,7 +60,7 @@ def test_the_embedding_is_the_public_projection_at_the_chosen_length(tiny_flat, 
     # computed independently: the plain unit-length mean embeddings of the public texts,
     # centred, and their top 4 right singular vectors; the texts' embedding, centred on the
     # same mean and projected onto them, then scaled to length 2
-    plain_cfg = _probe_cfg(tiny_flat)
+    plain_cfg = probe_cfg(tiny_flat)
     plain = build_model(plain_cfg, CPU)
     ys = np.zeros(len(PUBLIC), dtype=np.int64)
     data = LabeledText(corpus, PUBLIC, ys, fingerprint(PUBLIC, ys))
@@ -79,7 +79,7 @@ def test_the_embedding_is_the_public_projection_at_the_chosen_length(tiny_flat, 
 def test_noise_on_the_head_outside_the_public_subspace_changes_no_prediction(tiny_flat, corpus):
     """Why it helps DP-SGD: of the Gaussian noise added to the head's weights only the part
     along the k public directions reaches a logit."""
-    cfg = _probe_cfg(tiny_flat, **{"model.subspace": str(corpus), "model.subspace-dim": 3})
+    cfg = probe_cfg(tiny_flat, **{"model.subspace": str(corpus), "model.subspace-dim": 3})
     model = build_model(cfg, CPU)
     texts = ["it made my headaches much worse", "works well, I sleep again", "no change"]
     pooler = model.base_model.model.bert.pooler
@@ -97,7 +97,7 @@ def test_noise_on_the_head_outside_the_public_subspace_changes_no_prediction(tin
 
 
 def test_a_probe_trains_under_dp_on_projected_cached_embeddings(tiny_flat, corpus, federation_dir):
-    cfg = _probe_cfg(
+    cfg = probe_cfg(
         tiny_flat,
         **{"model.subspace": str(corpus), "model.subspace-dim": 4, "model.feature-norm": 2.0},
     )
@@ -128,7 +128,7 @@ def test_a_probe_trains_under_dp_on_projected_cached_embeddings(tiny_flat, corpu
 )
 def test_bad_subspace_settings_are_refused_in_one_line(tiny_flat, corpus, extra, message):
     with pytest.raises(ConfigError, match=message):
-        cfg = _probe_cfg(tiny_flat, **{"model.subspace": str(corpus), **extra})
+        cfg = probe_cfg(tiny_flat, **{"model.subspace": str(corpus), **extra})
         build_model(cfg, CPU)
 
 
@@ -158,7 +158,7 @@ def test_in_deployment_the_run_config_cannot_name_a_file_as_the_public_corpus(
     from privatune.client.institution import Institution
 
     flat = {**tiny_flat, "model.pooling": "mean", "model.subspace": str(corpus)}
-    cfg = _probe_cfg(tiny_flat, **{"model.subspace": str(corpus)})
+    cfg = probe_cfg(tiny_flat, **{"model.subspace": str(corpus)})
     node = {
         "data-path": str(tmp_path / "mine.csv"),
         "ledger-path": str(tmp_path / "ledger.jsonl"),
@@ -171,5 +171,5 @@ def test_in_deployment_the_run_config_cannot_name_a_file_as_the_public_corpus(
     ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=flat)
     with pytest.raises(ConfigError, match=r"hospital-x: model\.subspace .*only a built-in"):
         Institution.from_context(ctx, cfg, "run")
-    built_in = _probe_cfg(tiny_flat, **{"model.subspace": "medical-public"})
+    built_in = probe_cfg(tiny_flat, **{"model.subspace": "medical-public"})
     assert Institution.from_context(ctx, built_in, "run").name == "hospital-x"

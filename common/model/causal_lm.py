@@ -89,7 +89,9 @@ def encode_prompts(
 
 
 def answers_of(module: torch.nn.Module) -> AnswerTable | None:
-    """The model's answer table: present exactly when it is a causal LM."""
+    """The model's answer table: present exactly when it is a causal LM. The one test of a
+    built model's task: :func:`common.model.build.build_model` reads ``model.task`` and
+    attaches the table, and every step that differs by task (loss, scores, head) asks here."""
     table = getattr(module, "answers", None)
     return table if isinstance(table, AnswerTable) else None
 

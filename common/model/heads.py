@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 from privatune.common.errors import ModelError
+from privatune.common.model.causal_lm import answers_of
 
 
 def head_of(model: PeftModel) -> torch.nn.Sequential:
@@ -14,7 +15,7 @@ def head_of(model: PeftModel) -> torch.nn.Sequential:
     sharing its parameters with ``model``. ``train.trainable = "head"`` trains it on cached
     sentence embeddings (common.model.features) instead of running the frozen encoder every step."""
     base = model.get_base_model()
-    if getattr(model, "answers", None) is not None:
+    if answers_of(model) is not None:
         return torch.nn.Sequential()  # a causal LM: no head of its own
     for name in sorted(model.modules_to_save or ()):
         wrapper = getattr(base, name, None)
