@@ -102,13 +102,7 @@ def _federate(
     device = pick_device()
     model = build_model(cfg, device)
     initial = get_trainable(model)
-    done = 0
-    if cfg.run.resume and (checkpoint := last_checkpoint(run_dir)):
-        done, path = checkpoint
-        initial = load_checkpoint(model, path)
-        truncate_metrics(run_dir, done)
-        log.info("[privatune] resuming %s after round %d from %s", run_name, done, path)
-    test_set = None
+    test_set = probe_test_set = None  # before a checkpoint changes the model
     if cfg.data.test_path:
         test = load_labeled(
             cfg.data.test_path,
@@ -121,6 +115,14 @@ def _federate(
             test_set = cached_embed(model, test, cfg)
         else:
             test_set = encode(test, cfg)
+            if cfg.train.probe_rounds:  # the probe stage's rounds: the encoder is unchanged
+                probe_test_set = cached_embed(model, test, cfg)
+    done = 0
+    if cfg.run.resume and (checkpoint := last_checkpoint(run_dir)):
+        done, path = checkpoint
+        initial = load_checkpoint(model, path)
+        truncate_metrics(run_dir, done)
+        log.info("[privatune] resuming %s after round %d from %s", run_name, done, path)
     fed = cfg.federation
     round_log = RoundLog(offset=done)
     adapter = make_strategy(fed, cfg.aggregation, initial, round_log)
@@ -137,6 +139,7 @@ def _federate(
     recorder = RoundRecorder(
         run_dir, model, round_log, len(cfg.data.label_names), device, test_set, fed.rounds
     )
+    recorder.embedded_test_set = probe_test_set
     if sink:
         recorder.sinks.append(sink)
     rounds = f"{fed.rounds} round{'s' if fed.rounds != 1 else ''}"

@@ -57,6 +57,10 @@ class RoundRecorder:
         self.total_rounds = total_rounds
         self.round_started = time.monotonic()
         self.confusion: np.ndarray | None = None  # of the last central evaluation
+        # The test set's pooled embeddings (train.probe-rounds), evaluated instead of a pass
+        # through the encoder while every LoRA B is zero: the adapter then changes nothing,
+        # so the head sees exactly these features.
+        self.embedded_test_set: TensorDataset | None = None
         self.sinks: list[Callable[[MetricsLine], None]] = []  # e.g. server.tracking's MLflow
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -67,8 +71,11 @@ class RoundRecorder:
         evaluated = time.monotonic()
         central: dict[str, float] = {}
         if self.test_set is not None:
+            test_set = self.test_set
+            if self.embedded_test_set is not None and adapter_is_zero(self.model):
+                test_set = self.embedded_test_set
             central, self.confusion = evaluate_matrix(
-                self.model, self.test_set, self.num_labels, self.device
+                self.model, test_set, self.num_labels, self.device
             )
         central_seconds = time.monotonic() - evaluated
         stats = self.log.rounds.get(server_round)
@@ -105,6 +112,17 @@ class RoundRecorder:
         log.info("%s", summary(line, self.total_rounds))
         self.round_started = time.monotonic()
         return MetricRecord({k: v for k, v in central.items() if k != "num-examples"}) or None
+
+
+def adapter_is_zero(model: PeftModel) -> bool:
+    """Whether every LoRA B of ``model`` is zero: its adapter then adds nothing to any layer."""
+    found = False
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            found = True
+            if bool(p.detach().any()):
+                return False
+    return found
 
 
 def summary(line: dict, total_rounds: int) -> str:
