@@ -14,7 +14,7 @@ from helpers import simulate
 from privatune.client.train import train_round
 from privatune.common.config import ConfigError, resolve
 from privatune.common.data import load_labeled, tokenize
-from privatune.common.model.adapter import get_trainable, set_trainable
+from privatune.common.model.adapter import get_trainable, set_trainable, to_record
 from privatune.common.model.build import build_model, load_trained
 from privatune.common.model.causal_lm import class_scores
 from privatune.common.model.features import embed
@@ -24,10 +24,12 @@ from privatune.common.model.top_layers import TopLayers, lower_dataset, split_po
 from privatune.common.privacy.audit import audit
 from privatune.common.privacy.ledger import read_records
 from privatune.common.protocol import read_lines
-from privatune.server.recorder import adapter_is_zero
+from privatune.server.recorder import RoundRecorder, adapter_is_zero
+from privatune.server.round_log import RoundLog
 from privatune.simulations.scenario import load_scenario
 from privatune.simulations.simulate import resolve_flat
 from safetensors.torch import load_file
+from torch.utils.data import TensorDataset
 
 CPU = torch.device("cpu")
 SAFETENSORS = "adapter_model.safetensors"
@@ -150,3 +152,49 @@ def test_a_probe_then_lora_federation_composes_every_round_in_one_ledger(tiny_fl
     results = audit(run_dir)
     assert results and all(r.ok for r in results), [r.problems for r in results]
     assert max(r.epsilon_recomputed for r in results) <= cfg.dp.target_epsilon + 1e-6
+
+
+def test_the_server_scores_each_stage_on_cached_inputs_as_on_the_full_model(
+    tiny_flat, federation_dir, tmp_path
+):
+    """The recorder's central scores from the test set's cached embeddings (while LoRA B is
+    zero) and from its cached lower layers (after) equal the full model's."""
+    cfg = resolve(_flat(tiny_flat))
+    model = build_model(cfg, CPU)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    test = load_labeled(federation_dir / "test.csv", "text", "label", cfg.data.label_names)
+    tokens = tokenize(test, load_tokenizer(cfg), cfg.model.max_length)
+    start = split_point(model, cfg)
+
+    def scores(arrays, **cached) -> dict:
+        run_dir = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        run_dir.mkdir()
+        recorder = RoundRecorder(run_dir, model, RoundLog(), 3, CPU, tokens, 1)
+        for key, value in cached.items():
+            setattr(recorder, key, value)
+        return dict(recorder(0, to_record(arrays)))
+
+    stage_one = get_trainable(model)
+    embedded = embed(model, tokens)
+    lower = lower_dataset(model, tokens, cfg)
+    gen = torch.Generator().manual_seed(0)
+    stage_two = {
+        k: v + (torch.randn(v.shape, generator=gen).numpy() * 0.5 if "lora_B" in k else 0)
+        for k, v in stage_one.items()
+    }
+    for arrays in (stage_one, stage_two):
+        full = scores(arrays)
+        both = scores(arrays, embedded_test_set=embedded, top_test_set=lower, top_start=start)
+        assert full.keys() == both.keys() and full
+        for key in full:
+            assert full[key] == pytest.approx(both[key], abs=1e-5), key
+        # and the cached inputs are what was scored: with their labels moved, the scores move
+        wrong = {
+            "embedded_test_set": TensorDataset(embedded.tensors[0], (embedded.tensors[1] + 1) % 3),
+            "top_test_set": TensorDataset(*lower.tensors[:2], (lower.tensors[2] + 1) % 3),
+            "top_start": start,
+        }
+        assert scores(arrays, **wrong)["accuracy"] != pytest.approx(full["accuracy"])
+    assert adapter_is_zero(model) is False  # the last arrays loaded: stage two's
