@@ -349,12 +349,13 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         else:
             sigma, planned = 0.0, None  # check_request: the institution allows it
         device = pick_device(site.device)
-        model = build_model(cfg, device, site.rank)
+        model = build_model(cfg, device, site.rank)  # every stage's tensors travel
         set_trainable(model, fit_rank(from_record(msg.content["arrays"]), site.rank))
-        data = model_input(cfg, train_set, "train", site.eval_fraction)
+        stage = cfg.in_round(server_round)  # train.probe-rounds: the head alone at first
+        data = model_input(stage, train_set, "train", site.eval_fraction)
         seed = None if policy.insecure_seed is None else policy.insecure_seed + server_round
         mu = float(config.get(PROXIMAL_MU, 0.0))  # sent by the fedprox strategy
-        result = train_round(model, data, cfg, sigma, device, seed, proximal_mu=mu, size=size)
+        result = train_round(model, data, stage, sigma, device, seed, proximal_mu=mu, size=size)
         arrays = get_trainable(model)
         used = result.mechanism or Mechanism(0.0, 1.0, result.steps)
         eps = epsilon([*history, used], delta, acc)  # infinite without DP

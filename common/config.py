@@ -133,10 +133,15 @@ class TrainSettings:
     head_learning_rate: float
     optimizer: Optimizer
     trainable: Trainable
+    # Two stages (linear probe, then fine-tune; Kumar et al. 2022): the first this many rounds
+    # train the head alone on the frozen encoder's cached embeddings, the rest the adapter
+    # and the head. 0 = one stage. RunConfig.in_round gives a round's settings.
+    probe_rounds: int
 
     def __post_init__(self) -> None:
         _within("train.batch-size", self.batch_size, 1, MAX_BATCH)
         _within("train.local-epochs", self.local_epochs, 1, 1000)
+        _within("train.probe-rounds", self.probe_rounds, 0, 100_000)
 
 
 @dataclass(frozen=True)
@@ -317,6 +322,8 @@ class RunConfig:
                 f"model.label-texts holds {sum(map(bool, texts))} texts for the {len(names)} "
                 "labels of data.labels (one text per label, in its order, separated by ';')"
             )
+        if self.train.probe_rounds:
+            _check_stages(self)
         strategy = STRATEGIES[self.aggregation.strategy]
         if self.aggregation.mode == "exact" and not strategy.exact:
             raise ConfigError(
@@ -335,6 +342,16 @@ class RunConfig:
                 raise ConfigError("central-dp: lora.client-ranks (mixed ranks) is not supported")
             _positive("central-dp.noise-multiplier", self.central_dp.noise_multiplier)
             _positive("central-dp.clipping-norm", self.central_dp.clipping_norm)
+
+    def in_round(self, server_round: int) -> RunConfig:
+        """The settings round ``server_round`` trains with: within ``train.probe-rounds``
+        the linear probe's (``train.trainable = "head"``: the head alone, on the cached
+        embeddings), else this config. Both stages run the same batches per round (batch
+        size, local epochs), so one noise multiplier planned for the whole run serves both."""
+        if server_round > self.train.probe_rounds:
+            return self
+        probe = dataclasses.replace(self.train, trainable="head", probe_rounds=0)
+        return dataclasses.replace(self, train=probe)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Scalar]) -> RunConfig:
@@ -370,6 +387,22 @@ def check_eval_fraction(key: str, value: float) -> None:
     config (deployment): at most half, so that training keeps most rows."""
     if not 0 <= value <= MAX_EVAL_FRACTION:
         raise ConfigError(f"{key} must lie in [0, {MAX_EVAL_FRACTION}], got {value!r}")
+
+
+def _check_stages(cfg: RunConfig) -> None:
+    """``train.probe-rounds``: a probe stage before a fine-tuning stage of an encoder's
+    adapter, with at least one round of each."""
+    n = cfg.train.probe_rounds
+    if cfg.train.trainable != "adapter" or cfg.model.task != "classify":
+        raise ConfigError(
+            'train.probe-rounds needs train.trainable = "adapter" and model.task = "classify" '
+            "(the probe stage trains the head that the adapter stage fine-tunes with it)"
+        )
+    if n >= cfg.federation.rounds:
+        raise ConfigError(
+            f"train.probe-rounds {n} must be below federation.rounds {cfg.federation.rounds} "
+            "(at least one round fine-tunes the adapter)"
+        )
 
 
 def _within(key: str, value: int, low: int, high: int) -> None:

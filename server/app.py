@@ -38,6 +38,7 @@ from privatune.common.model.adapter import (
 from privatune.common.model.build import build_model, encode
 from privatune.common.model.features import cached_embed
 from privatune.common.model.hub import pick_device
+from privatune.common.model.top_layers import cached_lower_states, split_point, uses_top_layers
 from privatune.common.privacy.audit import audit, notes, to_html
 from privatune.common.protocol import RUN_NAME
 from privatune.server.central_dp import CentralDP
@@ -102,13 +103,7 @@ def _federate(
     device = pick_device()
     model = build_model(cfg, device)
     initial = get_trainable(model)
-    done = 0
-    if cfg.run.resume and (checkpoint := last_checkpoint(run_dir)):
-        done, path = checkpoint
-        initial = load_checkpoint(model, path)
-        truncate_metrics(run_dir, done)
-        log.info("[privatune] resuming %s after round %d from %s", run_name, done, path)
-    test_set = None
+    test_set = probe_test_set = top_test_set = None  # before a checkpoint changes the model
     if cfg.data.test_path:
         test = load_labeled(
             cfg.data.test_path,
@@ -121,6 +116,16 @@ def _federate(
             test_set = cached_embed(model, test, cfg)
         else:
             test_set = encode(test, cfg)
+            if cfg.train.probe_rounds:  # the probe stage's rounds: the encoder is unchanged
+                probe_test_set = cached_embed(model, test, cfg)
+            if uses_top_layers(cfg):  # the layers below the adapter never change
+                top_test_set = cached_lower_states(model, test, cfg)
+    done = 0
+    if cfg.run.resume and (checkpoint := last_checkpoint(run_dir)):
+        done, path = checkpoint
+        initial = load_checkpoint(model, path)
+        truncate_metrics(run_dir, done)
+        log.info("[privatune] resuming %s after round %d from %s", run_name, done, path)
     fed = cfg.federation
     round_log = RoundLog(offset=done)
     adapter = make_strategy(fed, cfg.aggregation, initial, round_log)
@@ -137,6 +142,9 @@ def _federate(
     recorder = RoundRecorder(
         run_dir, model, round_log, len(cfg.data.label_names), device, test_set, fed.rounds
     )
+    recorder.embedded_test_set = probe_test_set
+    if top_test_set is not None:
+        recorder.top_test_set, recorder.top_start = top_test_set, split_point(model, cfg)
     if sink:
         recorder.sinks.append(sink)
     rounds = f"{fed.rounds} round{'s' if fed.rounds != 1 else ''}"

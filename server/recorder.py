@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from peft import PeftModel
 from privatune.common.model.adapter import from_record, save_adapter, set_trainable
 from privatune.common.model.evaluation import evaluate_matrix
+from privatune.common.model.top_layers import TopLayers
 from privatune.common.protocol import MetricsLine, append_line
 from privatune.server.round_log import RoundLog, dropped
 from torch.utils.data import TensorDataset
@@ -57,6 +58,15 @@ class RoundRecorder:
         self.total_rounds = total_rounds
         self.round_started = time.monotonic()
         self.confusion: np.ndarray | None = None  # of the last central evaluation
+        # The test set's pooled embeddings (train.probe-rounds), evaluated instead of a pass
+        # through the encoder while every LoRA B is zero: the adapter then changes nothing,
+        # so the head sees exactly these features.
+        self.embedded_test_set: TensorDataset | None = None
+        # The test set's output of the frozen lower layers (lora.layers), scored by the top
+        # layers alone: the full model's logits (common.model.top_layers) at a fraction of
+        # the cost.
+        self.top_test_set: TensorDataset | None = None
+        self.top_start = 0
         self.sinks: list[Callable[[MetricsLine], None]] = []  # e.g. server.tracking's MLflow
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -67,8 +77,13 @@ class RoundRecorder:
         evaluated = time.monotonic()
         central: dict[str, float] = {}
         if self.test_set is not None:
+            scorer, test_set = self.model, self.test_set
+            if self.embedded_test_set is not None and adapter_is_zero(self.model):
+                test_set = self.embedded_test_set
+            elif self.top_test_set is not None:
+                scorer, test_set = TopLayers(self.model, self.top_start), self.top_test_set
             central, self.confusion = evaluate_matrix(
-                self.model, self.test_set, self.num_labels, self.device
+                scorer, test_set, self.num_labels, self.device
             )
         central_seconds = time.monotonic() - evaluated
         stats = self.log.rounds.get(server_round)
@@ -105,6 +120,17 @@ class RoundRecorder:
         log.info("%s", summary(line, self.total_rounds))
         self.round_started = time.monotonic()
         return MetricRecord({k: v for k, v in central.items() if k != "num-examples"}) or None
+
+
+def adapter_is_zero(model: PeftModel) -> bool:
+    """Whether every LoRA B of ``model`` is zero: its adapter then adds nothing to any layer."""
+    found = False
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            found = True
+            if bool(p.detach().any()):
+                return False
+    return found
 
 
 def summary(line: dict, total_rounds: int) -> str:

@@ -76,7 +76,9 @@ def predict(
     model: torch.nn.Module, data: TensorDataset, device: torch.device, batch_size: int = 64
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """(summed loss, predictions, truth) of the model on every row: tokenised rows, or
-    pooled embeddings (:func:`common.model.features.embed`) that only the head needs to see."""
+    pooled embeddings (:func:`common.model.features.embed`) that only the head needs to see,
+    or the frozen lower layers' output (hidden states, mask), for which ``model`` is the
+    :class:`common.model.top_layers.TopLayers` above them."""
     was_training = model.training
     model.eval()
     head = head_of(model) if len(data.tensors) == 2 else None
@@ -84,6 +86,8 @@ def predict(
     for *inputs, labels in DataLoader(data, batch_size=batch_size):
         if head is not None:
             logits = head(inputs[0].to(device)).float()
+        elif inputs[0].is_floating_point():  # the lower layers' output: the top layers' input
+            logits = model(*(x.to(device) for x in inputs)).float()
         else:
             ids, mask = (x.to(device) for x in inputs)
             logits = class_scores(model, ids, mask).float()

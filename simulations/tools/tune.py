@@ -56,15 +56,19 @@ def federation_score(cfg: RunConfig, data_dir: Path, holdout: float) -> float:
     # what a client trains and sends: the head, and the LoRA factors with an adapter
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     policy = Policy.simulated(cfg.privacy)
-    inputs = [model_input(cfg, t, "train") for t in train_sets]
     sizes = [len(t.labels) for t in train_sets]
     sigmas = [noise_for(cfg, policy, n) if cfg.dp.enabled else 0.0 for n in sizes]
     global_state = {k: v.detach().clone() for k, v in trained.items()}
-    for _ in range(cfg.federation.rounds):
+    stages: dict[str, list] = {}  # the training inputs of each stage, read once
+    for rnd in range(1, cfg.federation.rounds + 1):
+        stage = cfg.in_round(rnd)  # train.probe-rounds: the head alone at first
+        if stage.train.trainable not in stages:
+            stages[stage.train.trainable] = [model_input(stage, t, "train") for t in train_sets]
+        inputs = stages[stage.train.trainable]
         total = {k: torch.zeros_like(v) for k, v in global_state.items()}
         for data, n, sigma in zip(inputs, sizes, sigmas, strict=True):
             _load(trained, global_state)
-            train_round(model, data, cfg, sigma, device)
+            train_round(model, data, stage, sigma, device)
             for k, v in trained.items():
                 total[k] += n * v.detach()
         global_state = {k: v / sum(sizes) for k, v in total.items()}
